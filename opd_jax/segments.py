@@ -92,7 +92,9 @@ def token_sentences(text: str, offsets: Offsets) -> np.ndarray:
     return np.minimum(sentence, last).astype(np.int32)
 
 
-def _check_rows(response_mask: np.ndarray, texts: Sequence[str], offsets: Sequence[Offsets]) -> None:
+def _check_rows(
+    response_mask: np.ndarray, texts: Sequence[str], offsets: Sequence[Offsets]
+) -> None:
     if len(texts) != response_mask.shape[0] or len(offsets) != response_mask.shape[0]:
         raise ValueError(
             f"got {len(texts)} texts and {len(offsets)} offset lists for a batch of "

@@ -48,7 +48,7 @@ def test_token_and_sequence_means():
     for reduction in core.REDUCTIONS:
         assert float(core.reduce_loss(loss, zero, reduction)) == 0.0
         assert not jnp.any(
-            jnp.isnan(jax.grad(lambda l, r=reduction: core.reduce_loss(l, zero, r))(loss))
+            jnp.isnan(jax.grad(lambda x, r=reduction: core.reduce_loss(x, zero, r))(loss))
         )
 
 

@@ -135,8 +135,9 @@ def margin_from_stats(
     if kind == "gap":
         if k == 1:
             return jnp.zeros_like(q_y_BxT)
-        top2 = jax.lax.top_k(q_BxTxK, 2)[0]
-        return top2[..., 0] - top2[..., 1]
+        # Two maxima rather than top_k: several times faster on CPU for small K.
+        first = jax.nn.one_hot(q_BxTxK.argmax(-1), k, dtype=bool)
+        return q_BxTxK.max(-1) - jnp.where(first, -jnp.inf, q_BxTxK).max(-1)
     if kind == "mean_gap":
         return q_BxTxK.max(-1) - q_BxTxK.mean(-1)
     if kind == "sampled_gap":

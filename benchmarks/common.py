@@ -1,0 +1,79 @@
+"""Shared benchmark plumbing: timing, machine description, tables and atomic JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import Any
+
+import jax
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` (results blocked on) over ``repeats`` after ``warmup``."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    """Platform, devices and package versions, for the JSON of every benchmark."""
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    devices = jax.devices()
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": [d.device_kind for d in devices],
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def device_tag() -> str:
+    """``cpu`` or the accelerator's kind, e.g. ``nvidia_h100_80gb_hbm3``: the results' suffix."""
+    if jax.default_backend() == "cpu":
+        return "cpu"
+    return jax.devices()[0].device_kind.lower().replace(" ", "_").replace("-", "_")
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Writes ``payload`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Prints ``rows`` as a Markdown table with the given ``columns``."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(cell(row.get(c)) for c in columns) + " |")
