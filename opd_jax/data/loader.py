@@ -1,0 +1,143 @@
+"""Data sources and the deterministic, checkpointable prompt iterator (grain over TFDS).
+
+Pipeline of :func:`prompt_dataset`, all index-based so any position can be resumed:
+
+    source -> this process's shard (an equal contiguous block) -> shuffle(seed, reshuffled
+    every epoch) -> repeat(num_epochs) -> decode bytes to str -> batch(drop_remainder)
+
+A batch of size ``B`` is a dict: text features map to ``list[str]`` of length ``B``, numeric
+ones to NumPy arrays ``[B]`` (e.g. the arithmetic task's ``num_steps``, int32). Tokenisation
+happens downstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from opd_jax.data.arithmetic import arithmetic_builder
+from opd_jax.data.prompts import PathLike, prompt_files_builder
+
+ARITHMETIC = "arithmetic"
+Record = dict[str, Any]
+Source = grain.sources.RandomAccessDataSource[Record]
+Batch = dict[str, list[str] | np.ndarray]
+
+
+def build(
+    name_or_path: PathLike | Mapping[str, PathLike], data_dir: PathLike, **config: int
+) -> tfds.core.DatasetBuilder:
+    """Builds (once; later calls reuse the build) and returns the TFDS builder of a dataset.
+
+    Args:
+      name_or_path: ``"arithmetic"`` for the synthetic task; otherwise a prompt file, a
+        directory of prompt files, or a ``{split: file}`` map (see :mod:`opd_jax.data.prompts`).
+      data_dir: where builds are written and looked up.
+      **config: :class:`~opd_jax.data.arithmetic.ArithmeticConfig` fields (arithmetic only).
+    """
+    if isinstance(name_or_path, str) and name_or_path == ARITHMETIC:
+        builder = arithmetic_builder(data_dir, **config)
+    elif config:
+        raise TypeError(f"config fields {sorted(config)} apply only to {ARITHMETIC!r}")
+    else:
+        builder = prompt_files_builder(name_or_path, data_dir)
+    builder.download_and_prepare(file_format="array_record")
+    return builder
+
+
+def load_source(
+    name_or_path: PathLike | Mapping[str, PathLike], split: str, data_dir: PathLike, **config: int
+) -> Source:
+    """The random-access source of one split, building the dataset first if needed.
+
+    Records are dicts of NumPy scalars and ``bytes`` (TFDS ``as_data_source`` decoding);
+    :func:`prompt_dataset` turns the bytes into ``str``. Arguments as for :func:`build`.
+    """
+    builder = build(name_or_path, data_dir, **config)
+    if split not in builder.info.splits:
+        raise ValueError(
+            f"no split {split!r} in {builder.info.full_name}; splits: {sorted(builder.info.splits)}"
+        )
+    return builder.as_data_source(split=split)
+
+
+def _decode(record: Record) -> Record:
+    return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+
+
+def _collate(records: Sequence[Record]) -> Batch:
+    return {
+        k: [r[k] for r in records]
+        if isinstance(records[0][k], str)
+        else np.stack([r[k] for r in records])
+        for k in records[0]
+    }
+
+
+def prompt_dataset(
+    source: Source,
+    *,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.MapDataset:
+    """The batched ``grain.MapDataset`` of this process's shard of ``source``.
+
+    Args:
+      source: a random-access source, e.g. from :func:`load_source`.
+      batch_size: records per batch ``B`` on this process; the last partial batch is dropped.
+      seed: shuffle seed in ``[0, 2**32)``; epoch ``e`` is shuffled with ``seed + e``.
+      num_epochs: passes over the shard; ``None`` repeats forever.
+      shard_index, shard_count: this process's shard; default ``jax.process_index()`` and
+        ``jax.process_count()``. Shards are equal contiguous blocks of
+        ``len(source) // shard_count`` records (up to ``shard_count - 1`` records are left
+        out), so every process yields the same number of batches.
+    """
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    per_shard = len(source) // shard_count
+    if per_shard == 0:
+        raise ValueError(f"{len(source)} records cannot fill {shard_count} shards")
+    return (
+        grain.MapDataset.source(source)[shard_index * per_shard : (shard_index + 1) * per_shard]
+        .shuffle(seed=seed)
+        .repeat(num_epochs)
+        .map(_decode)
+        .batch(batch_size, drop_remainder=True, batch_fn=_collate)
+    )
+
+
+def make_prompt_iterator(
+    source: Source,
+    *,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.DatasetIterator:
+    """An iterator of batches (see module doc) over :func:`prompt_dataset`.
+
+    The iterator's ``get_state()`` is a small JSON-serialisable dict; ``set_state(state)`` on
+    a fresh iterator built with the same arguments resumes at exactly the same next batch.
+    """
+    dataset = prompt_dataset(
+        source,
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+    return iter(dataset.to_iter_dataset())
