@@ -1,0 +1,91 @@
+"""Models: the decoder family, HF/GGUF checkpoints and tokenizers.
+
+`load(path, dtype=...) -> (model, tokenizer)` reads a local HF checkpoint directory or a
+`.gguf` file; `save_hf(model, tokenizer, path)` writes a directory `transformers` loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opd_jax.models.config import ModelConfig
+from opd_jax.models.decoder import Decoder, KVCache
+from opd_jax.models.hf import load_hf_weights, model_from_tensors, read_config, save_hf
+from opd_jax.models.tokenizer import (
+    Tokenizer,
+    apply_chat_template,
+    check_same_tokenizer,
+    decode_with_offsets,
+    encode_with_offsets,
+    load_tokenizer,
+)
+from opd_jax.sharding import DEFAULT_RULES, ShardingRules, param_shardings
+
+__all__ = [
+    "Decoder",
+    "KVCache",
+    "ModelConfig",
+    "Tokenizer",
+    "apply_chat_template",
+    "check_same_tokenizer",
+    "decode_with_offsets",
+    "encode_with_offsets",
+    "load",
+    "load_hf_weights",
+    "load_tokenizer",
+    "model_from_tensors",
+    "read_config",
+    "save_hf",
+]
+
+
+def load(
+    path: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
+    shardings: nnx.State | None = None,
+) -> tuple[Decoder, Tokenizer]:
+    """Loads `(model, tokenizer)` from a HF checkpoint directory or a `.gguf` file.
+
+    Args:
+      path: a local directory with `config.json`, safetensors weights and tokenizer files,
+        or a `.gguf` file.
+      dtype: parameter and compute dtype, `jnp.float32` or `jnp.bfloat16`.
+      mesh: if given, each tensor is placed in its sharding under `rules` on this mesh.
+      shardings: explicit per-parameter `NamedSharding`s (overrides `mesh`/`rules`).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No checkpoint at {path}: expected a local Hugging Face directory or a .gguf file."
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(
+            f"{path} is a file but not .gguf; pass a .gguf file or a Hugging Face "
+            "checkpoint directory."
+        )
+    gguf = None
+    if path.is_file():
+        from opd_jax.models.gguf import read_gguf  # written separately; imported on use
+
+        gguf = read_gguf(path)
+    hf_config = gguf[0] if gguf else read_config(path)
+    config = ModelConfig.from_hf(hf_config, param_dtype=dtype)
+    if shardings is None and mesh is not None:
+        abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), rules=rules))
+        shardings = param_shardings(abstract, mesh, rules)
+    if gguf:
+        _, get_tensor, names, tokenizer = gguf
+        return model_from_tensors(
+            config, get_tensor, names, shardings=shardings, rules=rules
+        ), tokenizer
+    model = load_hf_weights(path, config, shardings=shardings, rules=rules)
+    return model, load_tokenizer(path)

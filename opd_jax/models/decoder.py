@@ -1,0 +1,312 @@
+"""The decoder (Qwen3 / Qwen2 / Llama / SmolLM2) in Flax NNX, with an optional KV cache.
+
+Shape letters: B batch, T new tokens, S keys (cache slots or T), D model width, N query
+heads, K key/value heads, G = N // K query heads per KV head, H head width, F MLP width,
+V vocabulary, L layers.
+
+Padding: `attention_mask [B, T]` (1 = real token) may pad on either side. A query attends
+key `s` iff `s` holds a real token and `s <= its own index` (causal by index, so left- and
+right-padded rows give their real tokens the same outputs as unpadded rows). Positions
+default to the running count of real tokens, `cumsum(mask) - 1` (continuing the cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opd_jax.models.config import ModelConfig
+from opd_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
+
+_NEG_INF = -1e30  # finite, so rows with no visible key give a uniform, not NaN, softmax
+
+
+def _param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    dtype: jnp.dtype,
+    init: str = "normal",
+) -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = nnx.initializers.normal(0.02)(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Pre-allocated keys/values: `k`, `v [L, B, S, K, H]`, `mask [B, S]` (slot holds a real
+    token), `index` (int32 scalar, next slot to write; the same for every row)."""
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, size: int) -> KVCache:
+        shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, config.dtype),
+            v=jnp.zeros(shape, config.dtype),
+            mask=jnp.zeros((batch, size), jnp.bool_),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class RMSNorm(nnx.Module):
+    """`y = scale * x / sqrt(mean(x^2) + eps)`, normalised in float32 as in transformers."""
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        axis: str,
+        rngs: nnx.Rngs,
+    ):
+        self.scale = _param(rngs, (dim,), (axis,), param_dtype, "ones")
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        x = x_BxTxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...] * x.astype(x_BxTxD.dtype)).astype(self.dtype)
+
+
+def rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
+    """Rotary embedding, half-split convention: `x*cos + concat(-x2, x1)*sin`."""
+    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_BxTxH[:, :, None].astype(x1.dtype), sin_BxTxH[:, :, None].astype(x1.dtype)
+    return x_BxTxNxH * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v(/o) biases and per-head q/k norm (Qwen3)."""
+
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+        D, N, K, H, pd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.param_dtype
+        self.q_proj = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), pd)
+        if c.qkv_bias:
+            self.q_bias = _param(rngs, (N, H), ("q_heads", "head_dim"), pd, "zeros")
+            self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), pd, "zeros")
+            self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), pd, "zeros")
+        if c.out_bias:
+            self.o_bias = _param(rngs, (D,), ("embed",), pd, "zeros")
+        if c.qk_norm:
+            self.q_norm = RMSNorm(H, c.rms_norm_eps, c.dtype, pd, "head_dim", rngs)
+            self.k_norm = RMSNorm(H, c.rms_norm_eps, c.dtype, pd, "head_dim", rngs)
+        self.config = c
+
+    def _project(self, x_BxTxD: jax.Array, name: str) -> jax.Array:
+        w = getattr(self, f"{name}_proj")[...].astype(self.config.dtype)
+        y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w)
+        if self.config.qkv_bias:
+            y = y + getattr(self, f"{name}_bias")[...].astype(self.config.dtype)
+        return y
+
+    def __call__(
+        self,
+        x_BxTxD: jax.Array,
+        cos_BxTxH: jax.Array,
+        sin_BxTxH: jax.Array,
+        visible_BxTxS: jax.Array,
+        kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Returns `y [B, T, D]` and, with a cache, the updated cache keys/values.
+
+        `kv`: this layer's cached keys and values `[B, S, K, H]` and the slot index at which
+        this call's `T` keys/values are written before attending over all `S` slots; without
+        it the keys are this call's `T`.
+        """
+        c = self.config
+        B, T, _ = x_BxTxD.shape
+        q_BxTxNxH = self._project(x_BxTxD, "q")
+        k_BxTxKxH = self._project(x_BxTxD, "k")
+        v_BxTxKxH = self._project(x_BxTxD, "v")
+        if c.qk_norm:
+            q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
+        q_BxTxNxH = rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
+        k_BxTxKxH = rope(k_BxTxKxH, cos_BxTxH, sin_BxTxH)
+        if kv is None:
+            keys_BxSxKxH, values_BxSxKxH, new_kv = k_BxTxKxH, v_BxTxKxH, None
+        else:
+            cache_k, cache_v, index = kv
+            start = (0, index, 0, 0)
+            keys_BxSxKxH = jax.lax.dynamic_update_slice(
+                cache_k, k_BxTxKxH.astype(cache_k.dtype), start
+            )
+            values_BxSxKxH = jax.lax.dynamic_update_slice(
+                cache_v, v_BxTxKxH.astype(cache_v.dtype), start
+            )
+            new_kv = (keys_BxSxKxH, values_BxSxKxH)
+        K, G, H = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, G, H)
+        scores_BxKxGxTxS = (
+            jnp.einsum(
+                "btkgh,bskh->bkgts", q_BxTxKxGxH, keys_BxSxKxH, preferred_element_type=jnp.float32
+            )
+            * H**-0.5
+        )
+        scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, _NEG_INF)
+        probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(c.dtype)
+        out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, values_BxSxKxH)
+        out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, K * G, H)
+        y_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(c.dtype))
+        if c.out_bias:
+            y_BxTxD = y_BxTxD + self.o_bias[...].astype(c.dtype)
+        return y_BxTxD, new_kv
+
+
+class MLP(nnx.Module):
+    """`down(silu(x @ gate) * (x @ up))`."""
+
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+        D, F, pd = c.hidden_size, c.intermediate_size, c.param_dtype
+        self.gate_proj = _param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.down_proj = _param(rngs, (F, D), ("mlp", "embed"), pd)
+        self.dtype = c.dtype
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        gate_BxTxF = x_BxTxD @ self.gate_proj[...].astype(self.dtype)
+        up_BxTxF = x_BxTxD @ self.up_proj[...].astype(self.dtype)
+        return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.down_proj[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: `x += attn(norm(x)); x += mlp(norm(x))`."""
+
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(
+            c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype, "norm", rngs
+        )
+        self.attn = Attention(c, rngs)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype, "norm", rngs)
+        self.mlp = MLP(c, rngs)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only LM. `model(tokens) -> logits [B, T, V]` (float32);
+    `model.hidden(tokens) @ model.unembed_matrix() == model(tokens)`.
+
+    `rules` name the activations' shardings; they apply under an ambient mesh
+    (`jax.set_mesh`) and are no-ops without one.
+    """
+
+    def __init__(
+        self, config: ModelConfig, *, rngs: nnx.Rngs, rules: ShardingRules = DEFAULT_RULES
+    ):
+        c = config
+        self.config, self.rules = c, rules
+        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
+        self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype, "norm", rngs)
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype
+            )
+
+    def unembed_matrix(self) -> jax.Array:
+        """`[D, V]`: the tied embedding transposed, or the LM head."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def _rope(self, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        inv_freq, scale = self.config.rope_inv_freq()
+        freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+        emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+        return jnp.cos(emb_BxTxH) * scale, jnp.sin(emb_BxTxH) * scale
+
+    def hidden(
+        self,
+        tokens_BxT: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Final-norm hidden states `[B, T, D]` (compute dtype).
+
+        Args:
+          tokens_BxT: int32 token ids.
+          positions: `[B, T]` RoPE positions; default `cumsum(attention_mask) - 1`, offset by
+            the number of real tokens already in `cache`.
+          attention_mask: `[B, T]`, 1 on real tokens, 0 on padding (either side); default all 1.
+          cache: if given, this call's keys/values are written at slots
+            `[cache.index, cache.index + T)` and `(hidden, new_cache)` is returned.
+        """
+        c = self.config
+        B, T = tokens_BxT.shape
+        mask_BxT = (
+            jnp.ones((B, T), jnp.bool_)
+            if attention_mask is None
+            else attention_mask.astype(jnp.bool_)
+        )
+        if positions is None:
+            prior_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.mask.sum(-1)
+            positions = prior_B[:, None] + jnp.maximum(jnp.cumsum(mask_BxT, -1) - 1, 0)
+        cos_BxTxH, sin_BxTxH = self._rope(positions)
+        if cache is None:
+            slot_mask_BxS, offset, S = mask_BxT, 0, T
+        else:
+            slot_mask_BxS = jax.lax.dynamic_update_slice(cache.mask, mask_BxT, (0, cache.index))
+            offset, S = cache.index, cache.mask.shape[1]
+        causal_TxS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
+        visible_BxTxS = causal_TxS[None] & slot_mask_BxS[:, None, :]
+
+        act = ("batch", "sequence", None)
+        x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.dtype)
+        x_BxTxD = constrain(x_BxTxD, act, self.rules)
+        k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else (k_all[i], v_all[i], cache.index)
+            y_BxTxD, new_kv = block.attn(
+                block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible_BxTxS, kv
+            )
+            if new_kv is not None:
+                k_all, v_all = k_all.at[i].set(new_kv[0]), v_all.at[i].set(new_kv[1])
+            x_BxTxD = x_BxTxD + y_BxTxD
+            x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
+            x_BxTxD = constrain(x_BxTxD, act, self.rules)
+        h_BxTxD = self.norm(x_BxTxD)
+        if cache is None:
+            return h_BxTxD
+        return h_BxTxD, KVCache(k=k_all, v=v_all, mask=slot_mask_BxS, index=cache.index + T)
+
+    def __call__(
+        self,
+        tokens_BxT: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits `[B, T, V]` in float32 (and the new cache if `cache` is given);
+        arguments as in `hidden`."""
+        out = self.hidden(
+            tokens_BxT, positions=positions, attention_mask=attention_mask, cache=cache
+        )
+        h_BxTxD, new_cache = (out, None) if cache is None else out
+        logits_BxTxV = jnp.einsum(
+            "btd,dv->btv",
+            h_BxTxD,
+            self.unembed_matrix().astype(self.config.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        logits_BxTxV = constrain(logits_BxTxV, ("batch", "sequence", "vocab"), self.rules)
+        return logits_BxTxV if cache is None else (logits_BxTxV, new_cache)

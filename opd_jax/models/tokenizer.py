@@ -1,0 +1,128 @@
+"""Tokenisation: local `transformers` tokenizers, chat templates, character offsets.
+
+Offsets are what the sentence segmenter needs: `encode_with_offsets` maps each prompt
+token to its characters in the input text, `decode_with_offsets` maps each sampled token
+to its characters in the decoded response. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import transformers
+
+Tokenizer = transformers.PreTrainedTokenizerBase
+Offsets = list[tuple[int, int]]
+_REPLACEMENT = "\ufffd"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """`AutoTokenizer.from_pretrained` on a local directory (never the hub)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"Tokenizer directory {path} does not exist; pass a local "
+            "checkpoint directory (hub ids are not downloaded)."
+        )
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def apply_chat_template(
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | list[dict[str, str]]],
+    *,
+    system: str | None = None,
+    **template_kwargs: Any,
+) -> list[str]:
+    """Renders prompts (user strings or message lists) with the chat template, ready for
+    the assistant's turn; `template_kwargs` go to the template (e.g. `enable_thinking`).
+    A tokenizer without a template gets the prompts unchanged."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in prompts]
+    rendered = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        rendered.append(
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+            )
+        )
+    return rendered
+
+
+def encode_with_offsets(
+    tokenizer: Tokenizer, texts: Sequence[str], *, add_special_tokens: bool = False
+) -> tuple[list[list[int]], list[Offsets]]:
+    """Token ids and, per token, its `(start, end)` character span in its text.
+
+    Spans are non-decreasing and cover the text; byte-level tokens that split one multi-byte
+    character all get that character's span.
+    """
+    if not tokenizer.is_fast:
+        raise ValueError(
+            "encode_with_offsets needs a fast (Rust) tokenizer; save the "
+            "tokenizer with tokenizer.json."
+        )
+    enc = tokenizer(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return (
+        [list(ids) for ids in enc["input_ids"]],
+        [[(int(s), int(e)) for s, e in offs] for offs in enc["offset_mapping"]],
+    )
+
+
+def decode_with_offsets(
+    tokenizer: Tokenizer, token_ids: Sequence[int], *, skip_special_tokens: bool = False
+) -> tuple[str, Offsets]:
+    """Decodes a response and gives each token its `(start, end)` span in the text.
+
+    Incremental detokenisation: a token's text is what decoding a short window ending at it
+    adds to decoding the window without it. A token that ends inside a multi-byte character
+    (byte-level BPE) adds nothing until the token completing the character, which gets the
+    whole character; the spans tile the text: `text == "".join(text[s:e] for s, e in offsets)`.
+    """
+    ids = [int(t) for t in token_ids]
+
+    def decode(window: list[int]) -> str:
+        return tokenizer.decode(
+            window, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    pieces: list[str] = []
+    offsets: Offsets = []
+    prefix = read = 0  # window start; tokens before `read` have been emitted
+    length = 0
+    for i in range(len(ids)):
+        prefix_text = decode(ids[prefix:read])
+        new_text = decode(ids[prefix : i + 1])
+        if new_text.endswith(_REPLACEMENT) or not new_text.startswith(prefix_text):
+            offsets.append((length, length))
+            continue
+        delta = new_text[len(prefix_text) :]
+        pieces.append(delta)
+        offsets.append((length, length + len(delta)))
+        length += len(delta)
+        prefix, read = read, i + 1
+    if read < len(ids):  # trailing incomplete bytes decode to replacement characters
+        tail = decode(ids[prefix:])[len(decode(ids[prefix:read])) :]
+        pieces.append(tail)
+        offsets[-1] = (length, length + len(tail))
+    return "".join(pieces), offsets
+
+
+def check_same_tokenizer(tok_a: Tokenizer, tok_b: Tokenizer) -> None:
+    """Raises `ValueError` unless both tokenizers map the same strings to the same ids
+    (teacher and student must share a vocabulary for token-level distillation)."""
+    vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
+    if vocab_a == vocab_b:
+        return
+    differing = sorted(set(vocab_a.items()) ^ set(vocab_b.items()), key=lambda kv: kv[1])
+    raise ValueError(
+        f"The tokenizers differ: vocabularies of {len(vocab_a)} and {len(vocab_b)} tokens, "
+        f"{len(differing)} (token, id) pairs not shared, e.g. {differing[:3]}. Teacher and "
+        "student must use the same tokenizer; pick models of the same family."
+    )

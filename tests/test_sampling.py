@@ -1,0 +1,178 @@
+"""The KV-cache sampler against full forwards, padding invariance, EOS, sampling methods."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd_jax import sampling
+from opd_jax.models import Decoder, ModelConfig, testing
+
+P, N = 7, 9
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = ModelConfig.from_hf(testing.tiny_hf_config("qwen3", vocab_size=64))
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    # larger weights than the 0.02 init, so next-token distributions are far from uniform
+    nnx.update(model, jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, nnx.state(model)))
+    return model
+
+
+def _prompts(seed=0, batch=3):
+    tokens = np.random.RandomState(seed).randint(2, 64, (batch, P)).astype(np.int32)
+    mask = np.ones((batch, P), np.int32)
+    mask[1, :3] = 0  # left padded
+    mask[2, :1] = 0
+    return tokens, mask
+
+
+@nnx.jit
+def _forward(model, tokens, mask):
+    return model(tokens, attention_mask=mask)
+
+
+def test_greedy_equals_argmax_of_repeated_full_forwards(model):
+    tokens, mask = _prompts()
+    result = sampling.sample(model, tokens, mask, key=jax.random.key(0), max_new_tokens=N)
+    # full forwards at a fixed width: future slots are masked, so causality makes them inert
+    seq = jnp.zeros((3, P + N), jnp.int32).at[:, :P].set(tokens)
+    seq_mask = jnp.zeros((3, P + N), jnp.int32).at[:, :P].set(mask)
+    for t in range(P, P + N):
+        next_token = jnp.argmax(_forward(model, seq, seq_mask)[:, t - 1], -1)
+        seq, seq_mask = seq.at[:, t].set(next_token), seq_mask.at[:, t].set(1)
+    np.testing.assert_array_equal(result.tokens, seq)
+    assert result.tokens.shape == result.response_mask.shape == (3, P + N)
+    np.testing.assert_array_equal(result.response_mask[:, P:], 1)
+    np.testing.assert_array_equal(result.response_mask[:, :P], 0)
+    np.testing.assert_array_equal(result.lengths, N)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [sampling.Greedy(), sampling.Temperature(0.7), sampling.TopK(5, 0.9), sampling.TopP(0.8)],
+)
+def test_cached_logprobs_equal_full_forward_logprobs(model, method):
+    tokens, mask = _prompts(seed=1)
+    result = sampling.sample(
+        model, tokens, mask, key=jax.random.key(3), max_new_tokens=N, method=method
+    )
+    logits = _forward(model, result.tokens, result.prompt_mask + result.response_mask)
+    expected = jnp.take_along_axis(
+        jax.vmap(method.log_probs, in_axes=1, out_axes=1)(logits[:, :-1]),
+        result.tokens[:, 1:, None],
+        -1,
+    )[..., 0]
+    response = result.response_mask[:, 1:] == 1
+    np.testing.assert_allclose(result.logprobs[:, 1:][response], expected[response], atol=1e-5)
+    assert np.all(np.asarray(result.logprobs)[np.asarray(result.response_mask) == 0] == 0)
+    assert np.all(np.isfinite(np.asarray(result.logprobs)))
+
+
+def test_left_padded_rows_match_unpadded_rows(model):
+    tokens, mask = _prompts(seed=2)
+    padded = sampling.sample(
+        model,
+        tokens,
+        mask,
+        key=jax.random.key(5),
+        max_new_tokens=N,
+        method=sampling.Temperature(1.0),
+    )
+    row = 1  # three pads; rows are sampled with the same noise at the same batch index
+    real = tokens[row][mask[row] == 1]
+    alone = sampling.sample(
+        model,
+        np.stack([real] * 3),
+        key=jax.random.key(5),
+        max_new_tokens=N,
+        method=sampling.Temperature(1.0),
+    )
+    np.testing.assert_array_equal(padded.tokens[row, P:], alone.tokens[row, len(real) :])
+    np.testing.assert_allclose(
+        padded.logprobs[row, P:], alone.logprobs[row, len(real) :], atol=1e-5
+    )
+
+
+def test_right_padded_prompts_are_left_aligned(model):
+    tokens, mask = _prompts(seed=4)
+    order = np.argsort(-mask, axis=1, kind="stable")
+    right_tokens = np.take_along_axis(tokens, order, 1)
+    right_mask = np.take_along_axis(mask, order, 1)
+    assert right_mask[1, -1] == 0
+    key = jax.random.key(9)
+    a = sampling.sample(model, tokens, mask, key=key, max_new_tokens=N)
+    b = sampling.sample(model, right_tokens, right_mask, key=key, max_new_tokens=N)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.prompt_mask, b.prompt_mask)
+
+
+def test_rows_stop_at_eos_and_mask_after_it(model):
+    tokens, mask = _prompts(seed=1)
+    free = sampling.sample(model, tokens, mask, key=jax.random.key(0), max_new_tokens=N)
+    eos = int(free.tokens[0, P + 2])  # row 0 emits it as its third token
+    result = sampling.sample(
+        model,
+        tokens,
+        mask,
+        key=jax.random.key(0),
+        max_new_tokens=N,
+        eos_ids=(eos, 63),
+        pad_id=0,
+    )
+    lengths = np.asarray(result.lengths)
+    assert lengths[0] <= 3
+    for row in range(3):
+        n = lengths[row]
+        response = np.asarray(result.tokens[row, P:])
+        np.testing.assert_array_equal(result.response_mask[row, P:], np.arange(N) < n)
+        np.testing.assert_array_equal(response[:n], np.asarray(free.tokens[row, P : P + n]))
+        np.testing.assert_array_equal(response[n:], 0)
+        if n < N:
+            assert response[n - 1] in (eos, 63)
+        assert not np.isin(response[: n - 1], [eos, 63]).any()
+
+
+def test_same_key_same_samples_other_key_other_samples(model):
+    tokens, mask = _prompts()
+    method = sampling.TopP(0.95, 1.5)
+    a = sampling.sample(model, tokens, mask, key=jax.random.key(1), max_new_tokens=N, method=method)
+    b = sampling.sample(model, tokens, mask, key=jax.random.key(1), max_new_tokens=N, method=method)
+    c = sampling.sample(model, tokens, mask, key=jax.random.key(2), max_new_tokens=N, method=method)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_top_k_and_top_p_match_numpy_reference():
+    logits = np.random.RandomState(0).randn(4, 50).astype(np.float32) * 3
+    t = 0.8
+    scaled = logits / t
+    kth = np.sort(scaled, -1)[:, -6:-5]
+    ref_k = _np_log_softmax(np.where(scaled >= kth, scaled, -np.inf))
+    np.testing.assert_allclose(sampling.TopK(6, t).log_probs(jnp.asarray(logits)), ref_k, atol=1e-5)
+    probs = np.exp(_np_log_softmax(scaled))
+    ref_p = np.full_like(scaled, -np.inf)
+    for b in range(4):
+        order = np.argsort(-probs[b])
+        n = int(np.searchsorted(np.cumsum(probs[b, order]), 0.7)) + 1  # smallest set >= p
+        keep = order[:n]
+        ref_p[b, keep] = _np_log_softmax(scaled[b, keep])
+    np.testing.assert_allclose(
+        sampling.TopP(0.7, t).log_probs(jnp.asarray(logits)), ref_p, atol=1e-5
+    )
+
+
+def test_new_temperature_or_mass_does_not_recompile(model):
+    tokens, mask = _prompts()
+    kwargs = dict(key=jax.random.key(0), max_new_tokens=N)
+    sampling.sample(model, tokens, mask, method=sampling.TopP(0.9, 1.0), **kwargs)
+    compiled = sampling._decode._cache_size()
+    sampling.sample(model, tokens, mask, method=sampling.TopP(0.5, 0.7), **kwargs)
+    assert sampling._decode._cache_size() == compiled
