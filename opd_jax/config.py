@@ -1,0 +1,303 @@
+"""Run configuration: typed dataclasses loaded from YAML, with dotted command-line overrides.
+
+``load_config("configs/quickstart.yaml", ["rule.kind=full", "train.steps=10"])`` returns a
+:class:`Config`. Every key is checked before any compute: an unknown or mistyped key fails
+with the nearest valid key, a value of the wrong type names the key and the expected type.
+Rule options (``rule.options.*``) are checked against the chosen rule's signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opd_jax.core import LOSS_KINDS, REDUCTIONS, RULES, rule_options
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with the key at fault and the fix."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    dir: str = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, plots, tables
+    log_every: int = 1  # steps between metric lines
+    checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # the last k are kept
+    async_checkpoint: bool = True  # write checkpoints in the background where orbax can
+    tensorboard: bool = True  # also write TensorBoard event files
+    progress: bool = True  # a progress bar on the terminal
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    path: str = ""  # a local Hugging Face directory or .gguf file (never a hub id)
+    dtype: str = "float32"  # float32 or bfloat16 (parameters and compute)
+    layers: list[int] = dataclasses.field(default_factory=list)  # keep only these layers ([]: all)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "arithmetic"  # "arithmetic" (built-in task) or a JSONL/Parquet file or folder
+    split: str = "train"
+    data_dir: str = "runs/data"  # where TFDS builds are written
+    batch_size: int = 8  # prompts per optimizer step, over all processes
+    max_prompt_tokens: int = 96  # prompts are left-padded or truncated (from the left) to this
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template
+    system_prompt: str = ""
+    arithmetic: dict[str, Any] = dataclasses.field(default_factory=dict)  # ArithmeticConfig fields
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64  # response budget N
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    k: int = 16  # top-K kept per position (margins, entropy, TA-OPD)
+    chunk_size: int = 1024  # positions whose [chunk, V] logits are alive at once
+
+
+@dataclasses.dataclass
+class SegmentsConfig:
+    kind: str = "sentence"  # sentence (NLTK Punkt), fixed, token
+    tokens: int = 32  # block size of kind=fixed
+
+
+@dataclasses.dataclass
+class RuleConfig:
+    kind: str = "release"  # release or a baseline of METHOD section 6
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the rule's own options
+
+
+@dataclasses.dataclass
+class LossConfig:
+    kind: str = "sampled_reverse_kl"
+    reduction: str = "token_mean"
+    beta: float = 0.5  # jsd only
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float = 1e-5
+    schedule: str = "cosine"  # cosine (decays to 10%) or constant, after linear warmup
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: all remaining devices
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps in the run
+
+
+@dataclasses.dataclass
+class Config:
+    seed: int = 0  # every PRNG key and the data order derive from it
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    student: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    teacher: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+    segments: SegmentsConfig = dataclasses.field(default_factory=SegmentsConfig)
+    rule: RuleConfig = dataclasses.field(default_factory=RuleConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "segments.kind": ("sentence", "fixed", "token"),
+    "rule.kind": tuple(RULES),
+    "loss.kind": LOSS_KINDS,
+    "loss.reduction": REDUCTIONS,
+    "optim.schedule": ("cosine", "constant"),
+    "student.dtype": ("float32", "bfloat16"),
+    "teacher.dtype": ("float32", "bfloat16"),
+}
+POSITIVE = (
+    "train.steps", "data.batch_size", "data.max_prompt_tokens", "sampling.max_new_tokens",
+    "score.k", "score.chunk_size", "segments.tokens", "optim.accumulate", "run.log_every",
+    "run.checkpoint_every", "run.keep_checkpoints",
+)  # fmt: skip
+
+
+def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree, e.g. ``run.dir``."""
+    cls = cls or Config
+    keys = []
+    for field in dataclasses.fields(cls):
+        key = prefix + field.name
+        sub = typing.get_type_hints(cls)[field.name]
+        keys.extend(all_keys(sub, key + ".") if dataclasses.is_dataclass(sub) else [key])
+    return keys
+
+
+def _unknown(key: str, cls: type) -> ConfigError:
+    near = difflib.get_close_matches(key, all_keys(cls), n=1, cutoff=0.5)
+    hint = f" Did you mean {near[0]!r}?" if near else " `opd-jax train --help` lists the keys."
+    return ConfigError(f"Unknown config key {key!r}.{hint}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks ``value`` against the field type ``hint`` (ints are accepted for floats)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(t for t in options if t is not type(None))
+        origin = typing.get_origin(hint)
+    expected = origin or hint
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is Any or (
+        isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    ):
+        return value
+    raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}.")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "", root: type | None = None) -> Any:
+    root = root or cls
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in names:
+            raise _unknown(key, root)
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key + ".", root)
+        else:
+            kwargs[name] = _coerce(key, value, hint)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, cls: type) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown(key, cls)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"rule.kind=full"`` -> ``("rule.kind", "full")``; values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"Override {text!r} must look like KEY=VALUE, e.g. train.steps=10.")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def validate(config: Config) -> Config:
+    """Cross-field checks: choices, positive sizes and the chosen rule's options."""
+    flat = _flatten(config.to_dict())
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            near = difflib.get_close_matches(str(flat[key]), choices, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{key}={flat[key]!r} is not one of {list(choices)}.{hint}")
+    for key in POSITIVE:
+        if flat[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {flat[key]}.")
+    valid = rule_options(config.rule.kind)
+    for option in config.rule.options:
+        if option not in valid:
+            near = difflib.get_close_matches(option, list(valid), n=1)
+            hint = f" Did you mean 'rule.options.{near[0]}'?" if near else ""
+            raise ConfigError(
+                f"rule {config.rule.kind!r} has no option {option!r}; its options are "
+                f"{sorted(valid)}.{hint}"
+            )
+    for option in ("k", "margin_k"):
+        value = {**valid, **config.rule.options}.get(option)
+        if value is not None and value > config.score.k:
+            raise ConfigError(
+                f"rule.options.{option}={value} exceeds score.k={config.score.k}, the top-K kept "
+                f"by scoring: raise score.k or set rule.options.{option} <= {config.score.k}."
+            )
+    if not config.student.path or not config.teacher.path:
+        raise ConfigError("student.path and teacher.path must name local checkpoints.")
+    if config.data.batch_size % config.optim.accumulate:
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} must be a multiple of "
+            f"optim.accumulate={config.optim.accumulate}."
+        )
+    return config
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in tree.items():
+        key = prefix + name
+        is_section = isinstance(value, Mapping) and key not in ("rule.options", "data.arithmetic")
+        flat.update(_flatten(value, key + ".") if is_section else {key: value})
+    return flat
+
+
+def load_tree(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """Any config dataclass ``cls`` from a YAML file (or its defaults) plus ``KEY=VALUE``
+    overrides; unknown keys and wrong types raise :class:`ConfigError` naming the fix."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"No config file at {path}: pass a YAML file, e.g. configs/quickstart.yaml."
+            )
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping of config sections.")
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[0] not in {f.name for f in dataclasses.fields(cls)}:
+            raise _unknown(key, cls)
+        _set_dotted(tree, key, value, cls)
+    return _build(cls, tree)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Reads a training config (YAML, or the defaults) and applies ``KEY=VALUE`` overrides.
+
+    Paths in it (``student.path``, ``teacher.path``, ``data.source``, ``run.dir``) are used
+    as written, relative to the current directory.
+    """
+    return validate(load_tree(Config, path, overrides))
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML (what a run directory keeps as ``config.yaml``)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,242 @@
+"""Orbax checkpoints of a training run, with fallback past corrupt steps, and SIGTERM handling.
+
+Layout: ``<run dir>/checkpoints/<step>/{state,meta}``; ``state`` is a pytree of jax arrays
+(params, optimizer state, PRNG keys) saved with ``StandardSave``, ``meta`` a JSON dict (data
+iterator position, config hash, seeds) saved with ``JsonSave``, both in one composite step.
+
+Atomicity is orbax's: a step is written under ``<step>.orbax-checkpoint-tmp*`` and renamed into
+place only once complete, so a crash mid-save leaves a temporary directory that is never listed
+as a step (and is removed when the next manager opens the directory).
+
+Multi-process: every process must call :meth:`Checkpointer.save` and
+:meth:`Checkpointer.restore` (and ``wait``/``close``) with its own shards; orbax coordinates
+the writes, the commit and the barriers. Nothing here is guarded by process rank except moving a
+corrupt step aside, which the primary process does between two global barriers.
+
+Typical loop::
+
+    with Checkpointer(run_dir, keep=3) as ckpt, on_sigterm() as flag:
+        restored = ckpt.restore(abstract_state)
+        ...
+        for step in range(start, num_steps):
+            state = train_step(state, batch)
+            if step % every == 0 or flag.requested:
+                ckpt.save(step, state, {"data": it.get_state()}, force=flag.requested)
+            if flag.requested:
+                break
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType, TracebackType
+from typing import Any, NamedTuple
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+PyTree = Any
+STATE = "state"
+META = "meta"
+CHECKPOINTS = "checkpoints"
+CORRUPT = "checkpoints_corrupt"
+
+
+class CheckpointRestoreError(RuntimeError):
+    """Raised when checkpoints exist but none of them can be read."""
+
+
+class Restored(NamedTuple):
+    """A restored checkpoint: its step, the state (shaped like the target) and the meta dict."""
+
+    step: int
+    state: PyTree
+    meta: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves and restores ``(state, meta)`` under ``<directory>/checkpoints``, keeping the last k.
+
+    Args:
+      directory: the run directory (local path or any ``epath`` URL).
+      keep: how many of the newest checkpoints to keep.
+      async_save: write arrays in a background thread after copying them off the device.
+    """
+
+    def __init__(self, directory: epath.PathLike, *, keep: int, async_save: bool = True):
+        self.run_dir = epath.Path(directory)
+        self.directory = self.run_dir / CHECKPOINTS
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(STATE, META)
+        )
+
+    def save(self, step: int, state: PyTree, meta: dict[str, Any], *, force: bool = False) -> bool:
+        """Starts saving ``state`` and ``meta`` as ``step``; returns whether a save started.
+
+        Asynchronous when ``async_save``: the call returns once the arrays are copied to host,
+        and the previous save is awaited first. Orbax skips steps not newer than the latest
+        one (and, unless ``force``, steps its save policy declines).
+
+        Raises:
+          TypeError: ``meta`` is not JSON-serialisable (checked before anything is written).
+        """
+        json.dumps(meta)
+        args = ocp.args.Composite(
+            **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
+        )
+        return self._manager.save(step, args=args, force=force)
+
+    def restore(self, abstract_state: PyTree) -> Restored | None:
+        """Restores the newest readable checkpoint into ``abstract_state``'s shapes and shardings.
+
+        Steps are tried newest first; an unreadable one (missing or truncated array files,
+        garbled JSON) is reported with a warning naming it, and, once an older step has been
+        restored, moved to ``<run dir>/checkpoints_corrupt/`` so later saves can reuse its step.
+
+        Args:
+          abstract_state: the target pytree, e.g. ``nnx.state(nnx.eval_shape(make))`` or
+            ``jax.ShapeDtypeStruct`` leaves with ``sharding=`` set; arrays land on those
+            shardings directly.
+
+        Returns:
+          ``Restored(step, state, meta)``, or None when there is no checkpoint.
+
+        Raises:
+          CheckpointRestoreError: checkpoints exist but none can be read.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        errors: dict[int, Exception] = {}
+        for step in steps:
+            restored, error = self._try_restore(step, abstract_state)
+            if restored is not None:
+                self._quarantine(sorted(errors))
+                return restored
+            errors[step] = error
+            warnings.warn(
+                f"Checkpoint step {step} in {self.directory} is unreadable "
+                f"({_describe(error)}); trying an older step.",
+                stacklevel=2,
+            )
+        details = "; ".join(f"step {s}: {_describe(e)}" for s, e in errors.items())
+        raise CheckpointRestoreError(
+            f"No readable checkpoint in {self.directory} ({details})."
+        ) from errors[steps[0]]
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
+        return self._manager.latest_step()
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether JAX's preemption sync point is reached at ``step`` (multi-process runs)."""
+        return self._manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are committed; raises their errors."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _try_restore(
+        self, step: int, abstract_state: PyTree
+    ) -> tuple[Restored | None, Exception | None]:
+        """Restores ``step``; on failure returns the error (agreed on by all processes)."""
+        args = ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+        )
+        try:
+            result = self._manager.restore(step, args=args)
+            restored, error = Restored(step, result[STATE], result[META]), None
+        except Exception as e:  # Corruption surfaces as many exception types.
+            restored, error = None, e
+        if not _all_processes_ok(restored is not None):
+            error = error or RuntimeError("unreadable on another process")
+            return None, error
+        return restored, None
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves corrupt ``steps`` out of the step directory (primary process, then barrier)."""
+        if not steps:
+            return
+        target_dir = self.run_dir / CORRUPT
+        if ocp.multihost.is_primary_host(0):
+            target_dir.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = _unused_path(target_dir / str(step))
+                (self.directory / str(step)).rename(target)
+                warnings.warn(f"Moved unreadable checkpoint step {step} to {target}.", stacklevel=3)
+        ocp.multihost.sync_global_processes("opd_jax:checkpoint_quarantine")
+        self._manager.reload()
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """True when ``ok`` holds on every process, so all of them fall back to the same step."""
+    if ocp.multihost.process_count() == 1:
+        return ok
+    return not ocp.multihost.global_max([int(not ok)])[0]
+
+
+def _unused_path(path: epath.Path) -> epath.Path:
+    """``path``, or ``path.1``, ``path.2``, ... whichever does not exist yet."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
+def _describe(error: BaseException) -> str:
+    """The exception's type and the first line of its message, at most 200 characters."""
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:200]}"
+
+
+@dataclass
+class PreemptionFlag:
+    """Set by the SIGTERM handler of :func:`on_sigterm`; the loop checks ``requested``."""
+
+    requested: bool = False
+    signum: int | None = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self.requested, self.signum = True, signum
+
+
+@contextlib.contextmanager
+def on_sigterm(signum: int = signal.SIGTERM) -> Iterator[PreemptionFlag]:
+    """Records ``signum`` in a :class:`PreemptionFlag` instead of dying; restores the old handler.
+
+    Must be entered in the main thread (a Python signal-handling rule). The loop checks
+    ``flag.requested`` after each step, saves with ``force=True`` and exits cleanly.
+    """
+    flag = PreemptionFlag()
+    previous = signal.signal(signum, flag._handle)
+    try:
+        yield flag
+    finally:
+        signal.signal(signum, previous)

@@ -1,0 +1,163 @@
+"""Host-side metrics: a durable JSON-lines log plus TensorBoard (tensorboardX, no TensorFlow).
+
+``<run dir>/metrics.jsonl`` holds one line per :meth:`MetricsWriter.write` call::
+
+    {"step": 10, "time": 1700000000.0, "loss": 0.25, "position_profile": [0.1, ..., 0.3]}
+
+Scalars are floats; arrays are 1-D (e.g. a 20-bin position profile ``[20]``) stored as lists.
+Each line is flushed and fsynced, so it is the record of truth; a line cut short by a crash
+(no trailing newline) is ignored by :func:`read_metrics` and dropped by ``truncate_after``.
+
+TensorBoard events go to ``<run dir>/tensorboard``: scalars under their names, and each array
+as per-bin scalars ``<name>/00``, ``<name>/01``, ... (a profile is a set of values over
+positions, not a sample of one quantity, so a histogram would misrepresent it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+RESERVED_KEYS = ("step", "time")
+
+
+class MetricsWriter:
+    """Appends metrics of a run to ``metrics.jsonl`` and TensorBoard; a no-op when disabled.
+
+    Args:
+      run_dir: the run directory (created if needed).
+      tensorboard: also write TensorBoard events.
+      enabled: write anything at all; defaults to ``jax.process_index() == 0`` (evaluated
+        here, after ``jax.distributed.initialize``), so other processes write nothing.
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike, *, tensorboard: bool = True, enabled: bool | None = None
+    ):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tensorboard = tensorboard and self.enabled
+        self._file = None
+        self._tb = None
+        if self.enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._open()
+
+    def write(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        arrays: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Logs ``scalars`` and 1-D ``arrays`` at ``step`` (host values; no device sync here)."""
+        if not self.enabled:
+            return
+        record = _record(step, scalars, arrays or {})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._tb is not None:
+            _write_tensorboard(self._tb, step, scalars, arrays or {})
+
+    def truncate_after(self, step: int) -> None:
+        """Drops logged lines for steps ``> step`` (on resume from ``step``).
+
+        The JSONL file is rewritten atomically; TensorBoard is told to purge its events from
+        ``step + 1`` on (``purge_step``).
+        """
+        if not self.enabled:
+            return
+        self._close_files()
+        kept = [line for line in _complete_lines(self.path) if json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._open(purge_step=step + 1)
+
+    def close(self) -> None:
+        """Flushes and closes the files."""
+        self._close_files()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _open(self, purge_step: int | None = None) -> None:
+        self._file = self.path.open("a")
+        if self._tensorboard:
+            self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge_step)
+
+    def _close_files(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``<run_dir>/metrics.jsonl`` in file order (empty if there is none)."""
+    return [json.loads(line) for line in _complete_lines(Path(run_dir) / METRICS_FILE)]
+
+
+def _record(
+    step: int, scalars: Mapping[str, float], arrays: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
+    """The JSON record of one write; rejects reserved, duplicate or non-1-D entries."""
+    names = [*scalars, *arrays]
+    if len(set(names)) != len(names) or set(names) & set(RESERVED_KEYS):
+        raise ValueError(f"Metric names must be unique and not in {RESERVED_KEYS}: {names}")
+    for name, value in arrays.items():
+        if np.ndim(value) != 1:
+            raise ValueError(f"Array metric {name!r} must be 1-D, got shape {np.shape(value)}")
+    record: dict[str, Any] = {"step": int(step), "time": time.time()}
+    record |= {name: float(value) for name, value in scalars.items()}
+    record |= {name: np.asarray(value, np.float64).tolist() for name, value in arrays.items()}
+    return record
+
+
+def _write_tensorboard(
+    tb: SummaryWriter,
+    step: int,
+    scalars: Mapping[str, float],
+    arrays: Mapping[str, np.ndarray],
+) -> None:
+    """Writes scalars, and each array as per-bin scalars ``<name>/<bin>``, then flushes."""
+    for name, value in scalars.items():
+        tb.add_scalar(name, float(value), step)
+    for name, values in arrays.items():
+        width = len(str(len(values) - 1))
+        for i, value in enumerate(np.asarray(values, np.float64)):
+            tb.add_scalar(f"{name}/{i:0{width}d}", float(value), step)
+    tb.flush()
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The newline-terminated lines of ``path`` (a torn last line is left out)."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [line for line in f if line.endswith("\n")]

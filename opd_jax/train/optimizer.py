@@ -1,0 +1,31 @@
+"""The optax optimizer of a run: AdamW, warmup plus cosine or constant, global-norm clipping."""
+
+from __future__ import annotations
+
+import optax
+
+from opd_jax.config import OptimConfig
+
+
+def learning_rate_schedule(c: OptimConfig, steps: int) -> optax.Schedule:
+    """Linear warmup to ``learning_rate``, then constant or cosine decay to 10% at ``steps``."""
+    if c.schedule == "constant":
+        decay = optax.constant_schedule(c.learning_rate)
+    else:
+        decay = optax.cosine_decay_schedule(
+            c.learning_rate, max(steps - c.warmup_steps, 1), alpha=0.1
+        )
+    if c.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps)
+    return optax.join_schedules([warmup, decay], [c.warmup_steps])
+
+
+def make_optimizer(c: OptimConfig, steps: int) -> optax.GradientTransformation:
+    """``clip_by_global_norm`` (unless ``clip_norm`` is 0) then AdamW on the schedule."""
+    adamw = optax.adamw(
+        learning_rate_schedule(c, steps), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay
+    )
+    if c.clip_norm <= 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(c.clip_norm), adamw)

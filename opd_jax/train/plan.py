@@ -1,0 +1,128 @@
+"""Memory per device of a run, before anything is allocated (``opd-jax plan``).
+
+Models are built abstractly (``nnx.eval_shape``) from their ``config.json`` or GGUF metadata,
+placed by the sharding rules on the configured mesh, and the real jitted train step is
+lowered and compiled for those shapes: XLA's own memory analysis gives the temporary
+(activation) memory, the parameter and optimizer bytes are the per-device shard sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from opd_jax.config import Config
+from opd_jax.models import Decoder, ModelConfig
+from opd_jax.sharding import DEFAULT_RULES, param_shardings
+from opd_jax.train.loop import mesh_from_config, step_settings
+from opd_jax.train.optimizer import make_optimizer
+from opd_jax.train.specs import spec_config
+from opd_jax.train.step import make_train_step
+
+GIB = 2**30
+
+
+def abstract_model(config: ModelConfig, mesh: jax.sharding.Mesh):
+    """``(graphdef, params)`` with ``ShapeDtypeStruct`` leaves carrying their shardings."""
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    params = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+        params,
+        param_shardings(params, mesh, DEFAULT_RULES),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return graphdef, params
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes of the largest per-device shard sum of a tree of sharded abstract arrays."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def plan(config: Config) -> dict[str, Any]:
+    """The run's memory per device in GiB, and what it is made of."""
+    mesh = mesh_from_config(config)
+    student_cfg, teacher_cfg = spec_config(config.student), spec_config(config.teacher)
+    graphdef, params = abstract_model(student_cfg, mesh)
+    teacher_graphdef, teacher_params = abstract_model(teacher_cfg, mesh)
+    tx = make_optimizer(config.optim, config.train.steps)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, p: p.sharding,
+        opt_shapes,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+    opt_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_shapes, opt_shardings
+    )
+    batch_sharding = NamedSharding(mesh, PartitionSpec(DEFAULT_RULES.batch))
+    b, p, n = config.data.batch_size, config.data.max_prompt_tokens, config.sampling.max_new_tokens
+    sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)  # noqa: E731
+    batch = {
+        "tokens": sds((b, p + n)),
+        "attention_mask": sds((b, p + n)),
+        "response_mask": sds((b, p + n)),
+        "seg": sds((b, n)),
+    }
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+    step = make_train_step(graphdef, teacher_graphdef, tx, step_settings(config), shardings)
+    with jax.set_mesh(mesh):
+        compiled = step.lower(params, opt_state, teacher_params, batch, key).compile()
+    analysis = compiled.memory_analysis()
+    kv_itemsize = jnp.dtype(student_cfg.dtype).itemsize
+    batch_shards = int(np.prod([mesh.shape[a] for a in DEFAULT_RULES.batch]))
+    kv_cache = (
+        2 * student_cfg.num_layers * (b // batch_shards) * (p + n)
+        * student_cfg.num_kv_heads * student_cfg.head_dim * kv_itemsize
+    )  # fmt: skip
+    rows = {
+        "student_params": device_bytes(params),
+        "optimizer_state": device_bytes(opt_state),
+        "teacher_params": device_bytes(teacher_params),
+        "step_temporaries": analysis.temp_size_in_bytes,
+        "sampler_kv_cache": kv_cache,
+    }
+    rows["total"] = sum(rows.values())
+    return {
+        "mesh": dict(mesh.shape),
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "student_parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+        "teacher_parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(teacher_params)),
+        "gib_per_device": {k: v / GIB for k, v in rows.items()},
+        "compiled": {
+            "argument_gib": analysis.argument_size_in_bytes / GIB,
+            "output_gib": analysis.output_size_in_bytes / GIB,
+            "alias_gib": analysis.alias_size_in_bytes / GIB,
+            "temp_gib": analysis.temp_size_in_bytes / GIB,
+        },
+    }
+
+
+def format_plan(result: dict[str, Any]) -> str:
+    """The plan as a short table."""
+    lines = [
+        f"mesh {result['mesh']} on {result['devices']} x {result['device_kind']}",
+        f"student {result['student_parameters']:,} parameters, "
+        f"teacher {result['teacher_parameters']:,}",
+        "",
+        "| per device | GiB |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.4f} |" for k, v in result["gib_per_device"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""The jitted OPD update: teacher and student scoring, the rule, the loss and one optax step.
+
+The step built by :func:`make_train_step` takes sampled rollouts ``tokens [B, S]`` (prompt
+columns ``[0, P)``, response columns ``[P, S)``), the host's segment ids of the responses and
+a PRNG key, and returns the updated parameters and optimizer state (both donated) with the
+step's metrics. The batch is cut into ``accumulate`` micro-batches scanned with summed
+gradients. Scoring goes through ``core.score_chunked``: the ``[B, N, V]`` logits are never
+formed. The teacher is never differentiated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from opd_jax import core
+from opd_jax.models import Decoder
+
+# The rules whose kept fraction is logged beside the chosen rule's (deterministic ones).
+COMPARED_RULES = ("release", "prefix_fraction", "ta_opd", "entropy", "tip")
+# Counts add up over micro-batches; every other metric is averaged.
+SUMMED = ("boundary_histogram", "tokens_by_position")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static settings of the step (hashable: a change recompiles)."""
+
+    prompt_len: int
+    k: int
+    chunk_size: int
+    rule: str
+    rule_options: tuple[tuple[str, Any], ...]
+    loss: str
+    reduction: str
+    beta: float
+    accumulate: int
+    bins: int = 20
+
+
+def response_hidden(model: Decoder, tokens_BxS: jax.Array, mask_BxS: jax.Array, prompt_len: int):
+    """Hidden states ``[B, N, D]`` that predict the response columns ``[P, S)``."""
+    h_BxSxD = model.hidden(tokens_BxS, attention_mask=mask_BxS)
+    return h_BxSxD[:, prompt_len - 1 : -1]
+
+
+def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
+    model = nnx.merge(graphdef, params)
+    tokens, mask = micro["tokens"], micro["attention_mask"]
+    y_BxN = tokens[:, s.prompt_len :]
+    r_BxN = micro["response_mask"][:, s.prompt_len :]
+    h_t = jax.lax.stop_gradient(response_hidden(teacher, tokens, mask, s.prompt_len))
+    h_s = response_hidden(model, tokens, mask, s.prompt_len)
+    scored = core.score_chunked(
+        h_s,
+        model.unembed_matrix(),
+        h_t,
+        jax.lax.stop_gradient(teacher.unembed_matrix()),
+        y_BxN,
+        k=s.k,
+        loss_kind=s.loss,
+        beta=s.beta,
+        chunk_size=s.chunk_size,
+    )
+    batch = core.RuleBatch(scored.stats, r_BxN, micro["seg"])
+    w = core.RULES[s.rule](batch, key, **dict(s.rule_options))
+    loss = core.reduce_loss(scored.token_loss, w, s.reduction)
+    return loss, _diagnostics(batch, w, scored.stats, s)
+
+
+def _diagnostics(batch: core.RuleBatch, w: jax.Array, stats: core.TokenStats, s: StepSettings):
+    """METHOD section 7, for the release rule whatever rule trains, plus per-rule kept."""
+    release_options = dict(s.rule_options) if s.rule == "release" else {}
+    margin = core.margin_from_stats(
+        stats,
+        release_options.get("margin_kind", "gap"),
+        k=min(release_options.get("margin_k", 16), stats.k),
+        renormalize=release_options.get("renormalize", False),
+    )
+    cp_options = {
+        name: value
+        for name, value in release_options.items()
+        if name not in ("margin_kind", "margin_k", "renormalize")
+    }
+    result = core.release(margin, batch.seg, batch.response_mask, **cp_options)
+    advantage = core.sampled_advantage(stats)
+    diag = core.step_diagnostics(margin, advantage, batch.response_mask, w, result, s.bins)
+    r = batch.response_mask.astype(bool)
+    n = jnp.maximum(r.sum(), 1)
+    diag["advantage_mean"] = jnp.where(r, advantage, 0).sum() / n
+    diag["margin_mean"] = jnp.where(r, margin, 0).sum() / n
+    diag["response_tokens"] = r.sum(-1).mean()
+    for name in COMPARED_RULES:
+        kept = w if name == s.rule else core.RULES[name](batch, None, **_defaults(name, stats.k))
+        diag[f"kept/{name}"] = core.kept_fraction(kept, batch.response_mask)
+    return diag
+
+
+def _defaults(rule: str, k: int) -> dict[str, int]:
+    """A rule's default options with its top-K capped at the scored ``k``."""
+    return {
+        name: min(value, k)
+        for name, value in core.rule_options(rule).items()
+        if name in ("k", "margin_k")
+    }
+
+
+def _split_micro(batch: dict[str, jax.Array], accumulate: int) -> dict[str, jax.Array]:
+    return jax.tree.map(lambda x: x.reshape((accumulate, -1) + x.shape[1:]), batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    teacher_graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    settings: StepSettings,
+    shardings: tuple[Any, Any] | None = None,
+):
+    """The jitted, state-donating step ``(params, opt_state, teacher_params, batch, key) ->
+    (params, opt_state, metrics)``.
+
+    Args:
+      graphdef, teacher_graphdef: from ``nnx.split(model, nnx.Param)``.
+      tx: the optax transformation.
+      settings: static :class:`StepSettings`.
+      shardings: ``(param_shardings, opt_shardings)``: the step keeps the state in them.
+
+    The batch holds ``tokens``, ``attention_mask``, ``response_mask`` ``[B, S]`` and
+    ``seg [B, N]``; metrics are scalars (loss, gradient norm, diagnostics) and ``[bins]``
+    position profiles.
+    """
+
+    def step(params, opt_state, teacher_params, batch, key):
+        teacher = nnx.merge(teacher_graphdef, teacher_params)
+        grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+        def accumulate(grads, xs):
+            micro, micro_key = xs
+            (loss, diag), g = grad_fn(params, graphdef, teacher, micro, micro_key, settings)
+            return jax.tree.map(jnp.add, grads, g), (loss, diag)
+
+        micro = _split_micro(batch, settings.accumulate)
+        keys = jax.random.split(key, settings.accumulate)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (losses, diags) = jax.lax.scan(accumulate, zeros, (micro, keys))
+        grads = jax.tree.map(lambda g: g / settings.accumulate, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {name: x.sum(0) if name in SUMMED else x.mean(0) for name, x in diags.items()}
+        metrics["loss"] = losses.mean()
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return params, opt_state, metrics
+
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, None))

@@ -1,0 +1,202 @@
+"""Tests for opd_jax.train.checkpoint: round trips, pruning, fallback past corruption, SIGTERM."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from opd_jax.train.checkpoint import Checkpointer, CheckpointRestoreError, on_sigterm
+
+# A failed orbax restore leaves pending array reads and loop callbacks behind; they complain
+# (as unraisable exceptions) when collected, in whichever test runs then.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def make_state(seed: int = 0) -> dict[str, jax.Array]:
+    """Random leaves big enough (> 1 KiB) to be stored in their own data files."""
+    rng = np.random.default_rng(seed)
+    return {
+        "params": {
+            "w": jnp.asarray(rng.normal(size=(32, 48)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(48,)), jnp.bfloat16),
+        },
+        "count": jnp.asarray(rng.integers(0, 1000, size=(7,)), jnp.int32),
+        "key": jax.random.key(seed),
+    }
+
+
+def abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def as_bytes(x: jax.Array) -> tuple[str, bytes]:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return str(x.dtype), np.asarray(x).tobytes()
+
+
+def assert_bit_exact(actual, expected) -> None:
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert as_bytes(a) == as_bytes(e)
+
+
+def save_steps(run_dir: Path, steps, *, keep: int = 5) -> None:
+    with Checkpointer(run_dir, keep=keep) as ckpt:
+        for step in steps:
+            ckpt.save(step, make_state(step), {"position": step, "config": "abc"})
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / str(step)
+
+
+def largest_file(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_round_trip_is_bit_exact_with_meta(tmp_path):
+    state = make_state(3)
+    meta = {"data": {"epoch": 1, "index": 42}, "config_hash": "f00d", "seed": 3}
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        assert ckpt.save(7, state, meta)
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        step, restored, restored_meta = ckpt.restore(abstract(state))
+    assert step == 7 and restored_meta == meta
+    assert_bit_exact(restored, state)
+
+
+def test_keeps_only_the_last_k_steps(tmp_path):
+    save_steps(tmp_path, range(5), keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "4"]
+
+
+def test_async_save_is_committed_after_wait(tmp_path):
+    with Checkpointer(tmp_path, keep=2, async_save=True) as ckpt:
+        ckpt.save(1, make_state(1), {"position": 1})
+        ckpt.wait()
+        assert ckpt.latest_step() == 1
+        assert (step_dir(tmp_path, 1) / "state").is_dir()
+
+
+def test_restores_nnx_state_into_sharded_target(tmp_path):
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def make_optimizer():
+        return nnx.Optimizer(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), optax.adam(1e-3), wrt=nnx.Param)
+
+    state = nnx.state(make_optimizer())
+    with Checkpointer(tmp_path, keep=1, async_save=False) as ckpt:
+        ckpt.save(0, state, {})
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+            nnx.state(nnx.eval_shape(make_optimizer)),
+        )
+        restored = ckpt.restore(target)
+    assert isinstance(restored.state, nnx.State)
+    assert_bit_exact(restored.state, state)
+    assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(restored.state))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_corrupt_newest_array_file_falls_back_to_previous_step(tmp_path, damage):
+    save_steps(tmp_path, [1, 2])
+    victim = largest_file(step_dir(tmp_path, 2) / "state")
+    if damage == "delete":
+        victim.unlink()
+    else:
+        os.truncate(victim, victim.stat().st_size // 2)
+    with Checkpointer(tmp_path, keep=5) as ckpt:
+        with pytest.warns(UserWarning, match="step 2"):
+            step, state, meta = ckpt.restore(abstract(make_state()))
+        assert (step, meta["position"]) == (1, 1)
+        assert_bit_exact(state, make_state(1))
+        assert (tmp_path / "checkpoints_corrupt" / "2").is_dir()
+        assert ckpt.save(2, make_state(2), {"position": 2})  # The bad step no longer blocks.
+
+
+def test_garbled_meta_json_falls_back_to_previous_step(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    (step_dir(tmp_path, 2) / "meta" / "metadata").write_text('{"position": 2, "conf')
+    with Checkpointer(tmp_path, keep=5) as ckpt, pytest.warns(UserWarning, match="step 2"):
+        assert ckpt.restore(abstract(make_state())).step == 1
+
+
+def test_leftover_temporary_directory_is_ignored(tmp_path):
+    save_steps(tmp_path, [1])
+    partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp" / "state"
+    partial.mkdir(parents=True)
+    (partial / "manifest.ocdbt").write_bytes(b"\x00garbage")
+    with Checkpointer(tmp_path, keep=5) as ckpt:
+        assert ckpt.restore(abstract(make_state())).step == 1
+        assert ckpt.save(2, make_state(2), {"position": 2})
+        ckpt.wait()
+        assert ckpt.restore(abstract(make_state())).step == 2
+
+
+def test_save_killed_midway_keeps_last_good_checkpoint(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_checkpoint import make_state
+        from opd_jax.train.checkpoint import Checkpointer
+        ckpt = Checkpointer({str(tmp_path)!r}, keep=5)
+        for step in (1, 2):
+            ckpt.save(step, make_state(step), {{"position": step}})
+        os.kill(os.getpid(), signal.SIGKILL)  # Step 2 is still being written.
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    with Checkpointer(tmp_path, keep=5) as ckpt:
+        step, state, meta = ckpt.restore(abstract(make_state()))
+    assert step in (1, 2) and meta == {"position": step}
+    assert_bit_exact(state, make_state(step))
+
+
+def test_unserialisable_meta_raises_before_writing(tmp_path):
+    with Checkpointer(tmp_path, keep=1) as ckpt, pytest.raises(TypeError):
+        ckpt.save(1, make_state(), {"iterator": object()})
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_no_checkpoint_restores_none(tmp_path):
+    with Checkpointer(tmp_path, keep=1) as ckpt:
+        assert ckpt.restore(abstract(make_state())) is None
+
+
+def test_every_checkpoint_corrupt_raises_and_moves_nothing(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    for step in (1, 2):
+        (step_dir(tmp_path, step) / "meta" / "metadata").write_text("not json")
+    with Checkpointer(tmp_path, keep=5) as ckpt, pytest.warns(UserWarning):
+        with pytest.raises(CheckpointRestoreError, match="step 2: .*step 1: "):
+            ckpt.restore(abstract(make_state()))
+    assert step_dir(tmp_path, 2).is_dir() and not (tmp_path / "checkpoints_corrupt").exists()
+
+
+def test_sigterm_sets_flag_and_restores_previous_handler():
+    def previous(signum, frame):
+        del signum, frame
+
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        with on_sigterm() as flag:
+            assert not flag.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert flag.requested and flag.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, original)

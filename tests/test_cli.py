@@ -1,0 +1,133 @@
+"""The ``opd-jax`` command line: help, plan, convert, sample, SIGTERM, and shipped configs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd_jax import cli
+from opd_jax.config import load_config
+from opd_jax.models import load
+from opd_jax.models.scratch import init_checkpoint
+from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
+from opd_jax.train.metrics import read_metrics
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+TINY = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=48)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = train_tiny_tokenizer()
+    init_checkpoint(root / "student", tiny_hf_config("qwen3", **TINY), tokenizer, seed=0)
+    init_checkpoint(root / "teacher", tiny_hf_config("qwen3", **TINY), tokenizer, seed=1)
+    config = root / "tiny.yaml"
+    config.write_text(
+        f"""
+run: {{dir: {root / "run"}, progress: false, tensorboard: false, checkpoint_every: 1}}
+student: {{path: {root / "student"}}}
+teacher: {{path: {root / "teacher"}}}
+data: {{data_dir: {root / "data"}, batch_size: 2, max_prompt_tokens: 96,
+        arithmetic: {{train_size: 32, test_size: 4, test_long_size: 4, test_unseen_op_size: 4}}}}
+sampling: {{max_new_tokens: 8}}
+score: {{chunk_size: 8}}
+train: {{steps: 2}}
+"""
+    )
+    return config
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "sample", "convert", "plan"):
+        assert command in out
+
+
+def test_config_errors_exit_cleanly_with_the_nearest_key(tiny_config, capsys):
+    assert cli.main(["train", str(tiny_config), "--set", "rule.knid=full"]) == 2
+    assert "Did you mean 'rule.kind'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_are_valid(path):
+    if path.stem.startswith("eval"):
+        pytest.skip("evaluation configs have their own schema (tests/test_eval.py)")
+    config = load_config(path)
+    assert config.train.steps >= 1
+    for spec in (config.student, config.teacher):
+        assert "://" not in spec.path or spec.path.startswith("pkg://"), "hub ids are not allowed"
+
+
+def test_plan_prints_memory_per_device(tiny_config, capsys):
+    assert cli.main(["plan", str(tiny_config)]) == 0
+    out = capsys.readouterr().out
+    for row in ("student_params", "optimizer_state", "teacher_params", "step_temporaries", "total"):
+        assert row in out
+
+
+def test_convert_round_trips_hf_and_orbax_and_exports_a_trained_run(tiny_config, tmp_path):
+    root = tiny_config.parent
+    assert cli.main(["convert", str(root / "student"), str(tmp_path / "orbax")]) == 0
+    assert cli.main(["convert", str(tmp_path / "orbax"), str(tmp_path / "hf")]) == 0
+    original, _ = load(root / "student")
+    back, _ = load(tmp_path / "hf")
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(original)), jax.tree.leaves(nnx.state(back)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    assert cli.main(["train", str(tiny_config)]) == 0
+    assert cli.main(["convert", str(root / "run"), str(tmp_path / "student_hf")]) == 0
+    trained, _ = load(tmp_path / "student_hf")
+    tokens = np.arange(6)[None]
+    assert not np.allclose(trained(tokens), original(tokens))
+
+    import torch
+    import transformers
+
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student_hf").eval()
+    with torch.no_grad():
+        want = torch_model(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(trained(tokens)), want, atol=1e-4)
+
+
+def test_sample_prints_completions(tiny_config, capsys):
+    root = tiny_config.parent
+    args = ["sample", str(root / "student"), "--prompt", "What is 2 + 3?", "--max-new-tokens", "4"]
+    assert cli.main(args) == 0
+    assert "---" in capsys.readouterr().out
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", str(tiny_config), "--set", f"run.dir={run}", "--set", "train.steps=500"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opd_jax.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() or not read_metrics(run):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopped: saved step" in out
+    steps = [line["step"] for line in read_metrics(run)]
+    assert 1 <= steps[-1] < 500
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == steps[-1]
+    assert load_config(run / "config.yaml").train.steps == 500
