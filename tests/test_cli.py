@@ -19,7 +19,8 @@ from opd_jax.models.scratch import init_checkpoint
 from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
 from opd_jax.train.metrics import read_metrics
 
-CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("eval"))
 TINY = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=48)
 
 
@@ -59,13 +60,18 @@ def test_config_errors_exit_cleanly_with_the_nearest_key(tiny_config, capsys):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_are_valid(path):
-    if path.stem.startswith("eval"):
-        pytest.skip("evaluation configs have their own schema (tests/test_eval.py)")
+def test_shipped_training_configs_are_valid(path):
     config = load_config(path)
     assert config.train.steps >= 1
     for spec in (config.student, config.teacher):
         assert "://" not in spec.path or spec.path.startswith("pkg://"), "hub ids are not allowed"
+
+
+def test_shipped_eval_config_is_valid():
+    from opd_jax.eval.run import load_eval_config
+
+    config = load_eval_config(CONFIG_DIR / "eval_example.yaml")
+    assert config.models and config.benchmarks
 
 
 def test_plan_prints_memory_per_device(tiny_config, capsys):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax.core import checks
-from opd_jax.core.stats import check_logits_pair
+from opd_jax.core.stats import canonical_zeros, check_logits_pair
 
 LOSS_KINDS = ("sampled_reverse_kl", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl")
 REDUCTIONS = ("token_mean", "sequence_mean")
@@ -61,7 +61,7 @@ def loss_from_logits(
     if kind == "jsd":
         m = jnp.logaddexp(jnp.log(beta) + q, jnp.log1p(-beta) + s)
         return beta * _kl(q, m) + (1.0 - beta) * _kl(s, m)
-    _, ids = jax.lax.top_k(jax.lax.stop_gradient(z_s), k)
+    _, ids = jax.lax.top_k(canonical_zeros(jax.lax.stop_gradient(z_s)), k)
     s_k = jax.nn.log_softmax(jnp.take_along_axis(z_s, ids, axis=-1), axis=-1)
     q_k = jax.nn.log_softmax(jnp.take_along_axis(z_t, ids, axis=-1), axis=-1)
     return _kl(s_k, q_k)

@@ -40,6 +40,11 @@ class TokenStats(NamedTuple):
         return self.student_topk_ids.shape[-1]
 
 
+def canonical_zeros(x: jax.Array) -> jax.Array:
+    """``-0.0 -> 0.0``, so that ``top_k`` (a total order) ranks them as the tie they are."""
+    return jnp.where(x == 0, jnp.zeros_like(x), x)
+
+
 def stats_from_logits(
     student_logits: jax.Array, teacher_logits: jax.Array, tokens: jax.Array, k: int
 ) -> TokenStats:
@@ -50,8 +55,8 @@ def stats_from_logits(
     # log_softmax. Ranking on the raw logits also keeps exact ties exact.
     lse_s = jax.nn.logsumexp(z_s, axis=-1, keepdims=True)
     lse_t = jax.nn.logsumexp(z_t, axis=-1, keepdims=True)
-    _, s_ids = jax.lax.top_k(z_s, k)
-    _, q_ids = jax.lax.top_k(z_t, k)
+    _, s_ids = jax.lax.top_k(canonical_zeros(z_s), k)
+    _, q_ids = jax.lax.top_k(canonical_zeros(z_t), k)
     y = tokens.astype(jnp.int32)[..., None]
     s_at = lambda ids: jnp.take_along_axis(z_s, ids, axis=-1) - lse_s  # noqa: E731
     q_at = lambda ids: jnp.take_along_axis(z_t, ids, axis=-1) - lse_t  # noqa: E731

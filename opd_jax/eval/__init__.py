@@ -1,0 +1,70 @@
+"""Evaluation: answer extraction and equivalence, avg@k / pass@k with standard errors,
+benchmark tables, and the runner behind ``opd-jax eval``.
+
+Typical use::
+
+    out = evaluate(model, tokenizer, [{"prompt": "...", "answer": "42"}], k=4, batch_size=16,
+                   max_new_tokens=512, max_prompt_tokens=256, temperature=0.6, seed=0)
+    out["metrics"]["avg@4"]   # {"value": ..., "stderr": ...}
+
+The runner (``evaluate``, ``evaluate_config``, ...) pulls in the models and JAX; it is
+imported on first use, so the scoring and metric functions stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from opd_jax.eval.answers import extract_answer, gold_answer, is_correct, normalize
+from opd_jax.eval.metrics import (
+    Estimate,
+    avg_at_k,
+    mean_and_stderr,
+    pass_at_k,
+    pass_at_k_per_problem,
+    summarize,
+)
+from opd_jax.eval.tables import (
+    atomic_write_text,
+    benchmark_table,
+    format_cell,
+    to_markdown,
+    write_table,
+)
+
+_RUN_NAMES = (
+    "BenchmarkSpec",
+    "EvalConfig",
+    "benchmark_spec",
+    "evaluate",
+    "evaluate_config",
+    "load_eval_config",
+    "load_problems",
+    "read_problem_file",
+)
+
+__all__ = [
+    "Estimate",
+    "atomic_write_text",
+    "avg_at_k",
+    "benchmark_table",
+    "extract_answer",
+    "format_cell",
+    "gold_answer",
+    "is_correct",
+    "mean_and_stderr",
+    "normalize",
+    "pass_at_k",
+    "pass_at_k_per_problem",
+    "summarize",
+    "to_markdown",
+    "write_table",
+    *_RUN_NAMES,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RUN_NAMES:
+        return getattr(importlib.import_module("opd_jax.eval.run"), name)
+    raise AttributeError(f"module 'opd_jax.eval' has no attribute {name!r}")
