@@ -67,11 +67,12 @@ def test_shipped_training_configs_are_valid(path):
         assert "://" not in spec.path or spec.path.startswith("pkg://"), "hub ids are not allowed"
 
 
-def test_shipped_eval_config_is_valid():
+def test_shipped_eval_config_parses_up_to_its_placeholder_checkpoints():
+    from opd_jax.config import ConfigError
     from opd_jax.eval.run import load_eval_config
 
-    config = load_eval_config(CONFIG_DIR / "eval_example.yaml")
-    assert config.models and config.benchmarks
+    with pytest.raises(ConfigError, match="models.base: no local checkpoint"):
+        load_eval_config(CONFIG_DIR / "eval_example.yaml")
 
 
 def test_plan_prints_memory_per_device(tiny_config, capsys):
