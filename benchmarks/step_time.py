@@ -27,19 +27,10 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from opd_jax import core, data, sampling  # noqa: E402
+from opd_jax import core, data  # noqa: E402
 from opd_jax.config import load_config  # noqa: E402
-from opd_jax.train.loop import (  # noqa: E402
-    _Batches,
-    init_opt_state,
-    load_pair,
-    mesh_from_config,
-    sampling_method,
-    step_settings,
-)
-from opd_jax.train.optimizer import make_optimizer  # noqa: E402
-from opd_jax.train.rollouts import encode_prompts, eos_ids, pad_id, response_segments  # noqa: E402
-from opd_jax.train.step import make_train_step, response_hidden  # noqa: E402
+from opd_jax.train.session import Session  # noqa: E402
+from opd_jax.train.step import response_hidden  # noqa: E402
 
 
 def main() -> None:
@@ -49,89 +40,49 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
-    mesh = mesh_from_config(config)
-    student, teacher, tokenizer = load_pair(config, mesh)
-    graphdef, params = nnx.split(student, nnx.Param)
-    teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
-    tx = make_optimizer(config.optim, config.train.steps)
-    opt_state = init_opt_state(tx, params, mesh)
-    settings = step_settings(config)
-    step_fn = make_train_step(graphdef, teacher_graphdef, tx, settings)
-    batches = _Batches(mesh)
+    session = Session.build(config)
     source = data.load_source(
         config.data.source, config.data.split, config.data.data_dir, **config.data.arithmetic
     )
-    prompts = next(
-        data.make_prompt_iterator(source, batch_size=config.data.batch_size, seed=config.seed)
-    )["prompt"]
-    p = config.data.max_prompt_tokens
-    tokens, mask = encode_prompts(tokenizer, prompts, p, chat_template=config.data.chat_template)
-    key = jax.random.key(config.seed)
-
-    def sample():
-        return sampling.sample(
-            student,
-            *batches.to_device((tokens, mask)),
-            key=key,
-            max_new_tokens=config.sampling.max_new_tokens,
-            method=sampling_method(config),
-            eos_ids=eos_ids(tokenizer, student.config.eos_token_id),
-            pad_id=pad_id(tokenizer),
-            mesh=mesh,
-        )
-
-    rollout = sample()
-    host = batches.to_host((rollout.tokens, rollout.response_mask, rollout.prompt_mask))
-
-    def segment():
-        return response_segments(
-            tokenizer, host[0][:, p:], host[1][:, p:], config.segments.kind, config.segments.tokens
-        )
-
-    seg, _ = segment()
-    batch = batches.to_device(
-        {
-            "tokens": host[0],
-            "attention_mask": host[1] | host[2],
-            "response_mask": host[1],
-            "seg": seg,
-        }
+    iterator = data.make_prompt_iterator(
+        source, batch_size=config.data.batch_size, seed=config.seed
     )
+    tokens, mask = session.encode(next(iterator)["prompt"])
+    key = jax.random.key(config.seed)
+    p = session.prompt_len
+    rollout = session.rollout(tokens, mask, key)
+    seg, _ = session.segments(rollout)
+    batch = session.device_batch(rollout, seg)
+    graphdef = session.graphdef
 
     @jax.jit
     def score(params, teacher_params, batch):
-        model, teach = nnx.merge(graphdef, params), nnx.merge(teacher_graphdef, teacher_params)
+        model = nnx.merge(graphdef, params)
+        teach = nnx.merge(session.teacher_graphdef, teacher_params)
         h_s = response_hidden(model, batch["tokens"], batch["attention_mask"], p)
         h_t = response_hidden(teach, batch["tokens"], batch["attention_mask"], p)
         scored = core.score_chunked(
             h_s, model.unembed_matrix(), h_t, teach.unembed_matrix(), batch["tokens"][:, p:],
-            k=settings.k, loss_kind=settings.loss, chunk_size=settings.chunk_size,
+            k=config.score.k, loss_kind=config.loss.kind, chunk_size=config.score.chunk_size,
         )  # fmt: skip
         rule_batch = core.RuleBatch(scored.stats, batch["response_mask"][:, p:], batch["seg"])
-        return core.RULES[settings.rule](
-            rule_batch, key, **dict(settings.rule_options)
-        ), scored.token_loss
+        w = core.RULES[config.rule.kind](rule_batch, key, **config.rule.options)
+        return w, scored.token_loss
 
-    state = {"params": params, "opt_state": opt_state}
-
-    def step():
-        state["params"], state["opt_state"], metrics = step_fn(
-            state["params"], state["opt_state"], teacher_params, batch, key
-        )
-        return metrics
-
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(session.mesh):
         times = {
-            "sample": common.median_seconds(sample, args.repeats),
-            "segment": common.median_seconds(segment, args.repeats),
-            "score": common.median_seconds(
-                lambda: score(state["params"], teacher_params, batch), args.repeats
+            "sample": common.median_seconds(
+                lambda: session.rollout(tokens, mask, key), args.repeats
             ),
-            "step": common.median_seconds(step, args.repeats),
+            "segment": common.median_seconds(lambda: session.segments(rollout), args.repeats),
+            "score": common.median_seconds(
+                lambda: score(session.params, session.teacher_params, batch), args.repeats
+            ),
+            "step": common.median_seconds(lambda: session.update(batch, key), args.repeats),
         }
     times["update"] = max(times["step"] - times["score"], 0.0)
     total = times["sample"] + times["segment"] + times["step"]
-    response_tokens = int(host[1].sum())
+    response_tokens = int(rollout[1].sum())
     rows = [
         {"phase": name, "seconds": times[name], "share": times[name] / total}
         for name in ("sample", "segment", "score", "update")

@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from opd_jax.config import Config
 from opd_jax.models import Decoder, ModelConfig
 from opd_jax.sharding import DEFAULT_RULES, param_shardings
-from opd_jax.train.loop import mesh_from_config, step_settings
 from opd_jax.train.optimizer import make_optimizer
+from opd_jax.train.session import mesh_from_config, step_settings
 from opd_jax.train.specs import spec_config
 from opd_jax.train.step import make_train_step
 

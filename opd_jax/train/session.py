@@ -1,0 +1,195 @@
+"""A run's live objects, built once from a config: mesh, models, optimizer, jitted step.
+
+:class:`Session` is what the training loop, ``opd-jax plan`` and the benchmarks share: the
+host-side phases of a step (prompt encoding, rollouts, segmentation) and the jitted update,
+each callable on its own so that they can be timed apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from opd_jax import models, sampling
+from opd_jax.config import Config
+from opd_jax.models import Tokenizer
+from opd_jax.sharding import DEFAULT_RULES, make_mesh
+from opd_jax.train.optimizer import make_optimizer
+from opd_jax.train.rollouts import encode_prompts, eos_ids, pad_id, response_segments
+from opd_jax.train.specs import load_model
+from opd_jax.train.step import StepSettings, make_train_step
+
+
+def mesh_from_config(config: Config) -> jax.sharding.Mesh:
+    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh``; -1 takes the remaining devices."""
+    shape = dataclasses.asdict(config.mesh)
+    fixed = int(np.prod([v for v in shape.values() if v != -1]))
+    count = jax.device_count()
+    shape = {k: (count // fixed if v == -1 else v) for k, v in shape.items()}
+    if int(np.prod(list(shape.values()))) != count:
+        raise ValueError(
+            f"mesh {shape} does not use the {count} devices: set mesh.data * mesh.fsdp * "
+            "mesh.tensor to the device count (or one of them to -1)."
+        )
+    return make_mesh(shape)
+
+
+def sampling_method(config: Config) -> sampling.SamplingMethod:
+    c = config.sampling
+    if c.temperature == 0:
+        return sampling.Greedy()
+    if c.top_k > 0:
+        return sampling.TopK(c.top_k, c.temperature)
+    if c.top_p < 1.0:
+        return sampling.TopP(c.top_p, c.temperature)
+    return sampling.Temperature(c.temperature)
+
+
+def step_settings(config: Config) -> StepSettings:
+    return StepSettings(
+        prompt_len=config.data.max_prompt_tokens,
+        k=config.score.k,
+        chunk_size=config.score.chunk_size,
+        rule=config.rule.kind,
+        rule_options=tuple(sorted(config.rule.options.items())),
+        loss=config.loss.kind,
+        reduction=config.loss.reduction,
+        beta=config.loss.beta,
+        accumulate=config.optim.accumulate,
+    )
+
+
+def load_pair(config: Config, mesh: jax.sharding.Mesh):
+    """Student, teacher and tokenizer; refuses pairs that do not share a vocabulary."""
+    student, tokenizer = load_model(config.student, mesh)
+    teacher, teacher_tokenizer = load_model(config.teacher, mesh)
+    models.check_same_tokenizer(tokenizer, teacher_tokenizer)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(
+            f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
+            f"{teacher.config.vocab_size}: OPD needs one tokenizer and one embedding size."
+        )
+    return student, teacher, tokenizer
+
+
+class Batches:
+    """Global device arrays from per-process host arrays, batch over ``data`` x ``fsdp``."""
+
+    def __init__(self, mesh: jax.sharding.Mesh):
+        self.mesh = mesh
+        self.spec = PartitionSpec(DEFAULT_RULES.batch)
+
+    def to_device(self, tree: Any) -> Any:
+        return multihost_utils.host_local_array_to_global_array(tree, self.mesh, self.spec)
+
+    def to_host(self, tree: Any) -> Any:
+        local = multihost_utils.global_array_to_host_local_array(tree, self.mesh, self.spec)
+        return jax.tree.map(np.asarray, local)
+
+
+def init_opt_state(tx, params: nnx.State, mesh: jax.sharding.Mesh) -> Any:
+    """``tx.init(params)`` with every leaf on the mesh (moments follow their parameters,
+    scalars such as the step count are replicated)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = tx.init(params)
+    return jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        opt_state,
+    )
+
+
+@dataclasses.dataclass
+class Session:
+    """Everything a step needs; ``params`` and ``opt_state`` are the live (donated) state."""
+
+    config: Config
+    mesh: jax.sharding.Mesh
+    tokenizer: Tokenizer
+    graphdef: nnx.GraphDef
+    teacher_graphdef: nnx.GraphDef
+    params: nnx.State
+    teacher_params: nnx.State
+    opt_state: Any
+    step_fn: Any
+    batches: Batches
+    eos: tuple[int, ...]
+
+    @classmethod
+    def build(cls, config: Config) -> Session:
+        """Loads the models onto the configured mesh and compiles nothing yet."""
+        mesh = mesh_from_config(config)
+        student, teacher, tokenizer = load_pair(config, mesh)
+        graphdef, params = nnx.split(student, nnx.Param)
+        teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+        tx = make_optimizer(config.optim, config.train.steps)
+        opt_state = init_opt_state(tx, params, mesh)
+        shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+        settings = step_settings(config)
+        step_fn = make_train_step(graphdef, teacher_graphdef, tx, settings, shardings)
+        eos = eos_ids(tokenizer, student.config.eos_token_id)
+        return cls(
+            config, mesh, tokenizer, graphdef, teacher_graphdef, params, teacher_params,
+            opt_state, step_fn, Batches(mesh), eos,
+        )  # fmt: skip
+
+    @property
+    def prompt_len(self) -> int:
+        return self.config.data.max_prompt_tokens
+
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Host: this process's prompts -> ``tokens, mask [B, P]``."""
+        c = self.config.data
+        return encode_prompts(
+            self.tokenizer,
+            prompts,
+            c.max_prompt_tokens,
+            chat_template=c.chat_template,
+            system_prompt=c.system_prompt,
+        )
+
+    def rollout(
+        self, tokens: np.ndarray, mask: np.ndarray, key: jax.Array
+    ) -> tuple[np.ndarray, ...]:
+        """The student's samples, back on the host: ``tokens, response_mask, prompt_mask``
+        ``[B, S]`` (this process's rows)."""
+        result = sampling.sample(
+            nnx.merge(self.graphdef, self.params),
+            *self.batches.to_device((tokens, mask)),
+            key=key,
+            max_new_tokens=self.config.sampling.max_new_tokens,
+            method=sampling_method(self.config),
+            eos_ids=self.eos,
+            pad_id=pad_id(self.tokenizer),
+            mesh=self.mesh,
+        )
+        return self.batches.to_host((result.tokens, result.response_mask, result.prompt_mask))
+
+    def segments(self, rollout: tuple[np.ndarray, ...]) -> tuple[np.ndarray, list[str]]:
+        """Host: segment ids ``[B, N]`` of the responses, and their decoded texts."""
+        p = self.prompt_len
+        c = self.config.segments
+        return response_segments(
+            self.tokenizer, rollout[0][:, p:], rollout[1][:, p:], c.kind, c.tokens
+        )
+
+    def device_batch(
+        self, rollout: tuple[np.ndarray, ...], seg: np.ndarray
+    ) -> dict[str, jax.Array]:
+        """The step's global batch from this process's rollouts and segments."""
+        tokens, response, prompt = rollout
+        host = {"tokens": tokens, "attention_mask": response | prompt, "response_mask": response}
+        return self.batches.to_device(host | {"seg": seg})
+
+    def update(self, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+        """One jitted optimizer step; replaces the live ``params`` and ``opt_state``."""
+        self.params, self.opt_state, metrics = self.step_fn(
+            self.params, self.opt_state, self.teacher_params, batch, key
+        )
+        return metrics
