@@ -42,6 +42,11 @@ from opd_jax.models.config import ModelConfig  # noqa: E402
 from opd_jax.models.gguf import read_gguf  # noqa: E402
 from opd_jax.models.hf import model_from_tensors  # noqa: E402
 
+# transformers runs where opd_jax runs: on the GPU when there is one. Both frameworks then
+# use TF32 for float32 matmuls (JAX's default on GPU; enabled for torch below).
+TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+torch.backends.cuda.matmul.allow_tf32 = True
+
 SETTINGS = {
     "full": dict(prompt_len=128, new_tokens=64, batch_sizes=(1, 8), repeats=3),
     "quick": dict(prompt_len=32, new_tokens=8, batch_sizes=(1, 8), repeats=3),
@@ -94,7 +99,7 @@ def torch_model(hf_config: dict[str, Any], get_tensor: Callable[[str], np.ndarra
     model.generation_config.eos_token_id = (
         None  # exactly N new tokens, like opd_jax with eos_ids=()
     )
-    return model.eval()
+    return model.eval().to(TORCH_DEVICE)
 
 
 def load_models(name: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -107,7 +112,7 @@ def load_models(name: str) -> tuple[Any, Any, dict[str, Any]]:
         torch.manual_seed(0)
         reference = torch_model(hf_config, None)
         state = reference.state_dict()
-        get_tensor, names = (lambda n: state[n].numpy()), list(state)
+        get_tensor, names = (lambda n: state[n].cpu().numpy()), list(state)
     ours = model_from_tensors(ModelConfig.from_hf(hf_config), get_tensor, names)
     return ours, reference, hf_config
 
@@ -135,7 +140,7 @@ def torch_generate(
     model: Any, prompts_BxP: np.ndarray, new_tokens: int
 ) -> Callable[[], np.ndarray]:
     """A thunk running transformers' `generate(do_sample=False)`; returns the new tokens [B, N]."""
-    input_ids = torch.from_numpy(prompts_BxP.astype(np.int64))
+    input_ids = torch.from_numpy(prompts_BxP.astype(np.int64)).to(TORCH_DEVICE)
     mask = torch.ones_like(input_ids)
 
     def run() -> np.ndarray:
@@ -148,7 +153,7 @@ def torch_generate(
                 do_sample=False,
                 pad_token_id=0,
             )
-        return out[:, prompts_BxP.shape[1] :].numpy()
+        return out[:, prompts_BxP.shape[1] :].cpu().numpy()
 
     return run
 
@@ -195,7 +200,8 @@ def logits_max_abs_diff(ours: Any, reference: Any, prompts_BxP: np.ndarray) -> f
     graph, state = nnx.split(ours)
     logits = jax.jit(lambda s, t: nnx.merge(graph, s)(t))(state, prompts_BxP)
     with torch.inference_mode():
-        expected = reference(torch.from_numpy(prompts_BxP.astype(np.int64))).logits.numpy()
+        tokens = torch.from_numpy(prompts_BxP.astype(np.int64)).to(TORCH_DEVICE)
+        expected = reference(tokens).logits.cpu().numpy()
     return float(np.abs(np.asarray(logits) - expected).max())
 
 
