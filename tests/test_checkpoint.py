@@ -76,6 +76,18 @@ def test_round_trip_is_bit_exact_with_meta(tmp_path):
     assert_bit_exact(restored, state)
 
 
+def test_a_relative_run_directory_is_taken_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(4.0)}
+    with Checkpointer("runs/relative", keep=2) as checkpointer:
+        checkpointer.save(1, state, {"data": 1})
+    with Checkpointer("runs/relative", keep=2) as checkpointer:
+        step, restored, meta = checkpointer.restore(jax.tree.map(jnp.zeros_like, state))
+    assert step == 1 and meta == {"data": 1}
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert (tmp_path / "runs" / "relative" / "checkpoints" / "1").is_dir()
+
+
 def test_keeps_only_the_last_k_steps(tmp_path):
     save_steps(tmp_path, range(5), keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "4"]

@@ -15,27 +15,21 @@ from flax import nnx
 from opd_jax import cli
 from opd_jax.config import load_config
 from opd_jax.models import load
-from opd_jax.models.scratch import init_checkpoint
-from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
 from opd_jax.train.metrics import read_metrics
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("eval"))
-TINY = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=48)
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
+def tiny_config(tiny_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    tokenizer = train_tiny_tokenizer()
-    init_checkpoint(root / "student", tiny_hf_config("qwen3", **TINY), tokenizer, seed=0)
-    init_checkpoint(root / "teacher", tiny_hf_config("qwen3", **TINY), tokenizer, seed=1)
     config = root / "tiny.yaml"
     config.write_text(
         f"""
 run: {{dir: {root / "run"}, progress: false, tensorboard: false, checkpoint_every: 1}}
-student: {{path: {root / "student"}}}
-teacher: {{path: {root / "teacher"}}}
+student: {{path: {tiny_pair / "student"}}}
+teacher: {{path: {tiny_pair / "teacher"}}}
 data: {{data_dir: {root / "data"}, batch_size: 2, max_prompt_tokens: 96,
         arithmetic: {{train_size: 32, test_size: 4, test_long_size: 4, test_unseen_op_size: 4}}}}
 sampling: {{max_new_tokens: 8}}
@@ -84,9 +78,10 @@ def test_plan_prints_memory_per_device(tiny_config, capsys):
 
 def test_convert_round_trips_hf_and_orbax_and_exports_a_trained_run(tiny_config, tmp_path):
     root = tiny_config.parent
-    assert cli.main(["convert", str(root / "student"), str(tmp_path / "orbax")]) == 0
+    student = load_config(tiny_config).student.path
+    assert cli.main(["convert", student, str(tmp_path / "orbax")]) == 0
     assert cli.main(["convert", str(tmp_path / "orbax"), str(tmp_path / "hf")]) == 0
-    original, _ = load(root / "student")
+    original, _ = load(student)
     back, _ = load(tmp_path / "hf")
     for a, b in zip(
         jax.tree.leaves(nnx.state(original)), jax.tree.leaves(nnx.state(back)), strict=True
@@ -109,8 +104,8 @@ def test_convert_round_trips_hf_and_orbax_and_exports_a_trained_run(tiny_config,
 
 
 def test_sample_prints_completions(tiny_config, capsys):
-    root = tiny_config.parent
-    args = ["sample", str(root / "student"), "--prompt", "What is 2 + 3?", "--max-new-tokens", "4"]
+    student = load_config(tiny_config).student.path
+    args = ["sample", student, "--prompt", "What is 2 + 3?", "--max-new-tokens", "4"]
     assert cli.main(args) == 0
     assert "---" in capsys.readouterr().out
 

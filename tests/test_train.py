@@ -19,19 +19,12 @@ from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
 from opd_jax.train.loop import train
 from opd_jax.train.metrics import read_metrics
 
-TINY = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=48)
+SMALL = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=48)
 
 
 @pytest.fixture(scope="session")
-def pair(tmp_path_factory):
-    """A 1-layer student and a wider 1-layer teacher sharing one tokenizer, plus data."""
-    root = tmp_path_factory.mktemp("pair")
-    tokenizer = train_tiny_tokenizer()
-    init_checkpoint(root / "student", tiny_hf_config("qwen3", **TINY), tokenizer, seed=0)
-    init_checkpoint(
-        root / "teacher", tiny_hf_config("llama", **TINY | {"hidden_size": 48}), tokenizer, seed=1
-    )
-    return root
+def pair(tiny_pair):
+    return tiny_pair
 
 
 def overrides(pair, run_dir, *extra):
@@ -119,7 +112,7 @@ def test_eight_device_mesh_gives_the_single_device_loss(pair, tmp_path):
 
 def test_teacher_with_another_tokenizer_is_refused_before_training(pair, tmp_path):
     other = train_tiny_tokenizer(vocab_size=300)
-    init_checkpoint(tmp_path / "other", tiny_hf_config("qwen3", **TINY), other, seed=2)
+    init_checkpoint(tmp_path / "other", tiny_hf_config("qwen3", **SMALL), other, seed=2)
     config = load_config(
         None, overrides(pair, tmp_path / "run", f"teacher.path={tmp_path / 'other'}")
     )

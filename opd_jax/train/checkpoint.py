@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import warnings
 from collections.abc import Iterator
@@ -69,7 +70,9 @@ class Checkpointer:
     """
 
     def __init__(self, directory: epath.PathLike, *, keep: int, async_save: bool = True):
-        self.run_dir = epath.Path(directory)
+        # orbax's array store wants absolute paths; a relative run.dir is relative to the cwd.
+        local = "://" not in os.fspath(directory)
+        self.run_dir = epath.Path(os.path.abspath(directory) if local else directory)
         self.directory = self.run_dir / CHECKPOINTS
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
