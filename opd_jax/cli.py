@@ -36,6 +36,11 @@ def _train(args: argparse.Namespace) -> int:
         print(
             f"done: step {config.train.steps}, loss {metrics['loss']:.4f}, run dir {config.run.dir}"
         )
+    else:
+        print(
+            f"{config.run.dir} is already at step {config.train.steps}: nothing to do "
+            "(raise train.steps to continue, or choose a new run.dir)."
+        )
     return 0
 
 
