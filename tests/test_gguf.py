@@ -265,10 +265,11 @@ def test_synthetic_checkpoint_config(tmp_path, arch):
 @pytest.mark.parametrize("arch", ARCH_HEAD_DIM)
 def test_synthetic_checkpoint_loads_into_opd_jax_as_transformers_reads_it(tmp_path, arch):
     """The config dict means the same model to `opd_jax.models.load` as to transformers."""
-    torch = pytest.importorskip("torch")
+    import torch
     import transformers
 
-    models = pytest.importorskip("opd_jax.models")
+    from opd_jax import models
+
     head_dim = ARCH_HEAD_DIM[arch]
     _write_tiny_gguf(tmp_path / "tiny.gguf", arch, _tiny_hf_tensors(arch, head_dim), head_dim)
     config, get_tensor, names, _ = read_gguf(tmp_path / "tiny.gguf")
@@ -399,9 +400,9 @@ def torch_reference(smollm2_path) -> Any:
     transformers rebuilds gguf-py's (pure, deterministic) tensor-name map once per submodule, 397
     times; caching it saves ~10 s.
     """
-    torch = pytest.importorskip("torch")
     import functools
 
+    import torch
     import transformers
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -536,7 +537,8 @@ def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2, smollm2_
 
 @pytest.fixture(scope="module")
 def opd_smollm2(smollm2_path):
-    models = pytest.importorskip("opd_jax.models")
+    from opd_jax import models
+
     return models.load(smollm2_path)
 
 
