@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,18 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train(config: Config, *, stop_after: int | None = None) -> dict[str, Any]:
+def train(
+    config: Config,
+    *,
+    stop_after: int | None = None,
+    on_step: Callable[[int, Session], None] | None = None,
+) -> dict[str, Any]:
     """Runs (or resumes) the configured OPD run; returns the last step's scalar metrics.
 
     ``stop_after`` ends this invocation (with a checkpoint) after that many steps, as a
-    preemption would: running again resumes.
+    preemption would: running again resumes. ``on_step(step, session)`` is called after each
+    step (``step`` counts completed steps, from 0 before the first) with the live session,
+    e.g. to evaluate the student as it trains; it runs on every process.
     """
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +73,8 @@ def train(config: Config, *, stop_after: int | None = None) -> dict[str, Any]:
     ):
         start = _restore(checkpointer, session, prompts, writer)
         progress = _progress(config, start)
+        if on_step is not None and start == 0:
+            on_step(0, session)
         for step in range(start, config.train.steps):
             key_sample, key_rule = jax.random.split(jax.random.fold_in(base_key, step))
             t0 = time.perf_counter()
@@ -94,6 +104,8 @@ def train(config: Config, *, stop_after: int | None = None) -> dict[str, Any]:
             if done or stopping or (step + 1) % config.run.checkpoint_every == 0:
                 meta = {"step": step + 1, "data": prompts.get_state(), "seed": config.seed}
                 checkpointer.save(step + 1, _state(session), meta, force=True)
+            if on_step is not None:
+                on_step(step + 1, session)
             if stopping:
                 progress.write(f"stopped: saved step {step + 1} in {run_dir}; run again to resume.")
                 break
