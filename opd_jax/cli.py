@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from opd_jax.config import ConfigError, all_keys, load_config
+from opd_jax.distributed import initialize_from_env, is_primary
 
 CONFIG_HELP = "a YAML config (e.g. configs/quickstart.yaml)"
 SET_HELP = "override a config key, e.g. --set rule.kind=full --set train.steps=10"
@@ -29,9 +30,12 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    initialize_from_env()
     from opd_jax.train.loop import train
 
     metrics = train(config)
+    if not is_primary():
+        return 0
     if metrics:
         print(
             f"done: step {config.train.steps}, loss {metrics['loss']:.4f}, run dir {config.run.dir}"
@@ -45,6 +49,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    initialize_from_env()
     from opd_jax.eval.run import evaluate_config
 
     evaluate_config(args.config, args.overrides)
@@ -93,9 +98,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    initialize_from_env()
     from opd_jax.train.plan import format_plan, plan
 
-    print(format_plan(plan(config)))
+    report = format_plan(plan(config))
+    if is_primary():
+        print(report)
     return 0
 
 
