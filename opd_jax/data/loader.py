@@ -2,16 +2,19 @@
 
 Pipeline of :func:`prompt_dataset`, all index-based so any position can be resumed:
 
-    source -> this process's shard (an equal contiguous block) -> shuffle(seed, reshuffled
-    every epoch) -> repeat(num_epochs) -> decode bytes to str -> batch(drop_remainder)
+    record indices -> shuffle(seed, reshuffled every epoch) -> repeat(num_epochs) ->
+    global batch of ``B x shard_count`` indices (drop_remainder) -> this process's rows
+    ``[shard_index * B, (shard_index + 1) * B)`` -> read and decode bytes to str
 
-A batch of size ``B`` is a dict: text features map to ``list[str]`` of length ``B``, numeric
-ones to NumPy arrays ``[B]`` (e.g. the arithmetic task's ``num_steps``, int32). Tokenisation
-happens downstream.
+so the global batch of a step is the same whatever the process count, and each process
+reads only its own records. A batch of size ``B`` is a dict: text features map to
+``list[str]`` of length ``B``, numeric ones to NumPy arrays ``[B]`` (e.g. the arithmetic
+task's ``num_steps``, int32). Tokenisation happens downstream.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,6 +73,11 @@ def _decode(record: Record) -> Record:
     return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
 
 
+def _read_rows(source: Source, rows: slice, indices: np.ndarray) -> Batch:
+    """This process's ``rows`` of a global batch of record ``indices``, read and collated."""
+    return _collate([_decode(source[int(i)]) for i in indices[rows]])
+
+
 def _collate(records: Sequence[Record]) -> Batch:
     return {
         k: [r[k] for r in records]
@@ -92,13 +100,14 @@ def prompt_dataset(
 
     Args:
       source: a random-access source, e.g. from :func:`load_source`.
-      batch_size: records per batch ``B`` on this process; the last partial batch is dropped.
+      batch_size: records per batch ``B`` on this process; the global batch holds
+        ``B x shard_count`` records and its last partial batch is dropped.
       seed: shuffle seed in ``[0, 2**32)``; epoch ``e`` is shuffled with ``seed + e``.
-      num_epochs: passes over the shard; ``None`` repeats forever.
-      shard_index, shard_count: this process's shard; default ``jax.process_index()`` and
-        ``jax.process_count()``. Shards are equal contiguous blocks of
-        ``len(source) // shard_count`` records (up to ``shard_count - 1`` records are left
-        out), so every process yields the same number of batches.
+      num_epochs: passes over the source; ``None`` repeats forever.
+      shard_index, shard_count: this process's block of rows of each global batch; default
+        ``jax.process_index()`` and ``jax.process_count()``. Shard ``i`` of ``n`` yields rows
+        ``[i B, (i + 1) B)`` of the batches that one process with ``batch_size = n B`` would
+        see, so every shard yields the same number of batches and they are disjoint.
     """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
@@ -106,15 +115,15 @@ def prompt_dataset(
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    per_shard = len(source) // shard_count
-    if per_shard == 0:
+    if len(source) < shard_count:
         raise ValueError(f"{len(source)} records cannot fill {shard_count} shards")
+    rows = slice(shard_index * batch_size, (shard_index + 1) * batch_size)
     return (
-        grain.MapDataset.source(source)[shard_index * per_shard : (shard_index + 1) * per_shard]
+        grain.MapDataset.range(len(source))
         .shuffle(seed=seed)
         .repeat(num_epochs)
-        .map(_decode)
-        .batch(batch_size, drop_remainder=True, batch_fn=_collate)
+        .batch(batch_size * shard_count, drop_remainder=True)
+        .map(functools.partial(_read_rows, source, rows))
     )
 
 

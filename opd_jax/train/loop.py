@@ -4,6 +4,10 @@
 ``run.dir`` holds a checkpoint, from the last good one: parameters, optimizer state, step
 and data position are restored and every PRNG key derives from ``(seed, step)``, so a
 resumed run continues exactly as an uninterrupted one. SIGTERM saves and exits cleanly.
+
+Several processes (see :mod:`opd_jax.distributed`) each feed their rows of the same global
+batch (:meth:`~opd_jax.train.session.Batches.process_rows`); all of them save and restore
+checkpoints, and only process 0 writes ``config.yaml``, metrics and the progress bar.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from opd_jax import data
 from opd_jax.config import Config, dump_config
+from opd_jax.distributed import any_process, is_primary, primary_first
 from opd_jax.train.checkpoint import Checkpointer, on_sigterm
 from opd_jax.train.metrics import MetricsWriter
 from opd_jax.train.session import Session
@@ -49,15 +54,23 @@ def train(
     """
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
+    if is_primary():
         _write_text(run_dir / "config.yaml", dump_config(config))
     session = Session.build(config)
     tfds.disable_progress_bar()
-    source = data.load_source(
-        config.data.source, config.data.split, config.data.data_dir, **config.data.arithmetic
+    source = primary_first(
+        lambda: data.load_source(
+            config.data.source, config.data.split, config.data.data_dir, **config.data.arithmetic
+        )
     )
-    batch_size = config.data.batch_size // jax.process_count()
-    prompts = data.make_prompt_iterator(source, batch_size=batch_size, seed=config.seed)
+    shard, shards = session.batches.process_rows(config.data.batch_size)
+    prompts = data.make_prompt_iterator(
+        source,
+        batch_size=config.data.batch_size // shards,
+        seed=config.seed,
+        shard_index=shard,
+        shard_count=shards,
+    )
     base_key = jax.random.key(config.seed)
     last: dict[str, Any] = {}
 
@@ -86,7 +99,7 @@ def train(
             t3 = time.perf_counter()
             scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
             scalars |= {"time/sample_s": t1 - t0, "time/segment_s": t2 - t1, "time/step_s": t3 - t2}
-            scalars["tokens_per_s"] = float(rollout[1].sum()) * jax.process_count() / (t3 - t0)
+            scalars["tokens_per_s"] = float(rollout[1].sum()) * shards / (t3 - t0)
             arrays = {k: np.asarray(v).tolist() for k, v in metrics.items() if np.ndim(v) > 0}
             if (step + 1) % config.run.log_every == 0 or step + 1 == config.train.steps:
                 writer.write(step + 1, scalars, arrays)
@@ -98,7 +111,7 @@ def train(
                 tok_s=f"{scalars['tokens_per_s']:.0f}",
             )
             done = step + 1 == config.train.steps
-            stopping = preemption.requested or (
+            stopping = any_process(preemption.requested) or (
                 stop_after is not None and step + 1 - start >= stop_after
             )
             if done or stopping or (step + 1) % config.run.checkpoint_every == 0:
@@ -107,7 +120,10 @@ def train(
             if on_step is not None:
                 on_step(step + 1, session)
             if stopping:
-                progress.write(f"stopped: saved step {step + 1} in {run_dir}; run again to resume.")
+                if is_primary():
+                    progress.write(
+                        f"stopped: saved step {step + 1} in {run_dir}; run again to resume."
+                    )
                 break
         progress.close()
     return last
@@ -120,7 +136,7 @@ def _progress(config: Config, start: int):
         total=config.train.steps,
         initial=start,
         desc="opd",
-        disable=not config.run.progress or jax.process_index() != 0,
+        disable=not config.run.progress or not is_primary(),
         dynamic_ncols=True,
     )
 
@@ -143,5 +159,6 @@ def _restore(checkpointer: Checkpointer, session: Session, prompts, writer: Metr
     session.params, session.opt_state = state["params"], state["opt_state"]
     prompts.set_state(meta["data"])
     writer.truncate_after(step)
-    print(f"resumed from step {step} ({json.dumps(meta['data'])})", flush=True)
+    if is_primary():
+        print(f"resumed from step {step} ({json.dumps(meta['data'])})", flush=True)
     return step

@@ -86,6 +86,36 @@ class Batches:
         self.mesh = mesh
         self.spec = PartitionSpec(DEFAULT_RULES.batch)
 
+    def process_rows(self, batch_size: int) -> tuple[int, int]:
+        """``(index, count)``: this process feeds row block ``index`` of ``count`` equal blocks
+        of a global batch of ``batch_size`` rows: the block its devices hold on the mesh.
+        ``count`` is 1 when the batch axes do not cross processes (each feeds the whole batch).
+
+        Raises:
+          ValueError: ``batch_size`` does not split over the batch axes, or a process's
+            devices do not hold one contiguous block of rows.
+        """
+        axes = jax.tree.leaves(self.spec[0])
+        shards = int(np.prod([self.mesh.shape[a] for a in axes]))
+        if batch_size % shards:
+            raise ValueError(
+                f"data.batch_size={batch_size} must be a multiple of {' x '.join(axes)} = "
+                f"{shards} (mesh {dict(self.mesh.shape)}): raise it to a multiple."
+            )
+        indices = NamedSharding(self.mesh, self.spec).devices_indices_map((shards,))
+        here = jax.process_index()
+        rows = sorted(
+            {r for d, (s,) in indices.items() if d.process_index == here for r in range(shards)[s]}
+        )
+        block = len(rows)
+        if rows != list(range(rows[0], rows[0] + block)) or rows[0] % block or shards % block:
+            raise ValueError(
+                f"process {here} holds rows {rows} of {shards} batch shards on mesh "
+                f"{dict(self.mesh.shape)}: each process's devices must hold one contiguous "
+                "block of the batch; order the mesh devices by process."
+            )
+        return rows[0] // block, shards // block
+
     def to_device(self, tree: Any) -> Any:
         return multihost_utils.host_local_array_to_global_array(tree, self.mesh, self.spec)
 
