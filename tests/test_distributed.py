@@ -166,7 +166,7 @@ def test_a_single_process_feeds_the_whole_batch_without_collectives():
     assert distributed.primary_first(lambda: 7) == 7
 
 
-# --- two processes train like one process with two devices ---------------------------------
+# --- two jax.distributed processes on CPU --------------------------------------------------
 
 STEPS = 3
 TIMEOUT_S = 300
@@ -231,6 +231,40 @@ def _run_all(jobs: dict[str, tuple[list[str], dict[str, str]]], logs) -> None:
         pytest.fail(f"exit codes {codes} (negative: killed after a failure or timeout)\n{outputs}")
 
 
+def _two_processes(command: list[str]) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Jobs ``process0``, ``process1``: ``command`` in a localhost ``jax.distributed`` run."""
+    explicit = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
+    return {f"process{i}": (command, _env(1, **explicit, JAX_PROCESS_ID=f"{i}")) for i in range(2)}
+
+
+CHECKPOINT_SCRIPT = """
+import sys, jax, numpy as np
+from opd_jax.distributed import initialize_from_env
+initialize_from_env()
+from jax.sharding import NamedSharding, PartitionSpec
+from opd_jax.sharding import make_mesh
+from opd_jax.train.checkpoint import Checkpointer
+mesh = make_mesh({"fsdp": 2})
+sharding = NamedSharding(mesh, PartitionSpec("fsdp"))
+x = jax.make_array_from_callback((4,), sharding, lambda index: np.arange(4.0)[index])
+target = {"x": jax.ShapeDtypeStruct((4,), x.dtype, sharding=sharding)}
+with jax.set_mesh(mesh):
+    with Checkpointer(sys.argv[1], keep=2) as checkpointer:
+        checkpointer.save(1, {"x": x}, {"data": {"next_index": 1}}, force=True)
+    with Checkpointer(sys.argv[1], keep=2) as checkpointer:
+        step, state, meta = checkpointer.restore(target)
+shard = np.asarray(state["x"].addressable_data(0)).tolist()
+print("restored", step, meta["data"], shard)
+"""
+
+
+def test_two_processes_save_and_restore_a_sharded_checkpoint_under_the_run_mesh(tmp_path):
+    _run_all(_two_processes([sys.executable, "-c", CHECKPOINT_SCRIPT, str(tmp_path)]), tmp_path)
+    for i in range(2):
+        out = (tmp_path / f"process{i}.log").read_text()
+        assert f"restored 1 {{'next_index': 1}} [{2.0 * i}, {2.0 * i + 1}]" in out, out
+
+
 def _final_params(run_dir, config) -> list[np.ndarray]:
     model, _ = load(config.student.path)
     params = nnx.state(model, nnx.Param)
@@ -264,18 +298,7 @@ def test_two_processes_train_like_one_process_with_two_devices(tiny_pair, tmp_pa
         train = [sys.executable, "-m", "opd_jax.cli", "train", str(config_file)]
         return train + [arg for value in sets for arg in ("--set", value)]
 
-    coordinator = f"127.0.0.1:{_free_port()}"
-    jobs = {
-        f"process{i}": (
-            command("two"),
-            _env(
-                1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=f"{i}"
-            ),
-        )
-        for i in range(2)
-    }
-    jobs["single"] = (command("one"), _env(2))
-    _run_all(jobs, tmp_path)
+    _run_all(_two_processes(command("two")) | {"single": (command("one"), _env(2))}, tmp_path)
 
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     assert [line["step"] for line in two] == [line["step"] for line in one] == [1, 2, 3]

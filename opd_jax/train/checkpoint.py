@@ -41,6 +41,8 @@ from typing import Any, NamedTuple
 import orbax.checkpoint as ocp
 from etils import epath
 
+from opd_jax.distributed import any_process
+
 PyTree = Any
 STATE = "state"
 META = "meta"
@@ -197,10 +199,11 @@ class Checkpointer:
 
 
 def _all_processes_ok(ok: bool) -> bool:
-    """True when ``ok`` holds on every process, so all of them fall back to the same step."""
-    if ocp.multihost.process_count() == 1:
-        return ok
-    return not ocp.multihost.global_max([int(not ok)])[0]
+    """True when ``ok`` holds on every process, so all of them fall back to the same step.
+
+    Not orbax's ``global_max``: its ``shard_map`` fails under the loop's ``jax.set_mesh``.
+    """
+    return not any_process(not ok)
 
 
 def _unused_path(path: epath.Path) -> epath.Path:
