@@ -39,7 +39,13 @@ MODE = "OPD_JAX_DISTRIBUTED"
 COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES = "JAX_NUM_PROCESSES"
 PROCESS_ID = "JAX_PROCESS_ID"
-EXPLICIT = (COORDINATOR, NUM_PROCESSES, PROCESS_ID)
+# The explicit variables and the jax.distributed.initialize argument each one sets.
+ARGUMENT = {
+    COORDINATOR: "coordinator_address",
+    NUM_PROCESSES: "num_processes",
+    PROCESS_ID: "process_id",
+}
+EXPLICIT = tuple(ARGUMENT)
 MODES = ("auto", "off")
 
 
@@ -57,18 +63,14 @@ def _int(environ: Mapping[str, str], name: str) -> int | None:
         raise DistributedEnvError(f"{name}={value!r} is not an integer.") from None
 
 
-def _cluster(environ: Mapping[str, str]) -> str | None:
-    """The name of a detected multi-process cluster environment, or None."""
-    if environ.get(MODE) == "auto":
-        return f"{MODE}=auto"
-    if (_int(environ, "SLURM_STEP_NUM_TASKS") or 1) > 1 and "SLURM_STEP_NODELIST" in environ:
-        return "SLURM (srun)"
-    if (_int(environ, "OMPI_COMM_WORLD_SIZE") or 1) > 1 and "OMPI_MCA_orte_hnp_uri" in environ:
-        return "Open MPI"
+def _cluster_detected(environ: Mapping[str, str]) -> bool:
+    """Whether JAX's cluster detection should run: asked for, or a multi-process srun step,
+    Open MPI job or multi-host Cloud TPU slice."""
+    srun = (_int(environ, "SLURM_STEP_NUM_TASKS") or 1) > 1 and "SLURM_STEP_NODELIST" in environ
+    mpi = (_int(environ, "OMPI_COMM_WORLD_SIZE") or 1) > 1 and "OMPI_MCA_orte_hnp_uri" in environ
     hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
-    if "," in hosts or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return "Cloud TPU (multi-host)"
-    return None
+    tpu = "," in hosts or bool(environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    return environ.get(MODE) == "auto" or srun or mpi or tpu
 
 
 def distributed_args(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
@@ -106,16 +108,11 @@ def distributed_args(environ: Mapping[str, str] | None = None) -> dict[str, Any]
     if all(v is not None for v in given.values()):
         if count == 1:
             return None
-        return {
-            "coordinator_address": address,
-            "num_processes": count,
-            "process_id": index,
-            "cluster_detection_method": "deactivate",
+        return {ARGUMENT[k]: v for k, v in given.items()} | {
+            "cluster_detection_method": "deactivate"
         }
-    if _cluster(environ) is not None:
-        names = {COORDINATOR: "coordinator_address", NUM_PROCESSES: "num_processes"}
-        names[PROCESS_ID] = "process_id"
-        return {names[k]: v for k, v in given.items() if v is not None}
+    if _cluster_detected(environ):
+        return {ARGUMENT[k]: v for k, v in given.items() if v is not None}
     if all(v is None for v in given.values()):
         return None
     missing = [k for k, v in given.items() if v is None]
