@@ -9,7 +9,7 @@ fixed batch of prompts (median of repeats after a compiling warm-up):
 - ``step``: the whole jitted update (scoring + backward + AdamW); ``update = step - score``.
 
 Usage: ``python3 benchmarks/step_time.py [CONFIG] [--set KEY=VALUE ...] [--repeats N]``
-(default ``configs/quickstart.yaml``); prints a table and writes
+(default ``configs/smollm2_layers.yaml``); prints a table and writes
 ``benchmarks/results/step_time_<config>_<device>.json``.
 """
 
@@ -35,7 +35,7 @@ from opd_jax.train.step import response_hidden  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("config", nargs="?", default="configs/quickstart.yaml")
+    parser.add_argument("config", nargs="?", default="configs/smollm2_layers.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -5,6 +5,7 @@ opd-jax eval CONFIG.yaml [--set ...]              evaluate models on benchmark s
 opd-jax sample MODEL --prompt TEXT                 sample completions from a checkpoint
 opd-jax convert SRC DST                            Hugging Face/GGUF <-> orbax
 opd-jax plan CONFIG.yaml [--set ...]               memory per device, before allocating
+opd-jax experiment CONFIG.yaml [--full] [--set ...] the offline strong-to-weak experiment
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from opd_jax.config import ConfigError, all_keys, load_config
 from opd_jax.distributed import initialize_from_env, is_primary
 
-CONFIG_HELP = "a YAML config (e.g. configs/quickstart.yaml)"
+CONFIG_HELP = "a YAML config (e.g. configs/smollm2_layers.yaml)"
 SET_HELP = "override a config key, e.g. --set rule.kind=full --set train.steps=10"
 
 
@@ -96,6 +97,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from opd_jax.experiment import load_experiment_config, run_experiment
+
+    run_experiment(load_experiment_config(args.config, args.overrides, full=args.full))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     initialize_from_env()
@@ -155,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(plan)
     plan.set_defaults(run=_plan)
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="the offline strong-to-weak experiment: models, OPD per rule and seed, a table",
+        description="Train a teacher and a weaker student on the built-in task from scratch, "
+        "run OPD of the student under each rule of experiment.rules and each seed of "
+        "experiment.seeds, evaluate in and out of domain, and write the table, diagnostics and "
+        "plots to run.dir. Running again resumes; finished stages are skipped.",
+    )
+    _add_config(experiment)
+    experiment.add_argument(
+        "--full", action="store_true", help="apply the config's experiment.full overrides first"
+    )
+    experiment.set_defaults(run=_experiment)
     return parser
 
 

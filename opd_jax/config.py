@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses loaded from YAML, with dotted command-line overrides.
 
-``load_config("configs/quickstart.yaml", ["rule.kind=full", "train.steps=10"])`` returns a
+``load_config("configs/smollm2_layers.yaml", ["rule.kind=full", "train.steps=10"])`` returns a
 :class:`Config`. Every key is checked before any compute: an unknown or mistyped key fails
 with the nearest valid key, a value of the wrong type names the key and the expected type.
 Rule options (``rule.options.*``) are checked against the chosen rule's signature.
@@ -113,6 +113,57 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class ModelShape:
+    """The shape of a Qwen3-style decoder made from scratch (tied embeddings)."""
+
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 2
+    kv_heads: int = 1
+    head_dim: int = 32
+    intermediate: int = 192
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """Supervised fine-tuning of one model of the experiment on the task's solutions."""
+
+    shape: ModelShape = dataclasses.field(default_factory=ModelShape)
+    steps: int = 300
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """``opd-jax experiment``: train a teacher and a student, then OPD under each rule.
+
+    Read only by ``opd-jax experiment`` (``opd-jax train`` ignores it). The models are made
+    from scratch on the task (``data``), the OPD runs use every other section of the config.
+    """
+
+    rules: list[str] = dataclasses.field(
+        default_factory=lambda: ["release", "full", "prefix_fraction", "ta_opd", "iw_opd"]
+    )
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1])  # OPD seeds per rule
+    vocab_size: int = 300  # BPE tokenizer trained on the task (digits split)
+    tokenizer_examples: int = 2000  # train examples the tokenizer is trained on
+    teacher: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    student: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    curve_every: int = 10  # OPD steps between accuracy points (accuracy against step)
+    curve_problems: int = 64  # in-domain problems of each accuracy point (greedy)
+    eval_splits: list[str] = dataclasses.field(
+        default_factory=lambda: ["test", "test_long", "test_unseen_op"]
+    )  # arithmetic splits of the final table: in-domain first, then out-of-domain
+    eval_problems: int = 200  # problems per split (0 = all)
+    eval_k: int = 1  # samples per problem
+    eval_temperature: float = 0.0  # 0 = greedy
+    eval_max_new_tokens: int = 128  # room for test_long's longer solutions
+    full: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of --full
+
+
+@dataclasses.dataclass
 class Config:
     seed: int = 0  # every PRNG key and the data order derive from it
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -127,6 +178,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    experiment: ExperimentConfig = dataclasses.field(default_factory=ExperimentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -250,7 +302,10 @@ def validate(config: Config) -> Config:
                 f"by scoring: raise score.k or set rule.options.{option} <= {config.score.k}."
             )
     if not config.student.path or not config.teacher.path:
-        raise ConfigError("student.path and teacher.path must name local checkpoints.")
+        raise ConfigError(
+            "student.path and teacher.path must name local checkpoints (a config with an "
+            "`experiment` section trains them: run `opd-jax experiment CONFIG` instead)."
+        )
     if config.data.batch_size % config.optim.accumulate:
         raise ConfigError(
             f"data.batch_size={config.data.batch_size} must be a multiple of "
@@ -259,11 +314,14 @@ def validate(config: Config) -> Config:
     return config
 
 
+MAPPING_LEAVES = ("rule.options", "data.arithmetic", "experiment.full")
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for name, value in tree.items():
         key = prefix + name
-        is_section = isinstance(value, Mapping) and key not in ("rule.options", "data.arithmetic")
+        is_section = isinstance(value, Mapping) and key not in MAPPING_LEAVES
         flat.update(_flatten(value, key + ".") if is_section else {key: value})
     return flat
 
@@ -276,7 +334,7 @@ def load_tree(cls: type, path: str | Path | None = None, overrides: Sequence[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(
-                f"No config file at {path}: pass a YAML file, e.g. configs/quickstart.yaml."
+                f"No config file at {path}: pass a YAML file, e.g. configs/smollm2_layers.yaml."
             )
         tree = yaml.safe_load(path.read_text()) or {}
         if not isinstance(tree, dict):

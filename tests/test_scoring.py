@@ -55,6 +55,35 @@ def test_chunked_gradients_equal_full_logit_gradients_and_skip_the_teacher():
     assert not jnp.any(got[2]) and not jnp.any(got[3])
 
 
+def _numpy_logprobs(h, w, y):
+    z = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return np.take_along_axis(logp, np.asarray(y)[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 14, 100])
+def test_chunked_token_logprobs_equal_a_numpy_log_softmax(chunk_size):
+    h, w, _, _, y = _inputs(2)
+    got = jax.jit(core.token_logprobs_chunked, static_argnames="chunk_size")(
+        h, w, y, chunk_size=chunk_size
+    )
+    assert got.shape == (B, T) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _numpy_logprobs(h, w, y), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_token_logprob_gradients_equal_full_logit_gradients():
+    h, w, _, _, y = _inputs(3)
+
+    def full(h, w):
+        return jnp.take_along_axis(jax.nn.log_softmax(h @ w), y[..., None], -1).sum()
+
+    got = jax.grad(lambda h, w: core.token_logprobs_chunked(h, w, y, chunk_size=3).sum(), (0, 1))
+    want = jax.grad(full, (0, 1))(h, w)
+    for g, x in zip(got(h, w), want, strict=True):
+        np.testing.assert_allclose(g, x, rtol=1e-4, atol=1e-6)
+
+
 def test_mismatched_widths_and_vocabularies_are_refused():
     h_s, w_s, h_t, w_t, y = _inputs()
     with pytest.raises(ValueError, match="does not match student_unembed"):

@@ -15,7 +15,7 @@ from opd_jax.core.diagnostics import (
 from opd_jax.core.losses import LOSS_KINDS, REDUCTIONS, reduce_loss, token_loss
 from opd_jax.core.release_rule import Release, release, release_mask
 from opd_jax.core.rules import RULES, RuleBatch, apply_rule, rule_options, select_top
-from opd_jax.core.scoring import Scored, score_chunked
+from opd_jax.core.scoring import Scored, score_chunked, token_logprobs_chunked
 from opd_jax.core.segments import fixed_segments, response_index, segment_means, token_segments
 from opd_jax.core.stats import (
     MARGIN_KINDS,
@@ -56,6 +56,7 @@ __all__ = [
     "select_top",
     "step_diagnostics",
     "teacher_mass",
+    "token_logprobs_chunked",
     "token_loss",
     "token_segments",
     "token_stats",

@@ -115,3 +115,40 @@ def score_chunked(
     stats, loss = jax.lax.map(lambda c: score_chunk(*c), chunks)
     unchunk = lambda x: _from_chunks(x, batch_shape)  # noqa: E731
     return Scored(stats=jax.tree.map(unchunk, stats), token_loss=unchunk(loss))
+
+
+def token_logprobs_chunked(
+    hidden: jax.Array, unembed: jax.Array, tokens: jax.Array, *, chunk_size: int = 1024
+) -> jax.Array:
+    """``log softmax(hidden @ unembed)[tokens]``, ``chunk_size`` positions at a time.
+
+    The teacher-forced log-likelihood (supervised fine-tuning, evaluation) without the
+    ``[B, T, V]`` logits: each chunk's ``[chunk, V]`` logits are formed, reduced and dropped,
+    and rematerialised under differentiation.
+
+    Args:
+      hidden: ``[B, T, D]`` final-norm hidden states; position t predicts ``tokens[t]``.
+      unembed: ``[D, V]``.
+      tokens: ``[B, T]`` integer targets.
+      chunk_size: rows of logits alive at once.
+
+    Returns:
+      ``[B, T]`` float32 log-probabilities.
+    """
+    checks.require_rank(tokens, 2, "tokens", "[B, T]")
+    checks.require_integer(tokens, "tokens")
+    _check_hidden(hidden, unembed, tokens, "model")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    rows = tokens.shape[0] * tokens.shape[1]
+    chunk_size = min(chunk_size, rows)
+    n_chunks = -(-rows // chunk_size)
+
+    @jax.checkpoint
+    def chunk_logprobs(h_CxD, y_C):
+        z_CxV = jnp.dot(h_CxD, unembed, preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(z_CxV, y_C[:, None], axis=-1)[:, 0]
+        return picked - jax.nn.logsumexp(z_CxV, axis=-1)
+
+    chunks = (_to_chunks(hidden, n_chunks, chunk_size), _to_chunks(tokens, n_chunks, chunk_size))
+    return _from_chunks(jax.lax.map(lambda c: chunk_logprobs(*c), chunks), tokens.shape)

@@ -11,6 +11,8 @@ from typing import Any
 
 import transformers
 
+from opd_jax.models.tokenizer import train_bpe_tokenizer
+
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog. It was not amused!",
     "Distillation moves knowledge from a teacher to a student model.",
@@ -18,11 +20,6 @@ SENTENCES = (
     "Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9, "
     "\u65e5\u672c\u8a9e\u306e\u6587, and emoji \U0001f600\U0001f680.",
 )
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>")
 
 
 def train_tiny_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokenizerFast:
@@ -30,24 +27,7 @@ def train_tiny_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokeni
 
     Ids: `<pad>` 0, `<eos>` 1, then the chat-role tokens, the 256 bytes and the merges.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(SENTENCES), trainer)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return train_bpe_tokenizer(SENTENCES, vocab_size)
 
 
 def tiny_hf_config(model_type: str = "qwen3", **overrides: Any) -> dict[str, Any]:

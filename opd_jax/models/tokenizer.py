@@ -17,6 +17,47 @@ import transformers
 Tokenizer = transformers.PreTrainedTokenizerBase
 Offsets = list[tuple[int, int]]
 _REPLACEMENT = "\ufffd"
+# The chat format of tokenizers trained here: "<|user|>question\n<|assistant|>answer<eos>".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>")
+
+
+def train_bpe_tokenizer(
+    texts: Sequence[str], vocab_size: int, *, split_digits: bool = False
+) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``, with a chat template; offline.
+
+    Ids: ``<pad>`` 0, ``<eos>`` 1, then the chat-role tokens, the 256 bytes and the merges
+    (at most ``vocab_size`` in all). ``split_digits`` makes every digit its own token (numbers
+    are then spelled digit by digit, which small models learn arithmetic from far better).
+    """
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = RustTokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -1,0 +1,132 @@
+"""The experiment's figures (matplotlib, Agg backend, PNG), from logged metrics only.
+
+- ``margin_advantage.png``: the teacher's margin over the student's top-K and the sampled
+  advantage ``log p_T - log p_S``, averaged over steps and seeds, against relative position in
+  the response (20 bins), one line per rule: the paper's central picture.
+- ``boundary_histogram.png``: where the release rule puts its boundary ``t* / L`` on the
+  student's rollouts, summed over steps and seeds (computed every step whatever rule trains).
+- ``accuracy_vs_step.png``: in-domain greedy accuracy against OPD step per rule, the mean over
+  seeds with the seeds' range shaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Saves through a temporary file renamed into place (never a half-written PNG)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def _mean_array(runs: list[list[dict[str, Any]]], name: str, total: bool = False):
+    rows = [r[name] for run in runs for r in run if name in r]
+    if not rows:
+        return None
+    rows = np.asarray(rows, np.float64)
+    return rows.sum(0) if total else rows.mean(0)
+
+
+def margin_advantage(records: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:
+    plt = _pyplot()
+    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+    for rule, runs in records.items():
+        for ax, name in ((ax_m, "margin_by_position"), (ax_a, "advantage_by_position")):
+            values = _mean_array(runs, name)
+            if values is not None:
+                x = (np.arange(len(values)) + 0.5) / len(values)
+                ax.plot(x, values, marker="o", markersize=3, label=rule)
+    ax_m.set(
+        title="teacher margin over the student's top-K",
+        xlabel="relative position in the response t / L",
+        ylabel="gap (nats)",
+    )
+    ax_a.set(
+        title="sampled advantage log p_T(y) - log p_S(y)",
+        xlabel="relative position in the response t / L",
+        ylabel="nats",
+    )
+    ax_a.axhline(0.0, color="grey", linewidth=0.8)
+    for ax in (ax_m, ax_a):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def boundary_histogram(records: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rule, runs in records.items():
+        counts = _mean_array(runs, "boundary_histogram", total=True)
+        if counts is not None:
+            x = (np.arange(len(counts)) + 0.5) / len(counts)
+            ax.step(x, counts, where="mid", label=f"rollouts of {rule}")
+    ax.set(
+        title="release boundary t* / L (released rollouts)",
+        xlabel="t* / L",
+        ylabel="rollouts",
+        xlim=(0, 1),
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_step(
+    curves: dict[str, list[dict[str, float]]], path: Path, reference: dict[str, float]
+) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rule, seeds in curves.items():
+        steps = sorted(set.intersection(*(set(map(int, c)) for c in seeds)))
+        values = np.array([[c[str(s)] for s in steps] for c in seeds]) * 100
+        line = ax.plot(steps, values.mean(0), marker="o", markersize=3, label=rule)[0]
+        if len(seeds) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15, color=line.get_color())
+    for name, value in reference.items():
+        ax.axhline(value * 100, linestyle="--", linewidth=0.8, color="grey")
+        ax.annotate(name, (0, value * 100), fontsize=7, va="bottom")
+    ax.set(title="in-domain accuracy during OPD (greedy)", xlabel="OPD step", ylabel="accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_plots(
+    records: dict[str, list[list[dict[str, Any]]]],
+    curves: dict[str, list[dict[str, float]]],
+    out_dir: Path,
+    reference: dict[str, float] | None = None,
+) -> list[Path]:
+    """Writes the module's figures to ``out_dir``; returns their paths (figures without data
+    are skipped). ``reference`` draws labelled horizontal lines on the accuracy plot (e.g. the
+    teacher's in-domain accuracy)."""
+    paths = []
+    if records:
+        paths.append(margin_advantage(records, out_dir / "margin_advantage.png"))
+        paths.append(boundary_histogram(records, out_dir / "boundary_histogram.png"))
+    if curves:
+        paths.append(accuracy_vs_step(curves, out_dir / "accuracy_vs_step.png", reference or {}))
+    return paths

@@ -1,0 +1,239 @@
+"""``opd-jax experiment``: the offline strong-to-weak experiment, end to end.
+
+Stages, each resumable (a finished stage is skipped, a run cut short resumes from its last
+checkpoint):
+
+1. models (:mod:`opd_jax.experiment.models`): tokenizer, teacher and student fine-tuned on the
+   task from scratch;
+2. OPD of the same student under each rule of ``experiment.rules`` and each seed of
+   ``experiment.seeds`` (``opd/<rule>/seed<seed>/``, ordinary run directories), with in-domain
+   accuracy every ``experiment.curve_every`` steps (``curve.json``);
+3. evaluation of the teacher, the student before OPD and every run on ``experiment.eval_splits``
+   (``eval.json`` per model);
+4. the report (:mod:`opd_jax.experiment.report`): ``table.md``/``table.json``, diagnostics,
+   and the plots in ``plots/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from opd_jax import models
+from opd_jax.config import (
+    Config,
+    ConfigError,
+    RuleConfig,
+    load_tree,
+    parse_override,
+    validate,
+)
+from opd_jax.core import RULES
+from opd_jax.data.arithmetic import SPLITS
+from opd_jax.eval.run import BenchmarkSpec, evaluate, load_problems
+from opd_jax.eval.tables import atomic_write_text
+from opd_jax.experiment.models import prepare_models
+
+CURVE_FILE = "curve.json"
+EVAL_FILE = "eval.json"
+
+
+def _with_models(config: Config) -> Config:
+    models_dir = Path(config.run.dir) / "models"
+    return dataclasses.replace(
+        config,
+        student=dataclasses.replace(config.student, path=str(models_dir / "student")),
+        teacher=dataclasses.replace(config.teacher, path=str(models_dir / "teacher")),
+    )
+
+
+def check_experiment(config: Config) -> Config:
+    """Checks the ``experiment`` section (the rest is checked as for ``opd-jax train``)."""
+    e = config.experiment
+    if config.data.source != "arithmetic":
+        raise ConfigError("the experiment runs on the built-in task: set data.source=arithmetic.")
+    for rule in e.rules:
+        if rule not in RULES:
+            raise ConfigError(f"experiment.rules: {rule!r} is not one of {sorted(RULES)}.")
+    if not e.rules or not e.seeds:
+        raise ConfigError("experiment.rules and experiment.seeds must each name at least one.")
+    if len(set(e.rules)) != len(e.rules) or len(set(e.seeds)) != len(e.seeds):
+        raise ConfigError("experiment.rules and experiment.seeds must not repeat an entry.")
+    for split in e.eval_splits:
+        if split not in SPLITS:
+            raise ConfigError(f"experiment.eval_splits: {split!r} is not one of {list(SPLITS)}.")
+    positive = {
+        "experiment.vocab_size": e.vocab_size,
+        "experiment.tokenizer_examples": e.tokenizer_examples,
+        "experiment.curve_problems": e.curve_problems,
+        "experiment.eval_k": e.eval_k,
+        "experiment.eval_max_new_tokens": e.eval_max_new_tokens,
+        "experiment.teacher.steps": e.teacher.steps,
+        "experiment.student.steps": e.student.steps,
+        "experiment.teacher.batch_size": e.teacher.batch_size,
+        "experiment.student.batch_size": e.student.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}.")
+    if e.curve_every < 0 or e.eval_problems < 0 or e.eval_temperature < 0:
+        raise ConfigError(
+            "experiment.curve_every, eval_problems and eval_temperature must be >= 0."
+        )
+    for role in ("teacher", "student"):
+        shape = getattr(e, role).shape
+        if shape.heads % shape.kv_heads:
+            raise ConfigError(
+                f"experiment.{role}.shape.heads={shape.heads} must be a multiple of "
+                f"kv_heads={shape.kv_heads}."
+            )
+    return config
+
+
+def load_experiment_config(
+    path: str | Path | None, overrides: Sequence[str] = (), *, full: bool = False
+) -> Config:
+    """The experiment's :class:`Config`: YAML, then ``experiment.full`` when ``full``, then
+    ``overrides``; the model paths point into ``run.dir/models``."""
+    config = load_tree(Config, path, overrides)
+    if full:
+        if not config.experiment.full:
+            raise ConfigError(f"{path} has no experiment.full section for --full.")
+        extra = [f"{key}={json.dumps(value)}" for key, value in config.experiment.full.items()]
+        for text in extra:
+            parse_override(text)
+        config = load_tree(Config, path, [*extra, *overrides])
+    return check_experiment(validate(_with_models(config)))
+
+
+def _problems(config: Config, split: str, limit: int) -> list[dict[str, str]]:
+    spec = BenchmarkSpec(split=split, limit=limit, arithmetic=dict(config.data.arithmetic))
+    return load_problems(spec, config.data.data_dir)
+
+
+def _evaluate(
+    model: models.Decoder,
+    tokenizer: models.Tokenizer,
+    problems: list[dict[str, str]],
+    config: Config,
+    *,
+    k: int,
+    temperature: float,
+    seed: int,
+) -> dict[str, Any]:
+    return evaluate(
+        model,
+        tokenizer,
+        problems,
+        k=k,
+        batch_size=len(problems) * (1 if temperature == 0 else k),
+        max_new_tokens=config.experiment.eval_max_new_tokens,
+        max_prompt_tokens=config.data.max_prompt_tokens,
+        temperature=temperature,
+        seed=seed,
+        chat_template=config.data.chat_template,
+        system_prompt=config.data.system_prompt,
+    )
+
+
+def evaluate_model(
+    model: models.Decoder, tokenizer: models.Tokenizer, config: Config, out: Path
+) -> dict[str, Any]:
+    """Every eval split; writes ``out`` (``eval.json``: metrics and the ``[P, k]`` correct
+    flags per split) and returns its content. Skipped when ``out`` exists."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    e = config.experiment
+    result = {}
+    for split in e.eval_splits:
+        problems = _problems(config, split, e.eval_problems)
+        scored = _evaluate(
+            model, tokenizer, problems, config, k=e.eval_k, temperature=e.eval_temperature,
+            seed=config.seed,
+        )  # fmt: skip
+        result[split] = {
+            "metrics": scored["metrics"],
+            "correct": [r["correct"] for r in scored["records"]],
+            "example": {k: scored["records"][0][k] for k in ("prompt", "gold", "responses")},
+        }
+    atomic_write_text(out, json.dumps(result) + "\n")
+    return result
+
+
+class Curve:
+    """In-domain greedy accuracy every ``curve_every`` steps, kept in ``curve.json``."""
+
+    def __init__(self, config: Config, problems: list[dict[str, str]]):
+        self.config = config
+        self.problems = problems
+        self.path = Path(config.run.dir) / CURVE_FILE
+        self.points = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def __call__(self, step: int, session) -> None:
+        every = self.config.experiment.curve_every
+        if every == 0 or (step % every and step != self.config.train.steps):
+            return
+        model = nnx.merge(session.graphdef, session.params)
+        scored = _evaluate(
+            model, session.tokenizer, self.problems, self.config, k=1, temperature=0.0, seed=0
+        )
+        self.points[str(step)] = scored["metrics"]["avg@1"]["value"]
+        atomic_write_text(self.path, json.dumps(self.points, indent=1) + "\n")
+
+
+def run_dirs(config: Config) -> dict[tuple[str, int], Path]:
+    """``{(rule, seed): run directory}`` of the experiment's OPD runs."""
+    root = Path(config.run.dir) / "opd"
+    e = config.experiment
+    return {(rule, seed): root / rule / f"seed{seed}" for rule in e.rules for seed in e.seeds}
+
+
+def opd_config(config: Config, rule: str, seed: int, run_dir: Path) -> Config:
+    """The config of one OPD run: ``rule`` (with ``rule.options`` if it is ``rule.kind``)."""
+    options = dict(config.rule.options) if rule == config.rule.kind else {}
+    return dataclasses.replace(
+        config,
+        seed=seed,
+        rule=RuleConfig(kind=rule, options=options),
+        run=dataclasses.replace(config.run, dir=str(run_dir)),
+    )
+
+
+def run_experiment(config: Config) -> dict[str, Any]:
+    """Runs every stage (see the module doc); returns the report of
+    :func:`opd_jax.experiment.report.write_report`."""
+    from opd_jax.experiment.report import write_report
+    from opd_jax.train.convert import run_student
+    from opd_jax.train.loop import train
+
+    start = time.perf_counter()
+    root = Path(config.run.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = prepare_models(config, root)
+    for role in ("teacher", "student"):
+        model, tokenizer = models.load(paths[role])
+        evaluate_model(model, tokenizer, config, root / "models" / role / EVAL_FILE)
+    curve_problems = _problems(config, "test", config.experiment.curve_problems)
+    runs = run_dirs(config)
+    for index, ((rule, seed), run_dir) in enumerate(runs.items()):
+        run_config = opd_config(config, rule, seed, run_dir)
+        print(f"[{index + 1}/{len(runs)}] OPD rule={rule} seed={seed} -> {run_dir}", flush=True)
+        train(run_config, on_step=Curve(run_config, curve_problems))
+        if not (run_dir / EVAL_FILE).is_file():
+            evaluate_model(*run_student(run_dir), run_config, run_dir / EVAL_FILE)
+    report = write_report(config)
+    print(f"experiment done in {time.perf_counter() - start:.0f} s: {root}", flush=True)
+    return report
+
+
+def mean_curve(curves: list[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Steps present in every curve and the mean accuracy at each."""
+    steps = sorted(set.intersection(*(set(map(int, c)) for c in curves))) if curves else []
+    return np.array(steps), np.array([np.mean([c[str(s)] for c in curves]) for s in steps])

@@ -1,0 +1,105 @@
+"""The offline experiment end to end at toy size: models, OPD per rule and seed, report."""
+
+import json
+
+import pytest
+
+from opd_jax.cli import main
+from opd_jax.config import ConfigError
+from opd_jax.experiment import load_experiment_config, run_experiment
+
+TOY = [
+    "data.arithmetic={train_size: 64, test_size: 4, test_long_size: 4, test_unseen_op_size: 4,"
+    " min_steps: 1, max_steps: 2, long_min_steps: 3, long_max_steps: 3, max_start: 9,"
+    " max_addend: 9, max_value: 20}",
+    "data.batch_size=2",
+    "data.max_prompt_tokens=64",
+    "sampling.max_new_tokens=12",
+    "score.chunk_size=16",
+    "train.steps=2",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "experiment.rules=[release, full]",
+    "experiment.seeds=[0]",
+    "experiment.vocab_size=280",
+    "experiment.tokenizer_examples=64",
+    "experiment.teacher={shape: {layers: 1, hidden: 32, heads: 2, kv_heads: 1, head_dim: 16,"
+    " intermediate: 64}, steps: 3, batch_size: 4}",
+    "experiment.student={shape: {layers: 1, hidden: 16, heads: 1, kv_heads: 1, head_dim: 16,"
+    " intermediate: 32}, steps: 2, batch_size: 4}",
+    "experiment.curve_every=1",
+    "experiment.curve_problems=2",
+    "experiment.eval_problems=3",
+    "experiment.eval_max_new_tokens=12",
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    overrides = [*TOY, f"run.dir={root / 'run'}", f"data.data_dir={root / 'data'}"]
+    config = load_experiment_config(None, overrides)
+    return config, run_experiment(config), root / "run"
+
+
+def test_writes_models_runs_table_diagnostics_and_plots(finished):
+    _, report, run = finished
+    for role in ("teacher", "student"):
+        assert (run / "models" / role / "sft.json").is_file()
+        assert (run / "models" / role / "eval.json").is_file()
+    for rule in ("release", "full"):
+        seed_dir = run / "opd" / rule / "seed0"
+        assert sorted(json.loads((seed_dir / "curve.json").read_text())) == ["0", "1", "2"]
+        assert (seed_dir / "eval.json").is_file()
+    table = json.loads((run / "table.json").read_text())
+    assert list(table["rows"]) == ["teacher", "student (before OPD)", "OPD: release", "OPD: full"]
+    assert table["columns"] == ["test", "test_long", "test_unseen_op", "average"]
+    assert set(table["seeds"]["OPD: release"]) == {"0"}
+    assert "| OPD: full |" in (run / "table.md").read_text()
+    assert set(json.loads((run / "diagnostics.json").read_text())) == {"release", "full"}
+    names = sorted(p.name for p in (run / "plots").iterdir())
+    assert names == ["accuracy_vs_step.png", "boundary_histogram.png", "margin_advantage.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (run / "plots").iterdir())
+    assert report["table"]["rows"] == table["rows"]
+
+
+def test_running_again_skips_every_finished_stage(finished, capsys):
+    config, report, run = finished
+    mtimes = {p: p.stat().st_mtime for p in run.rglob("eval.json")}
+    again = run_experiment(config)
+    assert again["table"]["rows"] == report["table"]["rows"]
+    assert {p: p.stat().st_mtime for p in run.rglob("eval.json")} == mtimes
+    assert "sft step" not in capsys.readouterr().out
+
+
+def test_full_applies_the_configs_full_overrides_before_set(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "train: {steps: 5}\nexperiment:\n  full: {train.steps: 50, experiment.seeds: [0, 1, 2]}\n"
+    )
+    assert load_experiment_config(path).train.steps == 5
+    full = load_experiment_config(path, full=True)
+    assert full.train.steps == 50 and full.experiment.seeds == [0, 1, 2]
+    assert load_experiment_config(path, ["train.steps=7"], full=True).train.steps == 7
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("experiment.rules=[release, relase]", "'relase' is not one of"),
+        ("experiment.seeds=[]", "at least one"),
+        ("experiment.eval_splits=[test, valid]", "'valid' is not one of"),
+        ("experiment.student.shape.kv_heads=3", "multiple of kv_heads"),
+        ("experiment.teacher.stpes=3", "Did you mean 'experiment.teacher.steps'"),
+    ],
+)
+def test_bad_experiment_settings_fail_before_any_compute(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment_config(None, [override])
+
+
+def test_full_without_a_full_section_is_refused(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text("seed: 0\n")
+    assert main(["experiment", str(path), "--full"]) == 2
+    assert "no experiment.full section" in capsys.readouterr().err
