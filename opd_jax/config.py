@@ -110,6 +110,7 @@ class MeshConfig:
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps in the run
+    remat: bool = False  # recompute the student's blocks in the backward pass (long rollouts)
 
 
 @dataclasses.dataclass

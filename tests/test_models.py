@@ -320,3 +320,22 @@ def test_load_gguf_goes_through_read_gguf_and_model_from_tensors(
     tokens = jnp.asarray(_tokens(length=8))
     np.testing.assert_array_equal(model(tokens), ref(tokens))
     assert tok.get_vocab() == fake[3].get_vocab()
+
+
+def test_rematerialised_blocks_give_the_same_hidden_states_and_gradients():
+    from opd_jax.models import Decoder, ModelConfig
+    from opd_jax.models.testing import tiny_hf_config
+
+    model = Decoder(ModelConfig.from_hf(tiny_hf_config()), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 320)
+    mask = jnp.ones((2, 9), jnp.int32).at[0, :3].set(0)
+
+    def loss(p, remat):
+        h = nnx.merge(graphdef, p).hidden(tokens, attention_mask=mask, remat=remat)
+        return (h**2).mean()
+
+    plain, remat = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r) for r in (0, 1))
+    np.testing.assert_allclose(plain[0], remat[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -209,10 +209,15 @@ def opd_config(config: Config, rule: str, seed: int, run_dir: Path) -> Config:
 def run_experiment(config: Config) -> dict[str, Any]:
     """Runs every stage (see the module doc); returns the report of
     :func:`opd_jax.experiment.report.write_report`."""
+    import tensorflow_datasets as tfds
+    from absl import logging as absl_logging
+
     from opd_jax.experiment.report import write_report
     from opd_jax.train.convert import run_student
     from opd_jax.train.loop import train
 
+    tfds.disable_progress_bar()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's "custom data configuration" notes
     start = time.perf_counter()
     root = Path(config.run.dir)
     root.mkdir(parents=True, exist_ok=True)

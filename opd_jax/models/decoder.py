@@ -199,6 +199,24 @@ class Block(nnx.Module):
         self.mlp = MLP(c, rngs)
 
 
+def _block_forward(
+    block: Block,
+    x_BxTxD: jax.Array,
+    cos_BxTxH: jax.Array,
+    sin_BxTxH: jax.Array,
+    visible_BxTxS: jax.Array,
+) -> jax.Array:
+    """One block without a cache (the training path)."""
+    y_BxTxD, _ = block.attn(block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible_BxTxS)
+    x_BxTxD = x_BxTxD + y_BxTxD
+    return x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
+
+
+# Rematerialised: the backward pass recomputes a block's activations from its input, so a
+# differentiated forward stores one [B, T, D] per layer instead of every intermediate.
+_block_forward_remat = nnx.remat(_block_forward)
+
+
 class Decoder(nnx.Module):
     """Decoder-only LM. `model(tokens) -> logits [B, T, V]` (float32);
     `model.hidden(tokens) @ model.unembed_matrix() == model(tokens)`.
@@ -239,6 +257,7 @@ class Decoder(nnx.Module):
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        remat: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Final-norm hidden states `[B, T, D]` (compute dtype).
 
@@ -249,6 +268,8 @@ class Decoder(nnx.Module):
           attention_mask: `[B, T]`, 1 on real tokens, 0 on padding (either side); default all 1.
           cache: if given, this call's keys/values are written at slots
             `[cache.index, cache.index + T)` and `(hidden, new_cache)` is returned.
+          remat: rematerialise each block under differentiation (without a cache): the
+            activation memory of a gradient is one `[B, T, D]` per layer plus one block's.
         """
         c = self.config
         B, T = tokens_BxT.shape
@@ -274,12 +295,17 @@ class Decoder(nnx.Module):
         x_BxTxD = constrain(x_BxTxD, act, self.rules)
         k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
         for i, block in enumerate(self.layers):
-            kv = None if cache is None else (k_all[i], v_all[i], cache.index)
+            if cache is None:
+                forward = _block_forward_remat if remat else _block_forward
+                x_BxTxD = constrain(
+                    forward(block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible_BxTxS), act, self.rules
+                )
+                continue
+            kv = (k_all[i], v_all[i], cache.index)
             y_BxTxD, new_kv = block.attn(
                 block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible_BxTxS, kv
             )
-            if new_kv is not None:
-                k_all, v_all = k_all.at[i].set(new_kv[0]), v_all.at[i].set(new_kv[1])
+            k_all, v_all = k_all.at[i].set(new_kv[0]), v_all.at[i].set(new_kv[1])
             x_BxTxD = x_BxTxD + y_BxTxD
             x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
             x_BxTxD = constrain(x_BxTxD, act, self.rules)

@@ -63,6 +63,7 @@ def step_settings(config: Config) -> StepSettings:
         reduction=config.loss.reduction,
         beta=config.loss.beta,
         accumulate=config.optim.accumulate,
+        remat=config.train.remat,
     )
 
 

@@ -41,11 +41,18 @@ class StepSettings:
     beta: float
     accumulate: int
     bins: int = 20
+    remat: bool = False  # rematerialise the student's blocks in the backward pass
 
 
-def response_hidden(model: Decoder, tokens_BxS: jax.Array, mask_BxS: jax.Array, prompt_len: int):
+def response_hidden(
+    model: Decoder,
+    tokens_BxS: jax.Array,
+    mask_BxS: jax.Array,
+    prompt_len: int,
+    remat: bool = False,
+):
     """Hidden states ``[B, N, D]`` that predict the response columns ``[P, S)``."""
-    h_BxSxD = model.hidden(tokens_BxS, attention_mask=mask_BxS)
+    h_BxSxD = model.hidden(tokens_BxS, attention_mask=mask_BxS, remat=remat)
     return h_BxSxD[:, prompt_len - 1 : -1]
 
 
@@ -55,7 +62,7 @@ def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
     y_BxN = tokens[:, s.prompt_len :]
     r_BxN = micro["response_mask"][:, s.prompt_len :]
     h_t = jax.lax.stop_gradient(response_hidden(teacher, tokens, mask, s.prompt_len))
-    h_s = response_hidden(model, tokens, mask, s.prompt_len)
+    h_s = response_hidden(model, tokens, mask, s.prompt_len, s.remat)
     scored = core.score_chunked(
         h_s,
         model.unembed_matrix(),
