@@ -18,7 +18,12 @@ from opd_jax.models import load
 from opd_jax.train.metrics import read_metrics
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
-CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("eval"))
+EXPERIMENTS = ("quickstart",)  # configs of `opd-jax experiment` (it trains their models)
+CONFIGS = sorted(
+    p
+    for p in CONFIG_DIR.glob("*.yaml")
+    if not p.stem.startswith("eval") and p.stem not in EXPERIMENTS
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,16 @@ def test_shipped_training_configs_are_valid(path):
     assert config.train.steps >= 1
     for spec in (config.student, config.teacher):
         assert "://" not in spec.path or spec.path.startswith("pkg://"), "hub ids are not allowed"
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_shipped_experiment_configs_are_valid(full):
+    from opd_jax.experiment import load_experiment_config
+
+    for name in EXPERIMENTS:
+        config = load_experiment_config(CONFIG_DIR / f"{name}.yaml", full=full)
+        assert config.student.path.endswith("models/student")
+        assert len(config.experiment.rules) >= 2 and len(config.experiment.seeds) >= 2
 
 
 def test_shipped_eval_config_parses_up_to_its_placeholder_checkpoints():
