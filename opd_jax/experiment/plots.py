@@ -26,12 +26,17 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    """Saves through a temporary file renamed into place (never a half-written PNG)."""
+def _finish(fig, axes, path: Path) -> Path:
+    """Grids and legends ``axes``, then saves ``fig`` through a temporary file renamed into
+    place (never a half-written PNG) and closes it."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     tmp.replace(path)
+    _pyplot().close(fig)
     return path
 
 
@@ -63,12 +68,7 @@ def margin_advantage(records: dict[str, list[list[dict[str, Any]]]], path: Path)
         ylabel="nats",
     )
     ax_a.axhline(0.0, color="grey", linewidth=0.8)
-    for ax in (ax_m, ax_a):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(fig, (ax_m, ax_a), path)
 
 
 def boundary_histogram(records: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:
@@ -85,11 +85,7 @@ def boundary_histogram(records: dict[str, list[list[dict[str, Any]]]], path: Pat
         ylabel="rollouts",
         xlim=(0, 1),
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(fig, (ax,), path)
 
 
 def accuracy_vs_step(
@@ -107,11 +103,7 @@ def accuracy_vs_step(
         ax.axhline(value * 100, linestyle="--", linewidth=0.8, color="grey")
         ax.annotate(name, (0, value * 100), fontsize=7, va="bottom")
     ax.set(title="in-domain accuracy during OPD (greedy)", xlabel="OPD step", ylabel="accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(fig, (ax,), path)
 
 
 def write_plots(

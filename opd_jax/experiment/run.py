@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
 from opd_jax import models
@@ -236,9 +235,3 @@ def run_experiment(config: Config) -> dict[str, Any]:
     report = write_report(config)
     print(f"experiment done in {time.perf_counter() - start:.0f} s: {root}", flush=True)
     return report
-
-
-def mean_curve(curves: list[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Steps present in every curve and the mean accuracy at each."""
-    steps = sorted(set.intersection(*(set(map(int, c)) for c in curves))) if curves else []
-    return np.array(steps), np.array([np.mean([c[str(s)] for c in curves]) for s in steps])
