@@ -15,17 +15,21 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
 from opd_jax.core.segments import fixed_segments
+
+if TYPE_CHECKING:  # NLTK is imported on first use: kinds fixed and token run without it
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
 SEGMENT_KINDS = ("sentence", "fixed", "token")
 Offsets = Sequence[tuple[int, int]]
 
 
 def _wheel_parameters() -> PunktParameters:
+    from nltk.tokenize.punkt import PunktParameters
     from punkt.data import english
 
     params = PunktParameters()
@@ -40,6 +44,8 @@ def _wheel_parameters() -> PunktParameters:
 @functools.cache
 def sentence_splitter() -> PunktSentenceTokenizer:
     """NLTK's trained English Punkt splitter, found offline (see the module docstring)."""
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
     try:
         from nltk.tokenize.punkt import PunktTokenizer
 

@@ -4,6 +4,14 @@
 ``opd-jax train`` does from the shell.
 """
 
-from opd_jax.train.loop import train
-
 __all__ = ["train"]
+
+
+def __getattr__(name: str):
+    # The loop (TFDS, grain, TensorBoard) is imported on first use: plan, session and the step
+    # import without them.
+    if name == "train":
+        from opd_jax.train.loop import train
+
+        return train
+    raise AttributeError(f"module 'opd_jax.train' has no attribute {name!r}")

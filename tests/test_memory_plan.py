@@ -1,0 +1,72 @@
+"""``opd-jax plan`` against the arrays a Session really allocates (tiny models, CPU)."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from opd_jax.config import load_config
+from opd_jax.models import KVCache
+from opd_jax.train.plan import GIB, plan
+from opd_jax.train.session import Session
+from opd_jax.train.specs import spec_config
+
+B, P, N = 2, 16, 8
+
+
+def bytes_per_device(tree) -> int:
+    """The largest, over devices, of the bytes of the shards of ``tree`` held there."""
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values())
+
+
+@pytest.fixture(scope="module")
+def planned(tiny_pair):
+    config = load_config(
+        None,
+        [
+            f"student.path={tiny_pair / 'student'}",
+            f"teacher.path={tiny_pair / 'teacher'}",
+            f"data.batch_size={B}",
+            f"data.max_prompt_tokens={P}",
+            f"sampling.max_new_tokens={N}",
+            "score.chunk_size=8",
+        ],
+    )
+    return config, plan(config), Session.build(config)
+
+
+@pytest.mark.parametrize(
+    "row, attribute",
+    [
+        ("student_params", "params"),
+        ("optimizer_state", "opt_state"),
+        ("teacher_params", "teacher_params"),
+    ],
+)
+def test_plan_rows_are_the_bytes_the_session_allocates(planned, row, attribute):
+    _, result, session = planned
+    actual = bytes_per_device(getattr(session, attribute))
+    assert actual > 0
+    assert round(result["gib_per_device"][row] * GIB) == actual
+
+
+def test_kv_cache_row_is_the_samplers_cache(planned):
+    config, result, _ = planned
+    cache = jax.eval_shape(lambda: KVCache.init(spec_config(config.student), B, P + N))
+    expected = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (cache.k, cache.v))
+    assert round(result["gib_per_device"]["sampler_kv_cache"] * GIB) == expected
+
+
+def test_step_temporaries_are_positive_and_finite(planned):
+    _, result, _ = planned
+    temp = result["gib_per_device"]["step_temporaries"]
+    assert math.isfinite(temp) and temp > 0
+    assert temp == result["compiled"]["temp_gib"]
+    total = result["gib_per_device"]["total"]
+    rows = sum(v for k, v in result["gib_per_device"].items() if k != "total")
+    assert total == pytest.approx(rows)
