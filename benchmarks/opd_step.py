@@ -1,0 +1,722 @@
+"""The OPD update step, opd_jax against PyTorch + transformers on the same weights and batch.
+
+Random models of a preset's shapes are built in transformers (seeded), saved with
+``save_pretrained`` and loaded into opd_jax with ``opd_jax.models.load``: both frameworks hold
+the same weights. Both get the same batch: ``B`` prompts of ``P`` random token ids followed by
+``N`` random response tokens (no padding; segments for the release rule: fixed 32-token
+blocks). Times are medians of ``--repeats`` runs after a warm-up (opd_jax's step is compiled
+ahead of time; its compile seconds are reported apart), as response tokens per second
+(``B * N`` per step); ``ratio_vs_X`` is opd_jax's tokens/s over X's (> 1: opd_jax faster).
+
+Parts (``--part``):
+
+- ``throughput``: ``excluded``, the update alone (teacher forward, student forward and
+  backward, loss, clipping, AdamW): opd_jax's jitted ``make_train_step`` (rule ``full``)
+  against ``benchmarks/torch_opd.py``; ``included``, the same after generating the rollouts
+  (``opd_jax.sampling.sample`` against ``generate``: ``N`` new tokens at temperature 1). On a
+  GPU, model FLOPs utilisation against the card's bfloat16 dense peak.
+- ``rule``: opd_jax's step with rule ``release`` against ``full``, and the jitted rule
+  (``core.apply_rule("release", ...)`` on the scored statistics) and the step's diagnostics
+  alone, as fractions of the step (target: the rule < 2%).
+- ``scaling``: the update against response length (``--only length``) and batch size
+  (``--only batch``).
+
+A size that runs out of memory (or fails to compile) is recorded as ``oom`` (``failed``) and
+the benchmark goes on. On the CPU preset the frameworks alternate run by run (the shared
+machine's load drifts); on the GPU preset transformers runs, frees the GPU, then opd_jax runs,
+and each part and pair runs in its own process (JAX keeps the memory it has used).
+
+Usage::
+
+  python3 benchmarks/opd_step.py --preset cpu [--torch-compile]     # every part
+  python3 benchmarks/opd_step.py --preset gpu --part throughput --pair 0.6b-1.7b
+  python3 benchmarks/opd_step.py --preset gpu --part scaling --only length --lengths 1024,2048
+  python3 benchmarks/opd_step.py --preset gpu --smoke               # tiny shapes, any device
+  python3 benchmarks/opd_step.py --merge A.json B.json --out results/opd_step_<device>.json
+
+Prints a table per part and pair and merges its rows into ``--out`` (default
+``benchmarks/results/opd_step_<device>.json``; ``--smoke``: the temporary directory), one run
+per preset, part and pair whose rows accumulate over commands (a ladder split in two).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: it would otherwise take 75% of the GPU that transformers shares.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Before torch starts: OpenMP threads that spin while waiting make torch 10-20x slower on a
+# CPU shared with other processes (SmolLM2 decoding on 2 busy cores: 33-74 s spinning, 5-8 s
+# passive, 3.4 s on one thread); idle threads sleep instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import torch_opd  # noqa: E402
+
+import opd_jax  # noqa: E402
+from opd_jax import core, models, sampling  # noqa: E402
+from opd_jax.config import OptimConfig  # noqa: E402
+
+
+def _train_modules() -> tuple[Any, Any]:
+    """``opd_jax.train.step`` and ``.optimizer`` without running ``opd_jax/train/__init__``,
+    which imports the training loop and with it tensorflow_datasets, grain and NLTK (absent
+    from the GPU image, and not needed by the step)."""
+    if "opd_jax.train" not in sys.modules:
+        package = types.ModuleType("opd_jax.train")
+        package.__path__ = [os.path.join(os.path.dirname(opd_jax.__file__), "train")]
+        sys.modules["opd_jax.train"] = package
+    return tuple(importlib.import_module(f"opd_jax.train.{m}") for m in ("step", "optimizer"))
+
+
+train_step, train_optimizer = _train_modules()
+
+TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SEGMENT_TOKENS = 32
+K = 16  # top-K of opd_jax's scored statistics (its default)
+# bfloat16 dense peak FLOP/s by device kind (NVIDIA datasheets; SXM unless "PCIe").
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def _shape(family: str, V: int, D: int, F: int, L: int, Nh: int, Kv: int, H: int) -> dict:
+    """A HF ``config.json`` dict: Qwen3 or Llama (SmolLM2), tied embeddings."""
+    common_keys = dict(
+        vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+        num_attention_heads=Nh, num_key_value_heads=Kv, head_dim=H, hidden_act="silu",
+        tie_word_embeddings=True, attention_bias=False,
+    )  # fmt: skip
+    ids = dict(bos_token_id=1, eos_token_id=2)
+    if family == "qwen3":
+        if V > 151_645:
+            ids = dict(bos_token_id=151_643, eos_token_id=151_645)
+        return common_keys | ids | dict(
+            model_type="qwen3", architectures=["Qwen3ForCausalLM"], rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0, max_position_embeddings=40_960,
+        )  # fmt: skip
+    return common_keys | ids | dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
+        rope_theta=100_000.0, max_position_embeddings=32_768, mlp_bias=False,
+    )  # fmt: skip
+
+
+SHAPES = {
+    "qwen3-0.6b": _shape("qwen3", 151_936, 1024, 3072, 28, 16, 8, 128),
+    "qwen3-1.7b": _shape("qwen3", 151_936, 2048, 6144, 28, 16, 8, 128),
+    "smollm2-135m": _shape("llama", 49_152, 576, 1536, 30, 9, 3, 64),
+    "tiny-llama": _shape("llama", 2048, 64, 128, 2, 4, 2, 16),
+    "tiny-qwen3": _shape("qwen3", 1024, 64, 128, 2, 4, 2, 16),
+}
+# pair -> (student shape, teacher shape)
+PAIRS = {
+    "smollm2": ("smollm2-135m", "smollm2-135m"),
+    "tiny": ("tiny-llama", "tiny-llama"),
+    "0.6b": ("qwen3-0.6b", "qwen3-0.6b"),
+    "0.6b-1.7b": ("qwen3-0.6b", "qwen3-1.7b"),
+    "1.7b": ("qwen3-1.7b", "qwen3-1.7b"),
+    "tiny-qwen3": ("tiny-qwen3", "tiny-qwen3"),
+}
+
+
+def _fixed(pairs: tuple[str, ...], batch: int, prompt: int, response: int) -> dict[str, Any]:
+    return dict(pairs=pairs, batch=batch, prompt=prompt, response=response)
+
+
+def _ladders(pair: str, prompt: int, lengths, batches, batch_response: int) -> dict[str, Any]:
+    """Response lengths at batch 1, and batch sizes at ``batch_response`` tokens."""
+    return dict(pairs=(pair,), prompt=prompt, lengths=lengths, length_batch=1, batches=batches,
+                batch_response=batch_response)  # fmt: skip
+
+
+PRESETS = {
+    "cpu": dict(
+        dtype="float32",
+        interleave=True,
+        repeats=3,
+        throughput=_fixed(("smollm2",), 2, 32, 64),
+        rule=_fixed(("smollm2",), 2, 32, 64),
+        scaling=_ladders("tiny", 32, (256, 512, 1024, 2048, 4096), (1, 2, 4, 8, 16), 256),
+    ),
+    "gpu": dict(
+        dtype="bfloat16",
+        interleave=False,
+        repeats=3,
+        # B=4: opd_jax's step at B=8, N=1024 needs ~83 GiB (XLA's analysis, 0.6B pair)
+        throughput=_fixed(("0.6b-1.7b", "1.7b"), 4, 128, 1024),
+        rule=_fixed(("0.6b",), 4, 128, 1024),
+        scaling=_ladders("0.6b", 128, (1024, 2048, 4096, 8192, 16384), (1, 2, 4, 8, 16), 1024),
+    ),
+}
+SMOKE = dict(
+    repeats=1,
+    throughput=_fixed(("tiny-qwen3",), 2, 8, 16),
+    rule=_fixed(("tiny-qwen3",), 2, 8, 16),
+    scaling=_ladders("tiny-qwen3", 8, (16, 32), (1, 2), 16),
+)
+
+
+def build_checkpoints(root: str, pair: str, dtype: str) -> dict[str, str]:
+    """Random transformers models of the pair's shapes saved as HF directories (with a tiny
+    tokenizer, which ``opd_jax.models.load`` reads); ``{"student": dir, "teacher": dir}``."""
+    import transformers
+
+    from opd_jax.models.testing import train_tiny_tokenizer
+
+    tokenizer, dirs = train_tiny_tokenizer(), {}
+    for seed, (role, shape) in enumerate(zip(("student", "teacher"), PAIRS[pair], strict=True)):
+        torch.manual_seed(seed)
+        with torch.device(TORCH_DEVICE):
+            model = transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.for_model(**SHAPES[shape]), dtype=getattr(torch, dtype)
+            )
+        dirs[role] = os.path.join(root, f"{role}-{shape}")
+        model.save_pretrained(dirs[role])
+        tokenizer.save_pretrained(dirs[role])
+        del model
+    _free()
+    return dirs
+
+
+def make_batch(batch: int, prompt: int, response: int, vocab: int) -> dict[str, np.ndarray]:
+    """Host arrays ``tokens, attention_mask, response_mask [B, P+N]`` and ``seg [B, N]``."""
+    tokens = np.random.default_rng(0).integers(100, vocab - 100, (batch, prompt + response))
+    response_mask = np.zeros_like(tokens, np.int32)
+    response_mask[:, prompt:] = 1
+    seg = np.broadcast_to(np.arange(response, dtype=np.int32) // SEGMENT_TOKENS, (batch, response))
+    return {
+        "tokens": tokens.astype(np.int32),
+        "attention_mask": np.ones_like(response_mask),
+        "response_mask": response_mask,
+        "seg": np.ascontiguousarray(seg),
+    }
+
+
+def forward_flops(hf: dict[str, Any], B: int, S: int, N: int) -> float:
+    """Matmul FLOPs of one forward over ``[B, S]``, the vocabulary projected on the ``N``
+    response positions: ``2 L P_layer B S`` + causal attention ``2 L B Nh H S^2`` (QK^T and
+    PV over the visible half) + ``2 D V B N``."""
+    D, F, L = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+    Nh, Kv, H = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    layer_params = 2 * D * Nh * H + 2 * D * Kv * H + 3 * D * F
+    return (
+        2.0 * L * layer_params * B * S
+        + 2.0 * L * B * Nh * H * S * S
+        + 2.0 * D * hf["vocab_size"] * B * N
+    )
+
+
+def step_flops(pair: str, B: int, P: int, N: int) -> float:
+    """Model FLOPs of one update: student forward and backward (3 forwards) + teacher forward."""
+    student, teacher = (SHAPES[s] for s in PAIRS[pair])
+    return 3 * forward_flops(student, B, P + N, N) + forward_flops(teacher, B, P + N, N)
+
+
+def peak_flops(dtype: str) -> float | None:
+    """The device's bfloat16 dense peak (None on CPU, in float32 or for an unknown card)."""
+    if jax.default_backend() != "gpu" or dtype != "bfloat16":
+        return None
+    kind = jax.devices()[0].device_kind
+    return next((p for n, p in PEAK_BF16.items() if all(w in kind for w in n.split())), None)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _failure(error: BaseException) -> dict[str, Any]:
+    text = f"{type(error).__name__}: {error}"
+    oom = isinstance(error, MemoryError) or any(
+        s in text.lower() for s in ("resource_exhausted", "out of memory", "can't allocate")
+    )
+    return {"status": "oom" if oom else "failed", "error": text[:400]}
+
+
+class JaxSide:
+    """opd_jax's models (loaded from the HF directories) and its jitted, donating step."""
+
+    name = "opd_jax"
+
+    def __init__(self, dirs: dict[str, str], dtype: str, hyper: torch_opd.Hyper, chunk: int):
+        student, _ = models.load(dirs["student"], getattr(jnp, dtype))
+        teacher, _ = models.load(dirs["teacher"], getattr(jnp, dtype))
+        self.graphdef, params = nnx.split(student, nnx.Param)
+        self.teacher_graphdef, self.teacher_params = nnx.split(teacher, nnx.Param)
+        self.master = jax.device_get(params)  # every case starts from these weights
+        optim = OptimConfig(
+            learning_rate=hyper.learning_rate, schedule="constant", b1=hyper.b1, b2=hyper.b2,
+            weight_decay=hyper.weight_decay, clip_norm=hyper.clip_norm,
+        )  # fmt: skip
+        self.tx = train_optimizer.make_optimizer(optim, steps=1)
+        self.chunk, self.key = chunk, jax.random.key(0)
+
+    def settings(self, prompt: int, rule: str):
+        return train_step.StepSettings(
+            prompt_len=prompt, k=K, chunk_size=self.chunk, rule=rule, rule_options=(),
+            loss="sampled_reverse_kl", reduction="token_mean", beta=0.5, accumulate=1,
+        )  # fmt: skip
+
+    def _compiled(self, host: dict[str, np.ndarray], prompt: int, rule: str):
+        """``(run_step(batch) -> loss, batch, state, info)``: the step compiled ahead of time
+        on fresh weights and AdamW state, its compile seconds and XLA's temporary memory."""
+        params = jax.device_put(self.master)
+        state, batch = [params, self.tx.init(params)], jax.device_put(host)
+        fn = train_step.make_train_step(
+            self.graphdef, self.teacher_graphdef, self.tx, self.settings(prompt, rule)
+        )
+        start = time.perf_counter()
+        compiled = fn.lower(*state, self.teacher_params, batch, self.key).compile()
+        info = {"compile_s": time.perf_counter() - start}
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            info["xla_temp_gib"] = memory.temp_size_in_bytes / 2**30
+            needed = memory.temp_size_in_bytes + memory.argument_size_in_bytes
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if jax.default_backend() == "cpu" and needed > 0.8 * free:  # spare the shared host
+                raise MemoryError(f"out of memory (predicted {needed / 2**30:.1f} GiB)")
+
+        def run_step(batch):
+            state[0], state[1], metrics = compiled(*state, self.teacher_params, batch, self.key)
+            return jax.block_until_ready(metrics["loss"])
+
+        return run_step, batch, state, info
+
+    def update(self, host, prompt: int, response: int, rule: str = "full"):
+        run_step, batch, _, info = self._compiled(host, prompt, rule)
+        return (lambda: run_step(batch)), info
+
+    def rollout_update(self, host, prompt: int, response: int):
+        run_step, _, state, info = self._compiled(host, prompt, "full")
+        prompts = jnp.asarray(host["tokens"][:, :prompt])
+
+        @jax.jit
+        def to_batch(result):
+            r = result.response_mask
+            seg = core.fixed_segments(r[:, prompt:], SEGMENT_TOKENS)
+            return dict(tokens=result.tokens, attention_mask=r | result.prompt_mask,
+                        response_mask=r, seg=seg)  # fmt: skip
+
+        def run():
+            result = sampling.sample(
+                nnx.merge(self.graphdef, state[0]), prompts, key=self.key,
+                max_new_tokens=response, method=sampling.Temperature(1.0), eos_ids=(),
+            )  # fmt: skip
+            return run_step(to_batch(result))
+
+        return run, info
+
+    def close(self) -> None:
+        del self.master, self.teacher_params
+
+
+class TorchSide:
+    """transformers' models (``from_pretrained`` of the same directories, SDPA attention) and
+    ``torch_opd.TorchOPD``; ``compile``: the backbones through ``torch.compile``."""
+
+    def __init__(self, dirs, dtype: str, hyper: torch_opd.Hyper, chunk: int, compile=False):
+        import transformers
+
+        self.name = "torch_compile" if compile else "torch"
+        self.models = [
+            transformers.AutoModelForCausalLM.from_pretrained(
+                dirs[role], dtype=getattr(torch, dtype), attn_implementation="sdpa"
+            ).to(TORCH_DEVICE)
+            for role in ("student", "teacher")
+        ]
+        self.hyper, self.chunk, self.compile = hyper, chunk, compile
+
+    def _opd(self, prompt: int) -> torch_opd.TorchOPD:
+        if TORCH_DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return torch_opd.TorchOPD(
+            *self.models, prompt, hyper=self.hyper, chunk_size=self.chunk, compile=self.compile
+        )
+
+    def _done(self, loss: torch.Tensor) -> float:
+        return float(loss)  # waits for the device
+
+    def update(self, host, prompt: int, response: int):
+        opd = self._opd(prompt)
+        names = ("tokens", "attention_mask", "response_mask")
+        batch = {n: torch.from_numpy(host[n].astype(np.int64)).to(TORCH_DEVICE) for n in names}
+        batch["padded"] = bool((host["attention_mask"] == 0).any())
+        return (lambda: self._done(opd.step(batch)[0])), {}
+
+    def rollout_update(self, host, prompt: int, response: int):
+        opd = self._opd(prompt)
+        prompts = torch.from_numpy(host["tokens"][:, :prompt].astype(np.int64)).to(TORCH_DEVICE)
+        return (lambda: self._done(opd.step(opd.generate(prompts, response))[0])), {}
+
+    def info(self) -> dict[str, float]:
+        if TORCH_DEVICE != "cuda":
+            return {}
+        return {"torch_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+    def close(self) -> None:
+        del self.models
+
+
+def _time(run: Callable[[], Any], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: int, interleave):
+    """``{case name: {framework: result}}``: median seconds (``status`` ok), ``oom`` or
+    ``failed``. A case has ``name``, ``kind`` (``update`` or ``rollout_update``), ``host``
+    arrays, ``prompt`` and ``response``.
+
+    ``interleave``: every framework alive and their timed runs alternating, so that a drifting
+    load hits them alike; otherwise one framework at a time, freed before the next."""
+    results: dict[str, dict[str, Any]] = {c["name"]: {} for c in cases}
+
+    def attempt(side, case, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - a size may not fit: recorded, not fatal
+            results[case["name"]][side.name] = _failure(error)
+            _free()
+            return None
+
+    def prepare(side, case):
+        def warm():
+            run, info = getattr(side, case["kind"])(case["host"], case["prompt"], case["response"])
+            _time(run, 2 if getattr(side, "compile", False) else 1)
+            return run, info
+
+        return attempt(side, case, warm)
+
+    def timed(sides_runs, case):
+        times = {side.name: [] for side, _ in sides_runs}
+        for _ in range(repeats):
+            for side, (run, _) in sides_runs:
+                if side.name not in results[case["name"]]:
+                    attempt(side, case, lambda r=run, s=side: times[s.name].extend(_time(r, 1)))
+        for side, (_, info) in sides_runs:
+            if side.name not in results[case["name"]]:
+                results[case["name"]][side.name] = {
+                    "status": "ok", "seconds": statistics.median(times[side.name]),
+                    "times": times[side.name], **info, **getattr(side, "info", dict)(),
+                    "loadavg_1m": os.getloadavg()[0],
+                }  # fmt: skip
+        print(f"done {case['name']} ({', '.join(s.name for s, _ in sides_runs)})", flush=True)
+
+    groups = [list(makers.values())] if interleave else [[m] for m in makers.values()]
+    for group in groups:
+        sides = [make() for make in group]
+        for case in cases:
+            ready = [(side, prepared) for side in sides if (prepared := prepare(side, case))]
+            timed(ready, case)
+            del ready
+            _free()
+        for side in sides:
+            side.close()
+        del sides
+        _free()
+    return results
+
+
+def _makers(dirs, args, dtype: str, frameworks: list[str]) -> dict[str, Callable[[], Any]]:
+    hyper, chunk = torch_opd.Hyper(), args.chunk_size
+    makers = {  # transformers first: on a GPU, JAX keeps the memory it has used in its pool
+        "torch": lambda: TorchSide(dirs, dtype, hyper, chunk),
+        "torch_compile": lambda: TorchSide(dirs, dtype, hyper, chunk, compile=True),
+        "opd_jax": lambda: JaxSide(dirs, dtype, hyper, chunk),
+    }
+    return {name: make for name, make in makers.items() if name in frameworks}
+
+
+def _rows(results, cases, pair: str, frameworks: list[str], dtype: str) -> list[dict]:
+    peak, rows = peak_flops(dtype), []
+    for case in cases:
+        B, P, N = case["host"]["tokens"].shape[0], case["prompt"], case["response"]
+        flops = step_flops(pair, B, P, N) if case["kind"] == "update" else None
+        row = {"case": case["name"], "B": B, "P": P, "N": N, "model_tflop_per_step": None}
+        for name in frameworks:
+            result = row[f"{name}_result"] = results[case["name"]][name]
+            row[f"{name}_tok_s"] = B * N / result["seconds"] if "seconds" in result else None
+            row[f"{name}_status"] = result["status"]
+            if flops and "seconds" in result:
+                row[f"{name}_tflop_s"] = flops / result["seconds"] / 1e12
+                row[f"{name}_mfu"] = flops / result["seconds"] / peak if peak else None
+        for name in frameworks[1:]:
+            if row["opd_jax_tok_s"] and row[f"{name}_tok_s"]:
+                row[f"ratio_vs_{name}"] = row["opd_jax_tok_s"] / row[f"{name}_tok_s"]
+        row["model_tflop_per_step"] = flops / 1e12 if flops else None
+        rows.append(row)
+    return rows
+
+
+def _columns(frameworks: list[str], gpu: bool) -> list[str]:
+    columns = ["case", "B", "P", "N"] + [f"{name}_tok_s" for name in frameworks]
+    columns += [f"{name}_status" for name in frameworks]
+    columns += [f"ratio_vs_{name}" for name in frameworks[1:]]
+    return columns + ([f"{name}_mfu" for name in frameworks] if gpu else [])
+
+
+def part_throughput(pair, dirs, args, preset, settings, frameworks):
+    B, P, N = settings["batch"], settings["prompt"], settings["response"]
+    host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
+    cases = [
+        dict(name=name, kind=kind, host=host, prompt=P, response=N)
+        for name, kind in (("excluded", "update"), ("included", "rollout_update"))
+        if not args.only or name in args.only
+    ]
+    makers = _makers(dirs, args, preset["dtype"], frameworks)
+    results = measure(makers, cases, preset["repeats"], preset["interleave"])
+    return _rows(results, cases, pair, frameworks, preset["dtype"])
+
+
+def part_scaling(pair, dirs, args, preset, settings, frameworks):
+    vocab, P, cases = SHAPES[PAIRS[pair][0]]["vocab_size"], settings["prompt"], []
+    ladders = {
+        "length": [(settings["length_batch"], n) for n in settings["lengths"]],
+        "batch": [(b, settings["batch_response"]) for b in settings["batches"]],
+    }
+    for ladder, sizes in ladders.items():
+        if not args.only or ladder in args.only:
+            cases += [
+                dict(name=f"{ladder} B={b} N={n}", kind="update", host=make_batch(b, P, n, vocab),
+                     prompt=P, response=n)
+                for b, n in sizes
+            ]  # fmt: skip
+    makers = _makers(dirs, args, preset["dtype"], frameworks)
+    results = measure(makers, cases, preset["repeats"], preset["interleave"])
+    return _rows(results, cases, pair, frameworks, preset["dtype"])
+
+
+def _interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name] += _time(run, 1)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def part_rule(pair, dirs, args, preset, settings, frameworks):
+    """opd_jax only: the step with rule release against full; the rule and the step's
+    diagnostics alone on the scored statistics."""
+    B, P, N = settings["batch"], settings["prompt"], settings["response"]
+    host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
+    side = JaxSide(dirs, preset["dtype"], torch_opd.Hyper(), args.chunk_size)
+    runs = {rule: side.update(host, P, N, rule)[0] for rule in ("full", "release")}
+    step = _interleaved_medians(runs, preset["repeats"])
+    del runs
+    params, batch = jax.device_put(side.master), jax.device_put(host)
+    graphdef, teacher_graphdef, settings_ = (
+        side.graphdef,
+        side.teacher_graphdef,
+        side.settings(P, "release"),
+    )
+
+    @jax.jit
+    def score(params, teacher_params, batch):
+        model = nnx.merge(graphdef, params)
+        teacher = nnx.merge(teacher_graphdef, teacher_params)
+        h_s = train_step.response_hidden(model, batch["tokens"], batch["attention_mask"], P)
+        h_t = train_step.response_hidden(teacher, batch["tokens"], batch["attention_mask"], P)
+        return core.score_chunked(
+            h_s, model.unembed_matrix(), h_t, teacher.unembed_matrix(), batch["tokens"][:, P:],
+            k=K, chunk_size=args.chunk_size,
+        ).stats  # fmt: skip
+
+    stats = jax.block_until_ready(score(params, side.teacher_params, batch))
+    r, seg = batch["response_mask"][:, P:], batch["seg"]
+    rule = jax.jit(lambda s, r, seg: core.apply_rule("release", core.RuleBatch(s, r, seg)))
+    w = rule(stats, r, seg)
+    # the step's own diagnostics: METHOD section 7 and five rules' kept fractions
+    diagnostics = jax.jit(
+        lambda s, r, seg, w: train_step._diagnostics(core.RuleBatch(s, r, seg), w, s, settings_)
+    )
+    many = max(20, preset["repeats"])
+    rule_s = common.median_seconds(lambda: rule(stats, r, seg), many)
+    diagnostics_s = common.median_seconds(lambda: diagnostics(stats, r, seg, w), many)
+    score_s = common.median_seconds(lambda: score(params, side.teacher_params, batch), 3)
+    side.close()
+    return [
+        {
+            "case": "rule", "B": B, "P": P, "N": N, "step_full_s": step["full"],
+            "step_release_s": step["release"],
+            "release_minus_full_frac": step["release"] / step["full"] - 1,
+            "score_s": score_s, "rule_s": rule_s, "rule_frac": rule_s / step["release"],
+            "diagnostics_s": diagnostics_s,
+            "diagnostics_frac": diagnostics_s / step["release"],
+            "rule_below_2pct": rule_s / step["release"] < 0.02,
+            "loadavg_1m": os.getloadavg()[0],
+        }
+    ]  # fmt: skip
+
+
+PARTS = {"throughput": part_throughput, "rule": part_rule, "scaling": part_scaling}
+RULE_COLUMNS = [
+    "B", "P", "N", "step_full_s", "step_release_s", "release_minus_full_frac", "rule_s",
+    "rule_frac", "diagnostics_s", "diagnostics_frac", "rule_below_2pct",
+]  # fmt: skip
+NOTES = {
+    "tok_s": "B * N response tokens / median step seconds",
+    "ratio": "opd_jax tok/s / peer tok/s (> 1: opd_jax faster)",
+    "model_flops": "3 F(student) + F(teacher), F = 2 L P_layer B S + 2 L B Nh H S^2 (causal "
+    "attention) + 2 D V B N (vocabulary on response positions); embedding gathers, norms, "
+    "softmax and rematerialised work not counted",
+    "torch": "transformers SDPA attention, log-softmax + gather over vocabulary chunks under "
+    "torch.utils.checkpoint, clip_grad_norm_, AdamW (fused on CUDA); torch_compile: both "
+    "backbones through torch.compile, generate() eager",
+    "opd_jax": "make_train_step (rule full unless stated; top-16 statistics and the step's "
+    "diagnostics included), compiled ahead of time",
+    "optimizer": "clip_by_global_norm(1.0) + AdamW(lr 1e-5, b1 0.9, b2 0.999, eps 1e-8, "
+    "weight decay 0), constant rate",
+    "segments": f"fixed {SEGMENT_TOKENS}-token blocks",
+    "rollouts": "N new tokens at temperature 1, no EOS stop, no top-k/top-p",
+}
+
+
+def merge_runs(out: str, runs: dict[str, dict[str, Any]]) -> None:
+    """Adds ``runs`` to the JSON at ``out``: a run's rows replace those of the same case and
+    join the others (a ladder may be measured over several commands); its other keys (machine,
+    settings) replace the old ones."""
+    payload = {"benchmark": "opd_step", "runs": {}}
+    if os.path.exists(out):
+        with open(out) as f:
+            payload = json.load(f)
+    for name, run in runs.items():
+        old = payload["runs"].get(name, {}).get("rows", [])
+        cases = {row["case"] for row in run["rows"]}
+        rows = [row for row in old if row.get("case") not in cases] + run["rows"]
+        payload["runs"][name] = run | {"rows": rows}
+    common.write_json(out, payload)
+
+
+def _argv_without(*flags: str) -> list[str]:
+    """``sys.argv[1:]`` without the given ``--flag VALUE`` / ``--flag=VALUE`` options."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if not skip and arg.split("=")[0] not in flags:
+            argv.append(arg)
+        skip = not skip and arg in flags
+    return argv
+
+
+def _settings(args) -> dict[str, Any]:
+    preset = PRESETS[args.preset] | (SMOKE if args.smoke else {})
+    preset = {k: dict(v) if isinstance(v, dict) else v for k, v in preset.items()}
+    for key in ("batch", "response"):
+        for part in ("throughput", "rule"):
+            preset[part][key] = getattr(args, key) or preset[part][key]
+    for key in ("lengths", "batches"):
+        preset["scaling"][key] = getattr(args, key) or preset["scaling"][key]
+    for part in PARTS:
+        preset[part]["pairs"] = (args.pair,) if args.pair else preset[part]["pairs"]
+    preset["repeats"] = args.repeats or preset["repeats"]
+    return preset
+
+
+def _parser() -> argparse.ArgumentParser:
+    ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    parser.add_argument("--pair", choices=sorted(PAIRS), help="instead of the preset's")
+    parser.add_argument(
+        "--only", type=lambda s: s.split(","), help="excluded,included|length,batch"
+    )
+    parser.add_argument("--torch-compile", action="store_true", help="also torch.compile")
+    parser.add_argument("--no-torch", action="store_true", help="opd_jax alone")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--batch", type=int, help="throughput and rule batch size")
+    parser.add_argument("--response", type=int, help="throughput and rule response length")
+    parser.add_argument("--lengths", type=ints, help="scaling response lengths, e.g. 1024,2048")
+    parser.add_argument("--batches", type=ints, help="scaling batch sizes, e.g. 1,2,4")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="vocabulary chunk (both)")
+    parser.add_argument("--out", help="JSON path (default: results/opd_step_<device>.json)")
+    parser.add_argument("--merge", nargs="+", help="merge these results JSONs into --out")
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.merge:
+        if not args.out:
+            sys.exit("--merge needs --out, e.g. benchmarks/results/opd_step_<device>.json")
+        for path in args.merge:
+            with open(path) as f:
+                merge_runs(args.out, json.load(f)["runs"])
+        print(f"wrote {args.out}")
+        return
+    preset = _settings(args)
+    peers = ["torch"] + (["torch_compile"] if args.torch_compile else [])
+    frameworks = ["opd_jax"] + ([] if args.no_torch else peers)
+    parts = list(PARTS) if args.part == "all" else [args.part]
+    combos = [(part, pair) for part in parts for pair in preset[part]["pairs"]]
+    if not preset["interleave"] and len(combos) > 1:
+        failed = []
+        for part, pair in combos:  # one process each: JAX keeps the GPU memory it has used
+            argv = _argv_without("--part", "--pair") + ["--part", part, "--pair", pair]
+            code = subprocess.run([sys.executable, os.path.abspath(__file__), *argv]).returncode
+            failed += [f"{part} {pair}"] if code else []
+        sys.exit(f"failed: {', '.join(failed)}" if failed else 0)
+    results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = args.out or os.path.join(
+        tempfile.gettempdir() if args.smoke else results_dir, f"opd_step_{common.device_tag()}.json"
+    )
+    for part, pair in combos:
+        settings = preset[part]
+        print(f"== {part} {pair}", flush=True)
+        with tempfile.TemporaryDirectory() as root:
+            dirs = build_checkpoints(root, pair, preset["dtype"])
+            rows = PARTS[part](pair, dirs, args, preset, settings, frameworks)
+        gpu = jax.default_backend() == "gpu"
+        common.print_table(rows, RULE_COLUMNS if part == "rule" else _columns(frameworks, gpu))
+        run = {
+            "rows": rows,
+            "machine": common.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "settings": {
+                "preset": args.preset, "smoke": args.smoke, "part": part,
+                "student": PAIRS[pair][0], "teacher": PAIRS[pair][1],
+                "shapes": {s: SHAPES[s] for s in PAIRS[pair]},
+                **{k: v for k, v in settings.items() if k != "pairs"},
+                "dtype": preset["dtype"], "repeats": preset["repeats"],
+                "chunk_size": args.chunk_size, "k": K, "peak_flops": peak_flops(preset["dtype"]),
+                "timing": "median of repeats after a warm-up; "
+                + ("frameworks alternating run by run" if preset["interleave"]
+                   else "one framework at a time, the GPU freed in between"),
+                **NOTES,
+            },
+        }  # fmt: skip
+        merge_runs(out, {f"{args.preset}/{part}/{pair}": run})
+    if args.smoke:
+        absent = [m for m in ("tensorflow_datasets", "grain", "nltk", "gguf") if m in sys.modules]
+        print(f"imported modules that the GPU image lacks: {absent or 'none'}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
