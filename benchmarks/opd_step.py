@@ -160,7 +160,7 @@ PRESETS = {
         dtype="bfloat16",
         interleave=False,
         repeats=3,
-        # B=4: opd_jax's step at B=8, N=1024 needs ~83 GiB (XLA's analysis, 0.6B pair)
+        # B=4 leaves room for the [B, heads, S, S] attention opd_jax stores without --remat
         throughput=_fixed(("0.6b-1.7b", "1.7b"), 4, 128, 1024),
         rule=_fixed(("0.6b",), 4, 128, 1024),
         scaling=_ladders("0.6b", 128, (1024, 2048, 4096, 8192, 16384), (1, 2, 4, 8, 16), 1024),
@@ -257,23 +257,25 @@ class JaxSide:
 
     name = "opd_jax"
 
-    def __init__(self, dirs: dict[str, str], dtype: str, hyper: torch_opd.Hyper, chunk: int):
+    def __init__(self, dirs: dict[str, str], dtype: str, chunk: int, remat: bool):
         student, _ = models.load(dirs["student"], getattr(jnp, dtype))
         teacher, _ = models.load(dirs["teacher"], getattr(jnp, dtype))
         self.graphdef, params = nnx.split(student, nnx.Param)
         self.teacher_graphdef, self.teacher_params = nnx.split(teacher, nnx.Param)
         self.master = jax.device_get(params)  # every case starts from these weights
+        hyper = torch_opd.Hyper()  # the peer's hyper-parameters, in opd_jax's optimizer
         optim = OptimConfig(
             learning_rate=hyper.learning_rate, schedule="constant", b1=hyper.b1, b2=hyper.b2,
             weight_decay=hyper.weight_decay, clip_norm=hyper.clip_norm,
         )  # fmt: skip
         self.tx = train_optimizer.make_optimizer(optim, steps=1)
-        self.chunk, self.key = chunk, jax.random.key(0)
+        self.chunk, self.remat, self.key = chunk, remat, jax.random.key(0)
 
     def settings(self, prompt: int, rule: str):
         return train_step.StepSettings(
             prompt_len=prompt, k=K, chunk_size=self.chunk, rule=rule, rule_options=(),
             loss="sampled_reverse_kl", reduction="token_mean", beta=0.5, accumulate=1,
+            remat=self.remat,
         )  # fmt: skip
 
     def _compiled(self, host: dict[str, np.ndarray], prompt: int, rule: str):
@@ -333,7 +335,7 @@ class TorchSide:
     """transformers' models (``from_pretrained`` of the same directories, SDPA attention) and
     ``torch_opd.TorchOPD``; ``compile``: the backbones through ``torch.compile``."""
 
-    def __init__(self, dirs, dtype: str, hyper: torch_opd.Hyper, chunk: int, compile=False):
+    def __init__(self, dirs, dtype: str, chunk: int, remat: bool, compile: bool = False):
         import transformers
 
         self.name = "torch_compile" if compile else "torch"
@@ -343,13 +345,13 @@ class TorchSide:
             ).to(TORCH_DEVICE)
             for role in ("student", "teacher")
         ]
-        self.hyper, self.chunk, self.compile = hyper, chunk, compile
+        self.chunk, self.remat, self.compile = chunk, remat, compile
 
     def _opd(self, prompt: int) -> torch_opd.TorchOPD:
         if TORCH_DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
         return torch_opd.TorchOPD(
-            *self.models, prompt, hyper=self.hyper, chunk_size=self.chunk, compile=self.compile
+            *self.models, prompt, chunk_size=self.chunk, remat=self.remat, compile=self.compile
         )
 
     def _done(self, loss: torch.Tensor) -> float:
@@ -441,11 +443,11 @@ def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: in
 
 
 def _makers(dirs, args, dtype: str, frameworks: list[str]) -> dict[str, Callable[[], Any]]:
-    hyper, chunk = torch_opd.Hyper(), args.chunk_size
+    chunk, remat = args.chunk_size, args.remat
     makers = {  # transformers first: on a GPU, JAX keeps the memory it has used in its pool
-        "torch": lambda: TorchSide(dirs, dtype, hyper, chunk),
-        "torch_compile": lambda: TorchSide(dirs, dtype, hyper, chunk, compile=True),
-        "opd_jax": lambda: JaxSide(dirs, dtype, hyper, chunk),
+        "torch": lambda: TorchSide(dirs, dtype, chunk, remat),
+        "torch_compile": lambda: TorchSide(dirs, dtype, chunk, remat, compile=True),
+        "opd_jax": lambda: JaxSide(dirs, dtype, chunk, remat),
     }
     return {name: make for name, make in makers.items() if name in frameworks}
 
@@ -524,7 +526,7 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
     diagnostics alone on the scored statistics."""
     B, P, N = settings["batch"], settings["prompt"], settings["response"]
     host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
-    side = JaxSide(dirs, preset["dtype"], torch_opd.Hyper(), args.chunk_size)
+    side = JaxSide(dirs, preset["dtype"], args.chunk_size, args.remat)
     runs = {rule: side.update(host, P, N, rule)[0] for rule in ("full", "release")}
     step = _interleaved_medians(runs, preset["repeats"])
     del runs
@@ -654,6 +656,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lengths", type=ints, help="scaling response lengths, e.g. 1024,2048")
     parser.add_argument("--batches", type=ints, help="scaling batch sizes, e.g. 1,2,4")
     parser.add_argument("--chunk-size", type=int, default=1024, help="vocabulary chunk (both)")
+    parser.add_argument(
+        "--remat", action="store_true", help="recompute the student's blocks (both frameworks)"
+    )
     parser.add_argument("--out", help="JSON path (default: results/opd_step_<device>.json)")
     parser.add_argument("--merge", nargs="+", help="merge these results JSONs into --out")
     return parser
@@ -704,14 +709,15 @@ def main() -> None:
                 "shapes": {s: SHAPES[s] for s in PAIRS[pair]},
                 **{k: v for k, v in settings.items() if k != "pairs"},
                 "dtype": preset["dtype"], "repeats": preset["repeats"],
-                "chunk_size": args.chunk_size, "k": K, "peak_flops": peak_flops(preset["dtype"]),
+                "chunk_size": args.chunk_size, "remat": args.remat, "k": K,
+                "peak_flops": peak_flops(preset["dtype"]),
                 "timing": "median of repeats after a warm-up; "
                 + ("frameworks alternating run by run" if preset["interleave"]
                    else "one framework at a time, the GPU freed in between"),
                 **NOTES,
             },
         }  # fmt: skip
-        merge_runs(out, {f"{args.preset}/{part}/{pair}": run})
+        merge_runs(out, {f"{args.preset}/{part}/{pair}" + ("/remat" if args.remat else ""): run})
     if args.smoke:
         absent = [m for m in ("tensorflow_datasets", "grain", "nltk", "gguf") if m in sys.modules]
         print(f"imported modules that the GPU image lacks: {absent or 'none'}")

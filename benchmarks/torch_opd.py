@@ -17,7 +17,9 @@ dtype they are loaded in (bfloat16 on a GPU, as opd_jax's bfloat16 configs), fus
 The vocabulary projection is chunked like opd_jax's ``score_chunked``: ``chunk_size`` positions'
 ``[chunk, V]`` logits at a time, each chunk under ``torch.utils.checkpoint`` so the backward
 recomputes them (``chunk_size=0``: one ``[B, N, V]`` projection, stored for the backward).
-``compile=True`` runs both backbones through ``torch.compile`` (the loss head stays eager).
+``remat=True`` recomputes the student's decoder layers in the backward pass (transformers'
+gradient checkpointing; opd_jax's ``remat``). ``compile=True`` runs both backbones through
+``torch.compile`` (the loss head stays eager).
 
 Not in this step (opd_jax's step does them): the top-K statistics, the release rule and the
 diagnostics; they are measured separately by ``benchmarks/opd_step.py``.
@@ -155,9 +157,16 @@ class TorchOPD:
         *,
         hyper: Hyper = Hyper(),
         chunk_size: int = 1024,
+        remat: bool = False,
         compile: bool = False,
     ):
         self.student, self.teacher = student.train(), teacher.eval()
+        # transformers' per-layer checkpointing, as opd_jax's remat (renamed in transformers 5.2x)
+        prefix = "activation" if hasattr(student, "activation_checkpointing_enable") else "gradient"
+        if remat:
+            getattr(student, f"{prefix}_checkpointing_enable")({"use_reentrant": False})
+        else:
+            getattr(student, f"{prefix}_checkpointing_disable")()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.prompt_len, self.hyper, self.chunk_size = prompt_len, hyper, chunk_size

@@ -4,7 +4,8 @@
 the comparison is only fair if both compute the same thing. Here, in float32 on the same tiny
 weights (opd_jax and transformers reading one checkpoint) and the same batch, with left-padded
 prompts and a response stopped early, one step of each gives the same loss and the same
-gradient norm, and the chunked log-probabilities equal the unchunked ones.
+gradient norm (with and without the peer's gradient checkpointing), and the chunked
+log-probabilities equal the unchunked ones.
 """
 
 import os
@@ -96,11 +97,12 @@ def test_torch_step_has_opd_jax_loss_and_gradient_norm(pair):
     loss, grad_norm = opd_jax_step(pair, {k: jnp.asarray(v) for k, v in host.items()})
     batch = {k: torch.from_numpy(host[k].astype(np.int64)) for k in ("tokens", "attention_mask")}
     batch["response_mask"] = torch.from_numpy(host["response_mask"])
-    peer = torch_opd.TorchOPD(*torch_models(pair), P, chunk_size=3)
-    torch_loss, torch_norm = peer.step(batch)
     assert np.isfinite(loss) and grad_norm > 0
-    np.testing.assert_allclose(float(torch_loss), loss, rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(float(torch_norm), grad_norm, rtol=1e-4)
+    for remat in (False, True):
+        peer = torch_opd.TorchOPD(*torch_models(pair), P, chunk_size=3, remat=remat)
+        torch_loss, torch_norm = peer.step(batch)
+        np.testing.assert_allclose(float(torch_loss), loss, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(float(torch_norm), grad_norm, rtol=1e-4)
 
 
 def test_chunked_log_probs_equal_the_full_projection(pair):
