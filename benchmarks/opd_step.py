@@ -537,16 +537,22 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
         side.settings(P, "release"),
     )
 
-    @jax.jit
-    def score(params, teacher_params, batch):
+    def hidden(params, teacher_params, batch):
         model = nnx.merge(graphdef, params)
         teacher = nnx.merge(teacher_graphdef, teacher_params)
         h_s = train_step.response_hidden(model, batch["tokens"], batch["attention_mask"], P)
         h_t = train_step.response_hidden(teacher, batch["tokens"], batch["attention_mask"], P)
+        return model, teacher, h_s, h_t
+
+    @jax.jit
+    def score(params, teacher_params, batch):
+        model, teacher, h_s, h_t = hidden(params, teacher_params, batch)
         return core.score_chunked(
             h_s, model.unembed_matrix(), h_t, teacher.unembed_matrix(), batch["tokens"][:, P:],
             k=K, chunk_size=args.chunk_size,
         ).stats  # fmt: skip
+
+    forwards = jax.jit(lambda *a: hidden(*a)[2:])  # both models' hidden states alone
 
     stats = jax.block_until_ready(score(params, side.teacher_params, batch))
     r, seg = batch["response_mask"][:, P:], batch["seg"]
@@ -560,13 +566,15 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
     rule_s = common.median_seconds(lambda: rule(stats, r, seg), many)
     diagnostics_s = common.median_seconds(lambda: diagnostics(stats, r, seg, w), many)
     score_s = common.median_seconds(lambda: score(params, side.teacher_params, batch), 3)
+    forwards_s = common.median_seconds(lambda: forwards(params, side.teacher_params, batch), 3)
     side.close()
     return [
         {
             "case": "rule", "B": B, "P": P, "N": N, "step_full_s": step["full"],
             "step_release_s": step["release"],
             "release_minus_full_frac": step["release"] / step["full"] - 1,
-            "score_s": score_s, "rule_s": rule_s, "rule_frac": rule_s / step["release"],
+            "forwards_s": forwards_s, "score_s": score_s, "rule_s": rule_s,
+            "rule_frac": rule_s / step["release"],
             "diagnostics_s": diagnostics_s,
             "diagnostics_frac": diagnostics_s / step["release"],
             "rule_below_2pct": rule_s / step["release"] < 0.02,
@@ -577,7 +585,8 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
 
 PARTS = {"throughput": part_throughput, "rule": part_rule, "scaling": part_scaling}
 RULE_COLUMNS = [
-    "B", "P", "N", "step_full_s", "step_release_s", "release_minus_full_frac", "rule_s",
+    "B", "P", "N", "step_full_s", "step_release_s", "release_minus_full_frac", "forwards_s",
+    "score_s", "rule_s",
     "rule_frac", "diagnostics_s", "diagnostics_frac", "rule_below_2pct",
 ]  # fmt: skip
 NOTES = {
