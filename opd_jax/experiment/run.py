@@ -31,7 +31,6 @@ from opd_jax.config import (
     ConfigError,
     RuleConfig,
     load_tree,
-    parse_override,
     validate,
 )
 from opd_jax.core import RULES
@@ -42,6 +41,7 @@ from opd_jax.experiment.models import prepare_models
 
 CURVE_FILE = "curve.json"
 EVAL_FILE = "eval.json"
+EVAL_BATCH = 256  # sequences per sampling call of an evaluation
 
 
 def _with_models(config: Config) -> Config:
@@ -106,8 +106,6 @@ def load_experiment_config(
         if not config.experiment.full:
             raise ConfigError(f"{path} has no experiment.full section for --full.")
         extra = [f"{key}={json.dumps(value)}" for key, value in config.experiment.full.items()]
-        for text in extra:
-            parse_override(text)
         config = load_tree(Config, path, [*extra, *overrides])
     return check_experiment(validate(_with_models(config)))
 
@@ -132,7 +130,7 @@ def _evaluate(
         tokenizer,
         problems,
         k=k,
-        batch_size=len(problems) * (1 if temperature == 0 else k),
+        batch_size=min(EVAL_BATCH, len(problems) * (1 if temperature == 0 else k)),
         max_new_tokens=config.experiment.eval_max_new_tokens,
         max_prompt_tokens=config.data.max_prompt_tokens,
         temperature=temperature,
@@ -222,8 +220,8 @@ def run_experiment(config: Config) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     paths = prepare_models(config, root)
     for role in ("teacher", "student"):
-        model, tokenizer = models.load(paths[role])
-        evaluate_model(model, tokenizer, config, root / "models" / role / EVAL_FILE)
+        if not (paths[role] / EVAL_FILE).is_file():
+            evaluate_model(*models.load(paths[role]), config, paths[role] / EVAL_FILE)
     curve_problems = _problems(config, "test", config.experiment.curve_problems)
     runs = run_dirs(config)
     for index, ((rule, seed), run_dir) in enumerate(runs.items()):
