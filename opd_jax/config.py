@@ -111,6 +111,7 @@ class MeshConfig:
 class TrainConfig:
     steps: int = 100  # optimizer steps in the run
     remat: bool = False  # recompute the student's blocks in the backward pass (long rollouts)
+    attention_chunk: int = 0  # queries attended at a time in the step (0: all); memory O(chunk*S)
 
 
 @dataclasses.dataclass
@@ -302,6 +303,11 @@ def validate(config: Config) -> Config:
                 f"rule.options.{option}={value} exceeds score.k={config.score.k}, the top-K kept "
                 f"by scoring: raise score.k or set rule.options.{option} <= {config.score.k}."
             )
+    if config.train.attention_chunk < 0:
+        raise ConfigError(
+            f"train.attention_chunk must be >= 0 (0 attends all queries at once), got "
+            f"{config.train.attention_chunk}."
+        )
     if not config.student.path or not config.teacher.path:
         raise ConfigError(
             "student.path and teacher.path must name local checkpoints (a config with an "

@@ -339,3 +339,26 @@ def test_rematerialised_blocks_give_the_same_hidden_states_and_gradients():
     np.testing.assert_allclose(plain[0], remat[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("query_chunk, remat", [(4, False), (3, True), (32, False)])
+def test_query_chunked_attention_gives_the_same_hidden_states_and_gradients(query_chunk, remat):
+    from opd_jax.models import Decoder, ModelConfig
+    from opd_jax.models.testing import tiny_hf_config
+
+    model = Decoder(ModelConfig.from_hf(tiny_hf_config()), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, 320)
+    mask = jnp.ones((2, 11), jnp.int32).at[0, :3].set(0).at[1, 9:].set(0)
+
+    def loss(p, chunk):
+        h = nnx.merge(graphdef, p).hidden(
+            tokens, attention_mask=mask, remat=remat, query_chunk=chunk
+        )
+        return (h**2).mean()
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    whole, chunked = grad(params, 0), grad(params, query_chunk)
+    np.testing.assert_allclose(whole[0], chunked[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(whole[1]), jax.tree.leaves(chunked[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

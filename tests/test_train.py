@@ -146,3 +146,20 @@ def test_gradient_accumulation_runs_micro_batches(pair, tmp_path):
         load_config(None, overrides(pair, tmp_path, "data.batch_size=4", "optim.accumulate=2"))
     )
     assert np.isfinite(metrics["loss"])
+
+
+def test_chunked_attention_and_remat_train_like_the_plain_step(pair, tmp_path):
+    plain = train(load_config(None, overrides(pair, tmp_path / "plain")))
+    lean = train(
+        load_config(
+            None,
+            overrides(pair, tmp_path / "lean", "train.attention_chunk=16", "train.remat=true"),
+        )
+    )
+    for name in ("loss", "grad_norm", "kept_fraction"):
+        np.testing.assert_allclose(lean[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_negative_attention_chunk_is_refused(pair, tmp_path):
+    with pytest.raises(ConfigError, match="train.attention_chunk must be >= 0"):
+        load_config(None, overrides(pair, tmp_path, "train.attention_chunk=-1"))

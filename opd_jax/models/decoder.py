@@ -91,6 +91,53 @@ def rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> ja
     return x_BxTxNxH * cos + rotated * sin
 
 
+def _attend(
+    q_BxTxKxGxH: jax.Array,
+    keys_BxSxKxH: jax.Array,
+    values_BxSxKxH: jax.Array,
+    visible_BxTxS: jax.Array,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """Masked softmax attention of grouped queries over all `S` keys, `[B, T, K, G, H]`."""
+    H = q_BxTxKxGxH.shape[-1]
+    scores_BxKxGxTxS = (
+        jnp.einsum(
+            "btkgh,bskh->bkgts", q_BxTxKxGxH, keys_BxSxKxH, preferred_element_type=jnp.float32
+        )
+        * H**-0.5
+    )
+    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, _NEG_INF)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, values_BxSxKxH)
+
+
+def _chunked_attend(
+    q_BxTxKxGxH: jax.Array,
+    keys_BxSxKxH: jax.Array,
+    values_BxSxKxH: jax.Array,
+    visible_BxTxS: jax.Array,
+    chunk: int,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """:func:`_attend`, `chunk` queries at a time (`lax.map`, each chunk rematerialised)."""
+    B, T = q_BxTxKxGxH.shape[:2]
+    n = -(-T // chunk)
+    pad = n * chunk - T
+
+    def split(x):  # [B, T, ...] -> [n, B, chunk, ...], zero-padded
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(xs):
+        q_BxCxKxGxH, visible_BxCxS = xs
+        return _attend(q_BxCxKxGxH, keys_BxSxKxH, values_BxSxKxH, visible_BxCxS, dtype)
+
+    out_nxBxCxKxGxH = jax.lax.map(one, (split(q_BxTxKxGxH), split(visible_BxTxS)))
+    out = jnp.moveaxis(out_nxBxCxKxGxH, 0, 1).reshape((B, n * chunk) + out_nxBxCxKxGxH.shape[3:])
+    return out[:, :T]
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k/v(/o) biases and per-head q/k norm (Qwen3)."""
 
@@ -125,8 +172,13 @@ class Attention(nnx.Module):
         sin_BxTxH: jax.Array,
         visible_BxTxS: jax.Array,
         kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        query_chunk: int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Returns `y [B, T, D]` and, with a cache, the updated cache keys/values.
+
+        `query_chunk > 0` (without a cache) attends `query_chunk` queries at a time, each
+        chunk rematerialised: the `[T, S]` scores are never alive at once, in the forward
+        pass or its gradient (`[query_chunk, S]` are).
 
         `kv`: this layer's cached keys and values `[B, S, K, H]` and the slot index at which
         this call's `T` keys/values are written before attending over all `S` slots; without
@@ -155,15 +207,14 @@ class Attention(nnx.Module):
             new_kv = (keys_BxSxKxH, values_BxSxKxH)
         K, G, H = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
         q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, G, H)
-        scores_BxKxGxTxS = (
-            jnp.einsum(
-                "btkgh,bskh->bkgts", q_BxTxKxGxH, keys_BxSxKxH, preferred_element_type=jnp.float32
+        if kv is None and 0 < query_chunk < T:
+            out_BxTxKxGxH = _chunked_attend(
+                q_BxTxKxGxH, keys_BxSxKxH, values_BxSxKxH, visible_BxTxS, query_chunk, c.dtype
             )
-            * H**-0.5
-        )
-        scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, _NEG_INF)
-        probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(c.dtype)
-        out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, values_BxSxKxH)
+        else:
+            out_BxTxKxGxH = _attend(
+                q_BxTxKxGxH, keys_BxSxKxH, values_BxSxKxH, visible_BxTxS, c.dtype
+            )
         out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, K * G, H)
         y_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(c.dtype))
         if c.out_bias:
@@ -205,16 +256,19 @@ def _block_forward(
     cos_BxTxH: jax.Array,
     sin_BxTxH: jax.Array,
     visible_BxTxS: jax.Array,
+    query_chunk: int = 0,
 ) -> jax.Array:
     """One block without a cache (the training path)."""
-    y_BxTxD, _ = block.attn(block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible_BxTxS)
+    y_BxTxD, _ = block.attn(
+        block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible_BxTxS, None, query_chunk
+    )
     x_BxTxD = x_BxTxD + y_BxTxD
     return x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
 
 
 # Rematerialised: the backward pass recomputes a block's activations from its input, so a
 # differentiated forward stores one [B, T, D] per layer instead of every intermediate.
-_block_forward_remat = nnx.remat(_block_forward)
+_block_forward_remat = nnx.remat(_block_forward, static_argnums=(5,))
 
 
 class Decoder(nnx.Module):
@@ -258,6 +312,7 @@ class Decoder(nnx.Module):
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         remat: bool = False,
+        query_chunk: int = 0,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Final-norm hidden states `[B, T, D]` (compute dtype).
 
@@ -270,6 +325,8 @@ class Decoder(nnx.Module):
             `[cache.index, cache.index + T)` and `(hidden, new_cache)` is returned.
           remat: rematerialise each block under differentiation (without a cache): the
             activation memory of a gradient is one `[B, T, D]` per layer plus one block's.
+          query_chunk: without a cache, attend this many queries at a time (0: all at once);
+            attention's memory is then `O(query_chunk * S)` instead of `O(T * S)`.
         """
         c = self.config
         B, T = tokens_BxT.shape
@@ -298,7 +355,9 @@ class Decoder(nnx.Module):
             if cache is None:
                 forward = _block_forward_remat if remat else _block_forward
                 x_BxTxD = constrain(
-                    forward(block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible_BxTxS), act, self.rules
+                    forward(block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible_BxTxS, query_chunk),
+                    act,
+                    self.rules,
                 )
                 continue
             kv = (k_all[i], v_all[i], cache.index)

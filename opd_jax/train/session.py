@@ -64,6 +64,7 @@ def step_settings(config: Config) -> StepSettings:
         beta=config.loss.beta,
         accumulate=config.optim.accumulate,
         remat=config.train.remat,
+        attention_chunk=config.train.attention_chunk,
     )
 
 

@@ -42,6 +42,7 @@ class StepSettings:
     accumulate: int
     bins: int = 20
     remat: bool = False  # rematerialise the student's blocks in the backward pass
+    attention_chunk: int = 0  # queries attended at a time in both models (0: all)
 
 
 def response_hidden(
@@ -50,9 +51,12 @@ def response_hidden(
     mask_BxS: jax.Array,
     prompt_len: int,
     remat: bool = False,
+    query_chunk: int = 0,
 ):
     """Hidden states ``[B, N, D]`` that predict the response columns ``[P, S)``."""
-    h_BxSxD = model.hidden(tokens_BxS, attention_mask=mask_BxS, remat=remat)
+    h_BxSxD = model.hidden(
+        tokens_BxS, attention_mask=mask_BxS, remat=remat, query_chunk=query_chunk
+    )
     return h_BxSxD[:, prompt_len - 1 : -1]
 
 
@@ -61,8 +65,10 @@ def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
     tokens, mask = micro["tokens"], micro["attention_mask"]
     y_BxN = tokens[:, s.prompt_len :]
     r_BxN = micro["response_mask"][:, s.prompt_len :]
-    h_t = jax.lax.stop_gradient(response_hidden(teacher, tokens, mask, s.prompt_len))
-    h_s = response_hidden(model, tokens, mask, s.prompt_len, s.remat)
+    h_t = jax.lax.stop_gradient(
+        response_hidden(teacher, tokens, mask, s.prompt_len, query_chunk=s.attention_chunk)
+    )
+    h_s = response_hidden(model, tokens, mask, s.prompt_len, s.remat, s.attention_chunk)
     scored = core.score_chunked(
         h_s,
         model.unembed_matrix(),
