@@ -11,31 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from opd_jax.eval.metrics import Estimate
+from opd_jax.files import atomic_write_text
 
 AVERAGE = "average"
 Cell = dict[str, float] | None  # {"value", "stderr"} or missing
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes ``text`` to ``path`` via a temp file in the same directory and ``os.replace``,
-    so readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _cell(estimate: Estimate | Mapping[str, float] | None) -> Cell:

@@ -24,7 +24,7 @@ from flax import nnx
 
 from opd_jax import data, models
 from opd_jax.config import Config, ModelShape, SFTConfig
-from opd_jax.eval.tables import atomic_write_text
+from opd_jax.files import atomic_write_text
 from opd_jax.models.tokenizer import train_bpe_tokenizer
 from opd_jax.train.sft import SFTSettings, sft
 

@@ -36,8 +36,8 @@ from opd_jax.config import (
 from opd_jax.core import RULES
 from opd_jax.data.arithmetic import SPLITS
 from opd_jax.eval.run import BenchmarkSpec, evaluate, load_problems
-from opd_jax.eval.tables import atomic_write_text
 from opd_jax.experiment.models import prepare_models
+from opd_jax.files import atomic_write_text
 
 CURVE_FILE = "curve.json"
 EVAL_FILE = "eval.json"

@@ -13,8 +13,6 @@ checkpoints, and only process 0 writes ``config.yaml``, metrics and the progress
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,16 +25,10 @@ import tensorflow_datasets as tfds
 from opd_jax import data
 from opd_jax.config import Config, dump_config
 from opd_jax.distributed import any_process, is_primary, primary_first
+from opd_jax.files import atomic_write_text
 from opd_jax.train.checkpoint import Checkpointer, on_sigterm
 from opd_jax.train.metrics import MetricsWriter
 from opd_jax.train.session import Session
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def train(
@@ -55,7 +47,7 @@ def train(
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_primary():
-        _write_text(run_dir / "config.yaml", dump_config(config))
+        atomic_write_text(run_dir / "config.yaml", dump_config(config))
     session = Session.build(config)
     tfds.disable_progress_bar()
     source = primary_first(

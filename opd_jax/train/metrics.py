@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from opd_jax.files import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 RESERVED_KEYS = ("step", "time")
@@ -81,12 +83,7 @@ class MetricsWriter:
             return
         self._close_files()
         kept = [line for line in _complete_lines(self.path) if json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(kept))
         self._open(purge_step=step + 1)
 
     def close(self) -> None:

@@ -21,7 +21,9 @@ import optax
 from flax import nnx
 
 from opd_jax import core
+from opd_jax.config import OptimConfig
 from opd_jax.models import Decoder, Tokenizer
+from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.rollouts import encode_prompts, pad_id
 from opd_jax.train.step import response_hidden
 
@@ -120,9 +122,6 @@ def sft(
     """Fine-tunes ``model`` in place on ``batches`` of ``{"prompt": [...], "solution": [...]}``
     and returns it; ``log(step, {"loss", "grad_norm", "tokens_per_s"})`` every ``log_every``
     steps and at the end."""
-    from opd_jax.config import OptimConfig
-    from opd_jax.train.optimizer import make_optimizer
-
     optim = OptimConfig(
         learning_rate=settings.learning_rate,
         warmup_steps=settings.warmup_steps,
