@@ -21,6 +21,10 @@ Parts (``--part``):
 - ``scaling``: the update against response length (``--only length``) and batch size
   (``--only batch``).
 
+opd_jax's attention kernel is ``--attention`` (default ``auto``: cuDNN's fused flash attention
+on a CUDA GPU in bfloat16, XLA's masked scores elsewhere); GPU runs are named by it
+(``gpu/throughput/0.6b-1.7b/cudnn``), so ``--attention xla`` measures the before.
+
 A size that runs out of memory (or fails to compile) is recorded as ``oom`` (``failed``) and
 the benchmark goes on. On the CPU preset the frameworks alternate run by run (the shared
 machine's load drifts); on the GPU preset transformers runs, frees the GPU, then opd_jax runs,
@@ -257,7 +261,7 @@ class JaxSide:
 
     name = "opd_jax"
 
-    def __init__(self, dirs: dict[str, str], dtype: str, chunk: int, remat: bool):
+    def __init__(self, dirs: dict[str, str], dtype: str, chunk: int, remat: bool, attention: str):
         student, _ = models.load(dirs["student"], getattr(jnp, dtype))
         teacher, _ = models.load(dirs["teacher"], getattr(jnp, dtype))
         self.graphdef, params = nnx.split(student, nnx.Param)
@@ -270,12 +274,13 @@ class JaxSide:
         )  # fmt: skip
         self.tx = train_optimizer.make_optimizer(optim, steps=1)
         self.chunk, self.remat, self.key = chunk, remat, jax.random.key(0)
+        self.attention = models.resolve_attention(attention, (getattr(jnp, dtype),))
 
     def settings(self, prompt: int, rule: str):
         return train_step.StepSettings(
             prompt_len=prompt, k=K, chunk_size=self.chunk, rule=rule, rule_options=(),
             loss="sampled_reverse_kl", reduction="token_mean", beta=0.5, accumulate=1,
-            remat=self.remat,
+            remat=self.remat, attention=self.attention,
         )  # fmt: skip
 
     def _compiled(self, host: dict[str, np.ndarray], prompt: int, rule: str):
@@ -447,7 +452,7 @@ def _makers(dirs, args, dtype: str, frameworks: list[str]) -> dict[str, Callable
     makers = {  # transformers first: on a GPU, JAX keeps the memory it has used in its pool
         "torch": lambda: TorchSide(dirs, dtype, chunk, remat),
         "torch_compile": lambda: TorchSide(dirs, dtype, chunk, remat, compile=True),
-        "opd_jax": lambda: JaxSide(dirs, dtype, chunk, remat),
+        "opd_jax": lambda: JaxSide(dirs, dtype, chunk, remat, args.attention),
     }
     return {name: make for name, make in makers.items() if name in frameworks}
 
@@ -526,7 +531,7 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
     diagnostics alone on the scored statistics."""
     B, P, N = settings["batch"], settings["prompt"], settings["response"]
     host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
-    side = JaxSide(dirs, preset["dtype"], args.chunk_size, args.remat)
+    side = JaxSide(dirs, preset["dtype"], args.chunk_size, args.remat, args.attention)
     runs = {rule: side.update(host, P, N, rule)[0] for rule in ("full", "release")}
     step = _interleaved_medians(runs, preset["repeats"])
     del runs
@@ -540,8 +545,9 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
     def hidden(params, teacher_params, batch):
         model = nnx.merge(graphdef, params)
         teacher = nnx.merge(teacher_graphdef, teacher_params)
-        h_s = train_step.response_hidden(model, batch["tokens"], batch["attention_mask"], P)
-        h_t = train_step.response_hidden(teacher, batch["tokens"], batch["attention_mask"], P)
+        tokens, mask, attention = batch["tokens"], batch["attention_mask"], side.attention
+        h_s = train_step.response_hidden(model, tokens, mask, P, attention=attention)
+        h_t = train_step.response_hidden(teacher, tokens, mask, P, attention=attention)
         return model, teacher, h_s, h_t
 
     @jax.jit
@@ -668,6 +674,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--remat", action="store_true", help="recompute the student's blocks (both frameworks)"
     )
+    parser.add_argument(
+        "--attention", choices=("auto", *models.ATTENTION_KINDS), default="auto",
+        help="opd_jax's attention kernel (auto: cuDNN flash on a CUDA GPU in bfloat16)",
+    )  # fmt: skip
     parser.add_argument("--out", help="JSON path (default: results/opd_step_<device>.json)")
     parser.add_argument("--merge", nargs="+", help="merge these results JSONs into --out")
     return parser
@@ -699,9 +709,10 @@ def main() -> None:
     out = args.out or os.path.join(
         tempfile.gettempdir() if args.smoke else results_dir, f"opd_step_{common.device_tag()}.json"
     )
+    attention = models.resolve_attention(args.attention, (getattr(jnp, preset["dtype"]),))
     for part, pair in combos:
         settings = preset[part]
-        print(f"== {part} {pair}", flush=True)
+        print(f"== {part} {pair} (attention {attention})", flush=True)
         with tempfile.TemporaryDirectory() as root:
             dirs = build_checkpoints(root, pair, preset["dtype"])
             rows = PARTS[part](pair, dirs, args, preset, settings, frameworks)
@@ -719,6 +730,7 @@ def main() -> None:
                 **{k: v for k, v in settings.items() if k != "pairs"},
                 "dtype": preset["dtype"], "repeats": preset["repeats"],
                 "chunk_size": args.chunk_size, "remat": args.remat, "k": K,
+                "attention": attention,
                 "peak_flops": peak_flops(preset["dtype"]),
                 "timing": "median of repeats after a warm-up; "
                 + ("frameworks alternating run by run" if preset["interleave"]
@@ -726,7 +738,8 @@ def main() -> None:
                 **NOTES,
             },
         }  # fmt: skip
-        merge_runs(out, {f"{args.preset}/{part}/{pair}" + ("/remat" if args.remat else ""): run})
+        name = f"{args.preset}/{part}/{pair}" + ("/remat" if args.remat else "")
+        merge_runs(out, {name + (f"/{attention}" if args.preset == "gpu" else ""): run})
     if args.smoke:
         absent = [m for m in ("tensorflow_datasets", "grain", "nltk", "gguf") if m in sys.modules]
         print(f"imported modules that the GPU image lacks: {absent or 'none'}")

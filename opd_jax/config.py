@@ -112,6 +112,8 @@ class TrainConfig:
     steps: int = 100  # optimizer steps in the run
     remat: bool = False  # recompute the student's blocks in the backward pass (long rollouts)
     attention_chunk: int = 0  # queries attended at a time in the step (0: all); memory O(chunk*S)
+    # step attention kernel: auto (cuDNN flash on a CUDA GPU in bfloat16, else xla) | xla | cudnn
+    attention: str = "auto"
 
 
 @dataclasses.dataclass
@@ -194,6 +196,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "student.dtype": ("float32", "bfloat16"),
     "teacher.dtype": ("float32", "bfloat16"),
+    "train.attention": ("auto", "xla", "cudnn"),
 }
 POSITIVE = (
     "train.steps", "data.batch_size", "data.max_prompt_tokens", "sampling.max_new_tokens",
@@ -307,6 +310,11 @@ def validate(config: Config) -> Config:
         raise ConfigError(
             f"train.attention_chunk must be >= 0 (0 attends all queries at once), got "
             f"{config.train.attention_chunk}."
+        )
+    if config.train.attention == "cudnn" and config.train.attention_chunk:
+        raise ConfigError(
+            "train.attention_chunk applies to train.attention xla (cuDNN's fused attention "
+            "never forms the scores): set one of them."
         )
     if not config.student.path or not config.teacher.path:
         raise ConfigError(

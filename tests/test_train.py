@@ -160,6 +160,32 @@ def test_chunked_attention_and_remat_train_like_the_plain_step(pair, tmp_path):
         np.testing.assert_allclose(lean[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
+def test_packed_attention_trains_like_the_masked_scores(pair, tmp_path, monkeypatch):
+    """The "cudnn" path's packing through the whole step, run with XLA's kernel on CPU (where
+    `resolve_attention` would refuse "cudnn"; it is tested apart)."""
+    from opd_jax import models
+    from opd_jax.models import decoder
+
+    monkeypatch.setattr(decoder, "_PACKED_IMPLEMENTATION", "xla")
+    monkeypatch.setattr(models, "resolve_attention", lambda kind, dtypes, chunk=0: kind)
+    plain = train(load_config(None, overrides(pair, tmp_path / "plain", "train.attention=xla")))
+    packed = train(load_config(None, overrides(pair, tmp_path / "packed", "train.attention=cudnn")))
+    for name in ("loss", "grad_norm", "kept_fraction"):
+        np.testing.assert_allclose(packed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
 def test_a_negative_attention_chunk_is_refused(pair, tmp_path):
     with pytest.raises(ConfigError, match="train.attention_chunk must be >= 0"):
         load_config(None, overrides(pair, tmp_path, "train.attention_chunk=-1"))
+
+
+def test_cudnn_attention_with_query_chunks_is_refused(pair, tmp_path):
+    extra = ("train.attention=cudnn", "train.attention_chunk=16")
+    with pytest.raises(ConfigError, match="train.attention_chunk applies to train.attention xla"):
+        load_config(None, overrides(pair, tmp_path, *extra))
+
+
+def test_cudnn_attention_off_gpu_is_refused_before_loading(pair, tmp_path):
+    config = load_config(None, overrides(pair, tmp_path, "train.attention=cudnn"))
+    with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU"):
+        train(config)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opd_jax.models.config import ModelConfig
-from opd_jax.models.decoder import Decoder, KVCache
+from opd_jax.models.decoder import ATTENTION_KINDS, Decoder, KVCache, resolve_attention
 from opd_jax.models.hf import load_hf_weights, model_from_tensors, read_config, save_hf
 from opd_jax.models.tokenizer import (
     Tokenizer,
@@ -29,6 +29,7 @@ from opd_jax.models.tokenizer import (
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules, param_shardings
 
 __all__ = [
+    "ATTENTION_KINDS",
     "Decoder",
     "KVCache",
     "ModelConfig",
@@ -42,6 +43,7 @@ __all__ = [
     "load_tokenizer",
     "model_from_tensors",
     "read_config",
+    "resolve_attention",
     "resolve_path",
     "save_hf",
 ]

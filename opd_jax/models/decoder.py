@@ -23,6 +23,34 @@ from opd_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 
 _NEG_INF = -1e30  # finite, so rows with no visible key give a uniform, not NaN, softmax
 
+# Attention kernels without a cache: "xla" forms the masked [T, S] scores (any mask, every
+# backend); "cudnn" is cuDNN's fused flash attention (`jax.nn.dot_product_attention`, CUDA
+# GPUs, bfloat16/float16), given each row's real tokens moved to its front.
+ATTENTION_KINDS = ("xla", "cudnn")
+# The kernel behind "cudnn" (tests run the same path on CPU with XLA's kernel).
+_PACKED_IMPLEMENTATION = "cudnn"
+_PACKED_MULTIPLE = 64
+
+
+def resolve_attention(kind: str, dtypes: tuple[jnp.dtype, ...], query_chunk: int = 0) -> str:
+    """`"auto"` -> `"cudnn"` on a CUDA GPU when every compute dtype is 16-bit and no query
+    chunking is asked for, else `"xla"`; `"xla"` and `"cudnn"` are checked and returned."""
+    half = all(jnp.dtype(d) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) for d in dtypes)
+    gpu = jax.default_backend() == "gpu" and "rocm" not in jax.devices()[0].client.platform_version
+    if kind == "auto":
+        return "cudnn" if gpu and half and not query_chunk else "xla"
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be 'auto' or one of {ATTENTION_KINDS}, got {kind!r}.")
+    if kind == "cudnn" and not (gpu and half):
+        raise ValueError(
+            "attention 'cudnn' needs a CUDA GPU and bfloat16/float16 compute (this run: "
+            f"backend {jax.default_backend()!r}, dtypes {[str(jnp.dtype(d)) for d in dtypes]}); "
+            "use 'auto' or 'xla'."
+        )
+    if kind == "cudnn" and query_chunk:
+        raise ValueError("query chunking applies to attention 'xla'; cuDNN's never forms scores.")
+    return kind
+
 
 def _param(
     rngs: nnx.Rngs,
@@ -138,6 +166,27 @@ def _chunked_attend(
     return out[:, :T]
 
 
+def _packed_attend(
+    q_BxTxNxH: jax.Array, keys_BxSxKxH: jax.Array, values_BxSxKxH: jax.Array, lengths_B: jax.Array
+) -> jax.Array:
+    """Causal attention over rows whose first `lengths_B` tokens are the real ones (key `s`
+    visible to query `t` iff `s <= t` and `s < length`), `[B, T, N, H]`: one fused kernel that
+    never forms the `[T, S]` scores on cuDNN. Queries past a row's length see all its real keys
+    (finite outputs that nothing downstream reads). The sequence is zero-padded inside to a
+    multiple of `_PACKED_MULTIPLE` (cuDNN's training kernels refuse some lengths, e.g. odd)."""
+    T = q_BxTxNxH.shape[1]
+    pad = [(0, 0), (0, -T % _PACKED_MULTIPLE), (0, 0), (0, 0)]
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        jnp.pad(q_BxTxNxH, pad),
+        jnp.pad(keys_BxSxKxH, pad),
+        jnp.pad(values_BxSxKxH, pad),
+        is_causal=True,
+        key_value_seq_lengths=lengths_B,
+        implementation=_PACKED_IMPLEMENTATION,
+    )
+    return out_BxTxNxH[:, :T]
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k/v(/o) biases and per-head q/k norm (Qwen3)."""
 
@@ -173,8 +222,12 @@ class Attention(nnx.Module):
         visible_BxTxS: jax.Array,
         kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         query_chunk: int = 0,
+        attention: str = "xla",
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Returns `y [B, T, D]` and, with a cache, the updated cache keys/values.
+
+        `attention="cudnn"` (without a cache): `visible_BxTxS` is instead the rows' real-token
+        counts `[B]`, their real tokens first (see `Decoder.hidden`).
 
         `query_chunk > 0` (without a cache) attends `query_chunk` queries at a time, each
         chunk rematerialised: the `[T, S]` scores are never alive at once, in the forward
@@ -207,7 +260,11 @@ class Attention(nnx.Module):
             new_kv = (keys_BxSxKxH, values_BxSxKxH)
         K, G, H = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
         q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, G, H)
-        if kv is None and 0 < query_chunk < T:
+        if kv is None and attention == "cudnn":
+            out_BxTxKxGxH = _packed_attend(
+                q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, visible_BxTxS
+            ).reshape(B, T, K, G, H)
+        elif kv is None and 0 < query_chunk < T:
             out_BxTxKxGxH = _chunked_attend(
                 q_BxTxKxGxH, keys_BxSxKxH, values_BxSxKxH, visible_BxTxS, query_chunk, c.dtype
             )
@@ -257,10 +314,11 @@ def _block_forward(
     sin_BxTxH: jax.Array,
     visible_BxTxS: jax.Array,
     query_chunk: int = 0,
+    attention: str = "xla",
 ) -> jax.Array:
     """One block without a cache (the training path)."""
     y_BxTxD, _ = block.attn(
-        block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible_BxTxS, None, query_chunk
+        block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible_BxTxS, None, query_chunk, attention
     )
     x_BxTxD = x_BxTxD + y_BxTxD
     return x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
@@ -268,7 +326,7 @@ def _block_forward(
 
 # Rematerialised: the backward pass recomputes a block's activations from its input, so a
 # differentiated forward stores one [B, T, D] per layer instead of every intermediate.
-_block_forward_remat = nnx.remat(_block_forward, static_argnums=(5,))
+_block_forward_remat = nnx.remat(_block_forward, static_argnums=(5, 6))
 
 
 class Decoder(nnx.Module):
@@ -313,6 +371,7 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         remat: bool = False,
         query_chunk: int = 0,
+        attention: str = "xla",
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Final-norm hidden states `[B, T, D]` (compute dtype).
 
@@ -327,6 +386,10 @@ class Decoder(nnx.Module):
             activation memory of a gradient is one `[B, T, D]` per layer plus one block's.
           query_chunk: without a cache, attend this many queries at a time (0: all at once);
             attention's memory is then `O(query_chunk * S)` instead of `O(T * S)`.
+          attention: without a cache, `"xla"` (masked scores) or `"cudnn"` (fused flash
+            attention: each row's real tokens are gathered to its front, attended with a
+            causal + length mask and scattered back; the outputs at padding are unspecified,
+            those at real tokens equal `"xla"`'s). See `resolve_attention`.
         """
         c = self.config
         B, T = tokens_BxT.shape
@@ -344,8 +407,17 @@ class Decoder(nnx.Module):
         else:
             slot_mask_BxS = jax.lax.dynamic_update_slice(cache.mask, mask_BxT, (0, cache.index))
             offset, S = cache.index, cache.mask.shape[1]
-        causal_TxS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
-        visible_BxTxS = causal_TxS[None] & slot_mask_BxS[:, None, :]
+        packed = cache is None and attention == "cudnn"
+        if packed:  # real tokens first, in order: causality among them is unchanged
+            order_BxT = jnp.argsort(~mask_BxT, axis=-1, stable=True)
+            tokens_BxT = jnp.take_along_axis(tokens_BxT, order_BxT, axis=-1)
+            cos_BxTxH, sin_BxTxH = (
+                jnp.take_along_axis(a, order_BxT[..., None], axis=1) for a in (cos_BxTxH, sin_BxTxH)
+            )
+            visible_BxTxS = mask_BxT.sum(-1, dtype=jnp.int32)  # the lengths, see Attention
+        else:
+            causal_TxS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
+            visible_BxTxS = causal_TxS[None] & slot_mask_BxS[:, None, :]
 
         act = ("batch", "sequence", None)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.dtype)
@@ -355,7 +427,9 @@ class Decoder(nnx.Module):
             if cache is None:
                 forward = _block_forward_remat if remat else _block_forward
                 x_BxTxD = constrain(
-                    forward(block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible_BxTxS, query_chunk),
+                    forward(
+                        block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible_BxTxS, query_chunk, attention
+                    ),
                     act,
                     self.rules,
                 )
@@ -369,6 +443,9 @@ class Decoder(nnx.Module):
             x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
             x_BxTxD = constrain(x_BxTxD, act, self.rules)
         h_BxTxD = self.norm(x_BxTxD)
+        if packed:
+            inverse_BxT = jnp.argsort(order_BxT, axis=-1)
+            h_BxTxD = jnp.take_along_axis(h_BxTxD, inverse_BxT[..., None], axis=1)
         if cache is None:
             return h_BxTxD
         return h_BxTxD, KVCache(k=k_all, v=v_all, mask=slot_mask_BxS, index=cache.index + T)

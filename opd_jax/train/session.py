@@ -65,6 +65,11 @@ def step_settings(config: Config) -> StepSettings:
         accumulate=config.optim.accumulate,
         remat=config.train.remat,
         attention_chunk=config.train.attention_chunk,
+        attention=models.resolve_attention(
+            config.train.attention,
+            (config.student.dtype, config.teacher.dtype),
+            config.train.attention_chunk,
+        ),
     )
 
 
@@ -156,6 +161,7 @@ class Session:
     @classmethod
     def build(cls, config: Config) -> Session:
         """Loads the models onto the configured mesh and compiles nothing yet."""
+        settings = step_settings(config)  # before loading: a bad attention choice fails fast
         mesh = mesh_from_config(config)
         student, teacher, tokenizer = load_pair(config, mesh)
         graphdef, params = nnx.split(student, nnx.Param)
@@ -163,7 +169,6 @@ class Session:
         tx = make_optimizer(config.optim, config.train.steps)
         opt_state = init_opt_state(tx, params, mesh)
         shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-        settings = step_settings(config)
         step_fn = make_train_step(graphdef, teacher_graphdef, tx, settings, shardings)
         eos = eos_ids(tokenizer, student.config.eos_token_id)
         return cls(

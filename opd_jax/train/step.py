@@ -43,6 +43,7 @@ class StepSettings:
     bins: int = 20
     remat: bool = False  # rematerialise the student's blocks in the backward pass
     attention_chunk: int = 0  # queries attended at a time in both models (0: all)
+    attention: str = "xla"  # both models' attention kernel: xla | cudnn (models.resolve_attention)
 
 
 def response_hidden(
@@ -52,10 +53,15 @@ def response_hidden(
     prompt_len: int,
     remat: bool = False,
     query_chunk: int = 0,
+    attention: str = "xla",
 ):
     """Hidden states ``[B, N, D]`` that predict the response columns ``[P, S)``."""
     h_BxSxD = model.hidden(
-        tokens_BxS, attention_mask=mask_BxS, remat=remat, query_chunk=query_chunk
+        tokens_BxS,
+        attention_mask=mask_BxS,
+        remat=remat,
+        query_chunk=query_chunk,
+        attention=attention,
     )
     return h_BxSxD[:, prompt_len - 1 : -1]
 
@@ -66,9 +72,11 @@ def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
     y_BxN = tokens[:, s.prompt_len :]
     r_BxN = micro["response_mask"][:, s.prompt_len :]
     h_t = jax.lax.stop_gradient(
-        response_hidden(teacher, tokens, mask, s.prompt_len, query_chunk=s.attention_chunk)
+        response_hidden(teacher, tokens, mask, s.prompt_len, False, s.attention_chunk, s.attention)
     )
-    h_s = response_hidden(model, tokens, mask, s.prompt_len, s.remat, s.attention_chunk)
+    h_s = response_hidden(
+        model, tokens, mask, s.prompt_len, s.remat, s.attention_chunk, s.attention
+    )
     scored = core.score_chunked(
         h_s,
         model.unembed_matrix(),
