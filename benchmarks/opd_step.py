@@ -22,8 +22,8 @@ Parts (``--part``):
   (``--only batch``).
 
 opd_jax's attention kernel is ``--attention`` (default ``auto``: cuDNN's fused flash attention
-on a CUDA GPU in bfloat16, XLA's masked scores elsewhere); GPU runs are named by it
-(``gpu/throughput/0.6b-1.7b/cudnn``), so ``--attention xla`` measures the before.
+on a CUDA GPU in bfloat16, ``flash`` on CPU); runs are named by it
+(``gpu/throughput/0.6b-1.7b/cudnn``), so ``--attention xla`` measures the masked scores.
 
 A size that runs out of memory (or fails to compile) is recorded as ``oom`` (``failed``) and
 the benchmark goes on. On the CPU preset the frameworks alternate run by run (the shared
@@ -739,7 +739,7 @@ def main() -> None:
             },
         }  # fmt: skip
         name = f"{args.preset}/{part}/{pair}" + ("/remat" if args.remat else "")
-        merge_runs(out, {name + (f"/{attention}" if args.preset == "gpu" else ""): run})
+        merge_runs(out, {f"{name}/{attention}": run})
     if args.smoke:
         absent = [m for m in ("tensorflow_datasets", "grain", "nltk", "gguf") if m in sys.modules]
         print(f"imported modules that the GPU image lacks: {absent or 'none'}")

@@ -111,9 +111,11 @@ class MeshConfig:
 class TrainConfig:
     steps: int = 100  # optimizer steps in the run
     remat: bool = False  # recompute the student's blocks in the backward pass (long rollouts)
-    attention_chunk: int = 0  # queries attended at a time in the step (0: all); memory O(chunk*S)
-    # step attention kernel: auto (cuDNN flash on a CUDA GPU in bfloat16, else xla) | xla | cudnn
+    # the step's attention kernel (opd_jax.models.attention): auto | xla | cudnn | flash; auto:
+    # cudnn on a CUDA GPU in bfloat16, xla on other GPUs, flash on CPU and TPU
     attention: str = "auto"
+    # xla: queries attended at a time (0: all; memory O(chunk*S)); flash: its block (0: 256)
+    attention_chunk: int = 0
 
 
 @dataclasses.dataclass
@@ -196,7 +198,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "student.dtype": ("float32", "bfloat16"),
     "teacher.dtype": ("float32", "bfloat16"),
-    "train.attention": ("auto", "xla", "cudnn"),
+    "train.attention": ("auto", "xla", "cudnn", "flash"),
 }
 POSITIVE = (
     "train.steps", "data.batch_size", "data.max_prompt_tokens", "sampling.max_new_tokens",
@@ -313,8 +315,8 @@ def validate(config: Config) -> Config:
         )
     if config.train.attention == "cudnn" and config.train.attention_chunk:
         raise ConfigError(
-            "train.attention_chunk applies to train.attention xla (cuDNN's fused attention "
-            "never forms the scores): set one of them."
+            "train.attention_chunk applies to train.attention xla and flash (cuDNN's fused "
+            "attention has its own blocks): set one of them."
         )
     if not config.student.path or not config.teacher.path:
         raise ConfigError(

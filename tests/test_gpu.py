@@ -26,6 +26,7 @@ def _model(dtype):
 def test_auto_attention_is_cudnn_in_bfloat16_and_xla_in_float32():
     assert resolve_attention("auto", (jnp.bfloat16, jnp.bfloat16)) == "cudnn"
     assert resolve_attention("auto", (jnp.bfloat16, jnp.float32)) == "xla"
+    assert resolve_attention("flash", (jnp.float32,)) == "flash"
     assert resolve_attention("auto", (jnp.bfloat16,), query_chunk=64) == "xla"
 
 

@@ -368,13 +368,14 @@ def test_query_chunked_attention_gives_the_same_hidden_states_and_gradients(quer
 def packed_on_xla(monkeypatch):
     """The "cudnn" attention path (rows packed, causal + length mask) with XLA's kernel, which
     runs on any backend; the cuDNN kernel itself is checked in tests/test_gpu.py."""
-    from opd_jax.models import decoder
+    from opd_jax.models import attention
 
-    monkeypatch.setattr(decoder, "_PACKED_IMPLEMENTATION", "xla")
+    monkeypatch.setattr(attention, "_PACKED_IMPLEMENTATION", "xla")
 
 
+@pytest.mark.parametrize("kind", ["cudnn", "flash"])
 @pytest.mark.parametrize("remat", [False, True])
-def test_packed_attention_equals_masked_scores_on_real_tokens(packed_on_xla, remat):
+def test_packed_attention_equals_masked_scores_on_real_tokens(packed_on_xla, kind, remat):
     from opd_jax.models import Decoder, ModelConfig
     from opd_jax.models.testing import tiny_hf_config
 
@@ -390,26 +391,15 @@ def test_packed_attention_equals_masked_scores_on_real_tokens(packed_on_xla, rem
 
     def loss(p, attention):
         h = nnx.merge(graphdef, p).hidden(
-            tokens, attention_mask=mask, remat=remat, attention=attention
+            tokens, attention_mask=mask, remat=remat, attention=attention, query_chunk=4
         )
         return (jnp.where(mask[..., None], h, 0) ** 2).mean(), h
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
     (scores_loss, h_scores), g_scores = grad(params, "xla")
-    (packed_loss, h_packed), g_packed = grad(params, "cudnn")
+    (packed_loss, h_packed), g_packed = grad(params, kind)
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(h_packed[real], h_scores[real], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(packed_loss, scores_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_scores), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_attention_auto_is_xla_off_gpu_and_cudnn_is_refused_there():
-    from opd_jax.models import resolve_attention
-
-    assert resolve_attention("auto", (jnp.bfloat16,)) == "xla"
-    assert resolve_attention("xla", (jnp.float32,)) == "xla"
-    with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU and bfloat16/float16"):
-        resolve_attention("cudnn", (jnp.bfloat16,))
-    with pytest.raises(ValueError, match="attention must be 'auto' or one of"):
-        resolve_attention("flash", (jnp.bfloat16,))

@@ -149,27 +149,24 @@ def test_gradient_accumulation_runs_micro_batches(pair, tmp_path):
 
 
 def test_chunked_attention_and_remat_train_like_the_plain_step(pair, tmp_path):
-    plain = train(load_config(None, overrides(pair, tmp_path / "plain")))
-    lean = train(
-        load_config(
-            None,
-            overrides(pair, tmp_path / "lean", "train.attention_chunk=16", "train.remat=true"),
-        )
-    )
+    plain = train(load_config(None, overrides(pair, tmp_path / "plain", "train.attention=xla")))
+    lean_settings = ("train.attention=xla", "train.attention_chunk=16", "train.remat=true")
+    lean = train(load_config(None, overrides(pair, tmp_path / "lean", *lean_settings)))
     for name in ("loss", "grad_norm", "kept_fraction"):
         np.testing.assert_allclose(lean[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
-def test_packed_attention_trains_like_the_masked_scores(pair, tmp_path, monkeypatch):
-    """The "cudnn" path's packing through the whole step, run with XLA's kernel on CPU (where
-    `resolve_attention` would refuse "cudnn"; it is tested apart)."""
+@pytest.mark.parametrize("kind", ["cudnn", "flash"])
+def test_packed_attention_trains_like_the_masked_scores(pair, tmp_path, monkeypatch, kind):
+    """ "flash", and the "cudnn" path's packing run with XLA's kernel on CPU (where
+    `resolve_attention` refuses "cudnn"; it is tested apart)."""
     from opd_jax import models
-    from opd_jax.models import decoder
+    from opd_jax.models import attention
 
-    monkeypatch.setattr(decoder, "_PACKED_IMPLEMENTATION", "xla")
+    monkeypatch.setattr(attention, "_PACKED_IMPLEMENTATION", "xla")
     monkeypatch.setattr(models, "resolve_attention", lambda kind, dtypes, chunk=0: kind)
     plain = train(load_config(None, overrides(pair, tmp_path / "plain", "train.attention=xla")))
-    packed = train(load_config(None, overrides(pair, tmp_path / "packed", "train.attention=cudnn")))
+    packed = train(load_config(None, overrides(pair, tmp_path / kind, f"train.attention={kind}")))
     for name in ("loss", "grad_norm", "kept_fraction"):
         np.testing.assert_allclose(packed[name], plain[name], rtol=1e-4, atol=1e-6)
 
@@ -181,7 +178,9 @@ def test_a_negative_attention_chunk_is_refused(pair, tmp_path):
 
 def test_cudnn_attention_with_query_chunks_is_refused(pair, tmp_path):
     extra = ("train.attention=cudnn", "train.attention_chunk=16")
-    with pytest.raises(ConfigError, match="train.attention_chunk applies to train.attention xla"):
+    with pytest.raises(
+        ConfigError, match="train.attention_chunk applies to train.attention xla and flash"
+    ):
         load_config(None, overrides(pair, tmp_path, *extra))
 
 

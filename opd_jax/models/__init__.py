@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from opd_jax.models.attention import ATTENTION_KINDS, resolve_attention
 from opd_jax.models.config import ModelConfig
-from opd_jax.models.decoder import ATTENTION_KINDS, Decoder, KVCache, resolve_attention
+from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.models.hf import load_hf_weights, model_from_tensors, read_config, save_hf
 from opd_jax.models.tokenizer import (
     Tokenizer,

@@ -18,38 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from opd_jax.models import attention as kernels
 from opd_jax.models.config import ModelConfig
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
-
-_NEG_INF = -1e30  # finite, so rows with no visible key give a uniform, not NaN, softmax
-
-# Attention kernels without a cache: "xla" forms the masked [T, S] scores (any mask, every
-# backend); "cudnn" is cuDNN's fused flash attention (`jax.nn.dot_product_attention`, CUDA
-# GPUs, bfloat16/float16), given each row's real tokens moved to its front.
-ATTENTION_KINDS = ("xla", "cudnn")
-# The kernel behind "cudnn" (tests run the same path on CPU with XLA's kernel).
-_PACKED_IMPLEMENTATION = "cudnn"
-_PACKED_MULTIPLE = 64
-
-
-def resolve_attention(kind: str, dtypes: tuple[jnp.dtype, ...], query_chunk: int = 0) -> str:
-    """`"auto"` -> `"cudnn"` on a CUDA GPU when every compute dtype is 16-bit and no query
-    chunking is asked for, else `"xla"`; `"xla"` and `"cudnn"` are checked and returned."""
-    half = all(jnp.dtype(d) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) for d in dtypes)
-    gpu = jax.default_backend() == "gpu" and "rocm" not in jax.devices()[0].client.platform_version
-    if kind == "auto":
-        return "cudnn" if gpu and half and not query_chunk else "xla"
-    if kind not in ATTENTION_KINDS:
-        raise ValueError(f"attention must be 'auto' or one of {ATTENTION_KINDS}, got {kind!r}.")
-    if kind == "cudnn" and not (gpu and half):
-        raise ValueError(
-            "attention 'cudnn' needs a CUDA GPU and bfloat16/float16 compute (this run: "
-            f"backend {jax.default_backend()!r}, dtypes {[str(jnp.dtype(d)) for d in dtypes]}); "
-            "use 'auto' or 'xla'."
-        )
-    if kind == "cudnn" and query_chunk:
-        raise ValueError("query chunking applies to attention 'xla'; cuDNN's never forms scores.")
-    return kind
 
 
 def _param(
@@ -119,74 +90,6 @@ def rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> ja
     return x_BxTxNxH * cos + rotated * sin
 
 
-def _attend(
-    q_BxTxKxGxH: jax.Array,
-    keys_BxSxKxH: jax.Array,
-    values_BxSxKxH: jax.Array,
-    visible_BxTxS: jax.Array,
-    dtype: jnp.dtype,
-) -> jax.Array:
-    """Masked softmax attention of grouped queries over all `S` keys, `[B, T, K, G, H]`."""
-    H = q_BxTxKxGxH.shape[-1]
-    scores_BxKxGxTxS = (
-        jnp.einsum(
-            "btkgh,bskh->bkgts", q_BxTxKxGxH, keys_BxSxKxH, preferred_element_type=jnp.float32
-        )
-        * H**-0.5
-    )
-    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, _NEG_INF)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, values_BxSxKxH)
-
-
-def _chunked_attend(
-    q_BxTxKxGxH: jax.Array,
-    keys_BxSxKxH: jax.Array,
-    values_BxSxKxH: jax.Array,
-    visible_BxTxS: jax.Array,
-    chunk: int,
-    dtype: jnp.dtype,
-) -> jax.Array:
-    """:func:`_attend`, `chunk` queries at a time (`lax.map`, each chunk rematerialised)."""
-    B, T = q_BxTxKxGxH.shape[:2]
-    n = -(-T // chunk)
-    pad = n * chunk - T
-
-    def split(x):  # [B, T, ...] -> [n, B, chunk, ...], zero-padded
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def one(xs):
-        q_BxCxKxGxH, visible_BxCxS = xs
-        return _attend(q_BxCxKxGxH, keys_BxSxKxH, values_BxSxKxH, visible_BxCxS, dtype)
-
-    out_nxBxCxKxGxH = jax.lax.map(one, (split(q_BxTxKxGxH), split(visible_BxTxS)))
-    out = jnp.moveaxis(out_nxBxCxKxGxH, 0, 1).reshape((B, n * chunk) + out_nxBxCxKxGxH.shape[3:])
-    return out[:, :T]
-
-
-def _packed_attend(
-    q_BxTxNxH: jax.Array, keys_BxSxKxH: jax.Array, values_BxSxKxH: jax.Array, lengths_B: jax.Array
-) -> jax.Array:
-    """Causal attention over rows whose first `lengths_B` tokens are the real ones (key `s`
-    visible to query `t` iff `s <= t` and `s < length`), `[B, T, N, H]`: one fused kernel that
-    never forms the `[T, S]` scores on cuDNN. Queries past a row's length see all its real keys
-    (finite outputs that nothing downstream reads). The sequence is zero-padded inside to a
-    multiple of `_PACKED_MULTIPLE` (cuDNN's training kernels refuse some lengths, e.g. odd)."""
-    T = q_BxTxNxH.shape[1]
-    pad = [(0, 0), (0, -T % _PACKED_MULTIPLE), (0, 0), (0, 0)]
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        jnp.pad(q_BxTxNxH, pad),
-        jnp.pad(keys_BxSxKxH, pad),
-        jnp.pad(values_BxSxKxH, pad),
-        is_causal=True,
-        key_value_seq_lengths=lengths_B,
-        implementation=_PACKED_IMPLEMENTATION,
-    )
-    return out_BxTxNxH[:, :T]
-
-
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k/v(/o) biases and per-head q/k norm (Qwen3)."""
 
@@ -226,19 +129,16 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Returns `y [B, T, D]` and, with a cache, the updated cache keys/values.
 
-        `attention="cudnn"` (without a cache): `visible_BxTxS` is instead the rows' real-token
-        counts `[B]`, their real tokens first (see `Decoder.hidden`).
-
-        `query_chunk > 0` (without a cache) attends `query_chunk` queries at a time, each
-        chunk rematerialised: the `[T, S]` scores are never alive at once, in the forward
-        pass or its gradient (`[query_chunk, S]` are).
+        Without a cache, `attention` picks the kernel and `query_chunk` its chunk or block
+        (`models.attention.attend`); for "cudnn" and "flash", `visible_BxTxS` is instead the
+        rows' real-token counts `[B]`, their real tokens first (see `Decoder.hidden`). With a
+        cache the masked scores attend.
 
         `kv`: this layer's cached keys and values `[B, S, K, H]` and the slot index at which
         this call's `T` keys/values are written before attending over all `S` slots; without
         it the keys are this call's `T`.
         """
         c = self.config
-        B, T, _ = x_BxTxD.shape
         q_BxTxNxH = self._project(x_BxTxD, "q")
         k_BxTxKxH = self._project(x_BxTxD, "k")
         v_BxTxKxH = self._project(x_BxTxD, "v")
@@ -258,21 +158,15 @@ class Attention(nnx.Module):
                 cache_v, v_BxTxKxH.astype(cache_v.dtype), start
             )
             new_kv = (keys_BxSxKxH, values_BxSxKxH)
-        K, G, H = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
-        q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, G, H)
-        if kv is None and attention == "cudnn":
-            out_BxTxKxGxH = _packed_attend(
-                q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, visible_BxTxS
-            ).reshape(B, T, K, G, H)
-        elif kv is None and 0 < query_chunk < T:
-            out_BxTxKxGxH = _chunked_attend(
-                q_BxTxKxGxH, keys_BxSxKxH, values_BxSxKxH, visible_BxTxS, query_chunk, c.dtype
-            )
-        else:
-            out_BxTxKxGxH = _attend(
-                q_BxTxKxGxH, keys_BxSxKxH, values_BxSxKxH, visible_BxTxS, c.dtype
-            )
-        out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, K * G, H)
+        out_BxTxNxH = kernels.attend(
+            attention if kv is None else "xla",
+            q_BxTxNxH,
+            keys_BxSxKxH,
+            values_BxSxKxH,
+            visible_BxTxS,
+            query_chunk if kv is None else 0,
+            c.dtype,
+        )
         y_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(c.dtype))
         if c.out_bias:
             y_BxTxD = y_BxTxD + self.o_bias[...].astype(c.dtype)
@@ -386,10 +280,11 @@ class Decoder(nnx.Module):
             activation memory of a gradient is one `[B, T, D]` per layer plus one block's.
           query_chunk: without a cache, attend this many queries at a time (0: all at once);
             attention's memory is then `O(query_chunk * S)` instead of `O(T * S)`.
-          attention: without a cache, `"xla"` (masked scores) or `"cudnn"` (fused flash
-            attention: each row's real tokens are gathered to its front, attended with a
-            causal + length mask and scattered back; the outputs at padding are unspecified,
-            those at real tokens equal `"xla"`'s). See `resolve_attention`.
+          attention: the kernel without a cache (`models.attention`): `"xla"` (masked
+            scores), `"cudnn"` or `"flash"` (each row's real tokens are gathered to its front,
+            attended with a causal + length mask and scattered back; the outputs at padding are
+            unspecified, those at real tokens equal `"xla"`'s). `"flash"` takes its block size
+            from `query_chunk` (0: 512).
         """
         c = self.config
         B, T = tokens_BxT.shape
@@ -407,7 +302,7 @@ class Decoder(nnx.Module):
         else:
             slot_mask_BxS = jax.lax.dynamic_update_slice(cache.mask, mask_BxT, (0, cache.index))
             offset, S = cache.index, cache.mask.shape[1]
-        packed = cache is None and attention == "cudnn"
+        packed = cache is None and attention in kernels.PACKED_KINDS
         if packed:  # real tokens first, in order: causality among them is unchanged
             order_BxT = jnp.argsort(~mask_BxT, axis=-1, stable=True)
             tokens_BxT = jnp.take_along_axis(tokens_BxT, order_BxT, axis=-1)

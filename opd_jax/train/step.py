@@ -42,8 +42,8 @@ class StepSettings:
     accumulate: int
     bins: int = 20
     remat: bool = False  # rematerialise the student's blocks in the backward pass
-    attention_chunk: int = 0  # queries attended at a time in both models (0: all)
-    attention: str = "xla"  # both models' attention kernel: xla | cudnn (models.resolve_attention)
+    attention_chunk: int = 0  # xla: queries attended at a time (0: all); flash: block (0: 256)
+    attention: str = "xla"  # both models' kernel: xla | cudnn | flash (models.resolve_attention)
 
 
 def response_hidden(
