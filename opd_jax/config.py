@@ -114,7 +114,7 @@ class TrainConfig:
     # the step's attention kernel (opd_jax.models.attention): auto | xla | cudnn | flash; auto:
     # cudnn on a CUDA GPU in bfloat16, xla on other GPUs, flash on CPU and TPU
     attention: str = "auto"
-    # xla: queries attended at a time (0: all; memory O(chunk*S)); flash: its block (0: 256)
+    # xla: queries attended at a time (0: all; memory O(chunk*S)); flash: its block (0: 512)
     attention_chunk: int = 0
 
 

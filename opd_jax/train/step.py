@@ -42,7 +42,7 @@ class StepSettings:
     accumulate: int
     bins: int = 20
     remat: bool = False  # rematerialise the student's blocks in the backward pass
-    attention_chunk: int = 0  # xla: queries attended at a time (0: all); flash: block (0: 256)
+    attention_chunk: int = 0  # xla: queries attended at a time (0: all); flash: block (0: 512)
     attention: str = "xla"  # both models' kernel: xla | cudnn | flash (models.resolve_attention)
 
 
