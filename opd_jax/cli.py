@@ -29,8 +29,18 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def use_compilation_cache(path: str) -> None:
+    """Points JAX's persistent compilation cache at `path` (`run.compilation_cache`; "": off),
+    so that running a command again loads what it compiled before."""
+    if path:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
 def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    use_compilation_cache(config.run.compilation_cache)
     initialize_from_env()
     from opd_jax.train.loop import train
 
@@ -100,7 +110,9 @@ def _convert(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from opd_jax.experiment import load_experiment_config, run_experiment
 
-    run_experiment(load_experiment_config(args.config, args.overrides, full=args.full))
+    config = load_experiment_config(args.config, args.overrides, full=args.full)
+    use_compilation_cache(config.run.compilation_cache)
+    run_experiment(config)
     return 0
 
 

@@ -34,6 +34,9 @@ class RunConfig:
     async_checkpoint: bool = True  # write checkpoints in the background where orbax can
     tensorboard: bool = True  # also write TensorBoard event files
     progress: bool = True  # a progress bar on the terminal
+    # XLA's persistent compilation cache for the command line ("": off): a rerun or a resume
+    # loads the compiled step instead of compiling it again
+    compilation_cache: str = "~/.cache/opd_jax/xla"
 
 
 @dataclasses.dataclass

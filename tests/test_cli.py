@@ -32,7 +32,8 @@ def tiny_config(tiny_pair, tmp_path_factory):
     config = root / "tiny.yaml"
     config.write_text(
         f"""
-run: {{dir: {root / "run"}, progress: false, tensorboard: false, checkpoint_every: 1}}
+run: {{dir: {root / "run"}, progress: false, tensorboard: false, checkpoint_every: 1,
+      compilation_cache: {root / "xla"}}}
 student: {{path: {tiny_pair / "student"}}}
 teacher: {{path: {tiny_pair / "teacher"}}}
 data: {{data_dir: {root / "data"}, batch_size: 2, max_prompt_tokens: 96,
@@ -126,6 +127,7 @@ def test_sample_prints_completions(tiny_config, capsys):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config, tmp_path):
+    """(In a fresh process, which also fills `run.compilation_cache`.)"""
     run = tmp_path / "run"
     args = ["train", str(tiny_config), "--set", f"run.dir={run}", "--set", "train.steps=500"]
     proc = subprocess.Popen(
@@ -148,3 +150,4 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config, tmp_path):
     saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] == steps[-1]
     assert load_config(run / "config.yaml").train.steps == 500
+    assert any((tiny_config.parent / "xla").iterdir()), "nothing in run.compilation_cache"
