@@ -132,11 +132,13 @@ def packed_attention(
     q_BxTxNxH: jax.Array, keys_BxSxKxH: jax.Array, values_BxSxKxH: jax.Array, lengths_B: jax.Array
 ) -> jax.Array:
     """cuDNN's fused attention over packed rows, `[B, T, N, H]` (never forms the scores).
-    Queries past a row's length see all its real keys (finite outputs nothing reads). The
+    Queries past a row's length see all its real keys (finite outputs nothing reads); a row
+    with no real token attends its first position. The
     sequence is zero-padded inside to a multiple of 64 (cuDNN's training kernels refuse some
     lengths, e.g. odd ones)."""
     T = q_BxTxNxH.shape[1]
     pad = [(0, 0), (0, -T % _PACKED_MULTIPLE), (0, 0), (0, 0)]
+    lengths_B = jnp.maximum(lengths_B, 1)  # an all-padding row: finite outputs, never NaN
     out_BxTxNxH = jax.nn.dot_product_attention(
         jnp.pad(q_BxTxNxH, pad),
         jnp.pad(keys_BxSxKxH, pad),
@@ -158,11 +160,11 @@ def flash_attention(
     """Causal attention over packed rows in query and key blocks of about `block` positions
     (`ceil(T / block)` near-equal blocks, multiples of 8, so padding stays small), `[B, T, N, H]`.
 
-    Query block `i` visits key blocks `0..i` only (about half the work of the full scores) with
-    a running max and sum; the backward pass recomputes each block's probabilities from the
-    saved log-sum-exp (one pass for `dq`, one for `dk, dv`). Memory: `O(B N T H)` plus one
+    Query block `i` visits key blocks `0..i` only (about half the work of the full scores),
+    and none past the longest row, with a running max and sum; the backward pass recomputes
+    each block's probabilities once from the saved log-sum-exp. Memory: `O(B N T H)` plus one
     `[B, N, block, block]` block of scores at a time. Scores and accumulators are float32;
-    the matmul operands keep the inputs' dtype.
+    the matmul operands keep the inputs' dtype. Reverse-mode only (a `custom_vjp`: no `jvp`).
     """
     B, T, N, H = q_BxTxNxH.shape
     K = keys_BxTxKxH.shape[2]
@@ -197,9 +199,15 @@ def _scores(q_i, k_j, i, j, C, lengths_B):
     return jnp.where(visible, s, NEG_INF), visible
 
 
+def _key_blocks(lengths_B: jax.Array, C: int) -> jax.Array:
+    """The number of key blocks holding a real token of some row (packed rows: the first)."""
+    return (lengths_B.max() + C - 1) // C
+
+
 def _flash_forward(q, k, v, lengths_B, C):
     """`(out [n, B, K, G, C, H], lse [n, B, K, G, C])`."""
     n = q.shape[0]
+    last = _key_blocks(lengths_B, C)
 
     def query_block(i):
         q_i = q[i]
@@ -222,7 +230,7 @@ def _flash_forward(q, k, v, lengths_B, C):
             jnp.zeros(shape, jnp.float32),
             jnp.zeros(q_i.shape, jnp.float32),
         )
-        m, total, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
+        m, total, acc = jax.lax.fori_loop(0, jnp.minimum(i + 1, last), key_block, init)
         total = jnp.where(total > 0, total, 1.0)  # a row with no visible key: output 0
         return (acc / total[..., None]).astype(q.dtype), m + jnp.log(total)
 
@@ -240,48 +248,39 @@ def _flash_fwd(q, k, v, lengths_B, C):
 
 
 def _flash_bwd(C, residuals, d_out):
+    """One pass over key blocks `j` (a scan carrying the float32 `dq`), each visiting query
+    blocks `i >= j`: every block's scores and `dO V^T` are recomputed once."""
     q, k, v, lengths_B, out, lse = residuals
     n = q.shape[0]
+    last = _key_blocks(lengths_B, C)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [n, B, K, G, C]
-
-    def ds_block(i, j):
-        """`p` and `ds = p * (dp - delta)` of query block `i` against key block `j`."""
-        s, visible = _scores(q[i], k[j], i, j, C, lengths_B)
-        p = jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0)
-        dp = jnp.einsum("bkgch,bkdh->bkgcd", d_out[i], v[j], preferred_element_type=jnp.float32)
-        return p, p * (dp - delta[i][..., None])
-
     scale = q.shape[-1] ** -0.5
 
-    def dq_block(i):
-        def body(j, dq):
-            _, ds = ds_block(i, j)
-            return dq + jnp.einsum(
-                "bkgcd,bkdh->bkgch", ds.astype(k.dtype), k[j], preferred_element_type=jnp.float32
-            )
-
-        dq = jax.lax.fori_loop(0, i + 1, body, jnp.zeros(q.shape[1:], jnp.float32))
-        return (dq * scale).astype(q.dtype)
-
-    def dkv_block(j):
-        def body(i, carry):
-            dk, dv = carry
-            p, ds = ds_block(i, j)
+    def key_block(dq, j):
+        def query_block(i, carry):
+            dq, dk, dv = carry
+            s, visible = _scores(q[i], k[j], i, j, C, lengths_B)
+            p = jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0)
+            dp = jnp.einsum("bkgch,bkdh->bkgcd", d_out[i], v[j], preferred_element_type=jnp.float32)
+            ds = p * (dp - delta[i][..., None])
             dv = dv + jnp.einsum(
                 "bkgcd,bkgch->bkdh", p.astype(v.dtype), d_out[i], preferred_element_type=jnp.float32
             )
             dk = dk + jnp.einsum(
                 "bkgcd,bkgch->bkdh", ds.astype(q.dtype), q[i], preferred_element_type=jnp.float32
             )
-            return dk, dv
+            dq_i = jnp.einsum(
+                "bkgcd,bkdh->bkgch", ds.astype(k.dtype), k[j], preferred_element_type=jnp.float32
+            )
+            return dq.at[i].add(dq_i), dk, dv
 
         zeros = jnp.zeros(k.shape[1:], jnp.float32)
-        dk, dv = jax.lax.fori_loop(j, n, body, (zeros, zeros))
-        return (dk * scale).astype(k.dtype), dv.astype(v.dtype)
+        end = jnp.where(j < last, n, j)  # key blocks past every row's length: nothing to do
+        dq, dk, dv = jax.lax.fori_loop(j, end, query_block, (dq, zeros, zeros))
+        return dq, ((dk * scale).astype(k.dtype), dv.astype(v.dtype))
 
-    dq = jax.lax.map(dq_block, jnp.arange(n))
-    dk, dv = jax.lax.map(dkv_block, jnp.arange(n))
-    return dq, dk, dv, None
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(n))
+    return (dq * scale).astype(q.dtype), dk, dv, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -303,12 +303,14 @@ class Decoder(nnx.Module):
             slot_mask_BxS = jax.lax.dynamic_update_slice(cache.mask, mask_BxT, (0, cache.index))
             offset, S = cache.index, cache.mask.shape[1]
         packed = cache is None and attention in kernels.PACKED_KINDS
-        if packed:  # real tokens first, in order: causality among them is unchanged
+        order_BxT = None  # with padding, packed: real tokens first, in order (causality kept)
+        if packed and attention_mask is not None:
             order_BxT = jnp.argsort(~mask_BxT, axis=-1, stable=True)
             tokens_BxT = jnp.take_along_axis(tokens_BxT, order_BxT, axis=-1)
             cos_BxTxH, sin_BxTxH = (
                 jnp.take_along_axis(a, order_BxT[..., None], axis=1) for a in (cos_BxTxH, sin_BxTxH)
             )
+        if packed:
             visible_BxTxS = mask_BxT.sum(-1, dtype=jnp.int32)  # the lengths, see Attention
         else:
             causal_TxS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
@@ -338,9 +340,9 @@ class Decoder(nnx.Module):
             x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
             x_BxTxD = constrain(x_BxTxD, act, self.rules)
         h_BxTxD = self.norm(x_BxTxD)
-        if packed:
-            inverse_BxT = jnp.argsort(order_BxT, axis=-1)
-            h_BxTxD = jnp.take_along_axis(h_BxTxD, inverse_BxT[..., None], axis=1)
+        if order_BxT is not None:  # back to the input's order
+            rows_Bx1 = jnp.arange(B)[:, None]
+            h_BxTxD = jnp.zeros_like(h_BxTxD).at[rows_Bx1, order_BxT].set(h_BxTxD)
         if cache is None:
             return h_BxTxD
         return h_BxTxD, KVCache(k=k_all, v=v_all, mask=slot_mask_BxS, index=cache.index + T)
