@@ -6,13 +6,14 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any
 
 import jax
+
+from opd_jax.files import atomic_write_text
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -55,14 +56,8 @@ def device_tag() -> str:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Writes ``payload`` to ``path`` atomically (``opd_jax.files.atomic_write_text``)."""
+    atomic_write_text(path, json.dumps(payload, indent=2, default=float) + "\n")
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

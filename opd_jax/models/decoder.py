@@ -122,7 +122,7 @@ class Attention(nnx.Module):
         x_BxTxD: jax.Array,
         cos_BxTxH: jax.Array,
         sin_BxTxH: jax.Array,
-        visible_BxTxS: jax.Array,
+        visible: jax.Array,
         kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         query_chunk: int = 0,
         attention: str = "xla",
@@ -130,8 +130,9 @@ class Attention(nnx.Module):
         """Returns `y [B, T, D]` and, with a cache, the updated cache keys/values.
 
         Without a cache, `attention` picks the kernel and `query_chunk` its chunk or block
-        (`models.attention.attend`); for "cudnn" and "flash", `visible_BxTxS` is instead the
-        rows' real-token counts `[B]`, their real tokens first (see `Decoder.hidden`). With a
+        (`models.attention.attend`). `visible`: `[B, T, S]`, key `s` visible to query `t`; for
+        "cudnn" and "flash" instead the rows' real-token counts `[B]`, their real tokens first
+        (see `Decoder.hidden`). With a
         cache the masked scores attend.
 
         `kv`: this layer's cached keys and values `[B, S, K, H]` and the slot index at which
@@ -163,7 +164,7 @@ class Attention(nnx.Module):
             q_BxTxNxH,
             keys_BxSxKxH,
             values_BxSxKxH,
-            visible_BxTxS,
+            visible,
             query_chunk if kv is None else 0,
             c.dtype,
         )
@@ -206,13 +207,13 @@ def _block_forward(
     x_BxTxD: jax.Array,
     cos_BxTxH: jax.Array,
     sin_BxTxH: jax.Array,
-    visible_BxTxS: jax.Array,
+    visible: jax.Array,
     query_chunk: int = 0,
     attention: str = "xla",
 ) -> jax.Array:
     """One block without a cache (the training path)."""
     y_BxTxD, _ = block.attn(
-        block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible_BxTxS, None, query_chunk, attention
+        block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible, None, query_chunk, attention
     )
     x_BxTxD = x_BxTxD + y_BxTxD
     return x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
@@ -311,10 +312,10 @@ class Decoder(nnx.Module):
                 jnp.take_along_axis(a, order_BxT[..., None], axis=1) for a in (cos_BxTxH, sin_BxTxH)
             )
         if packed:
-            visible_BxTxS = mask_BxT.sum(-1, dtype=jnp.int32)  # the lengths, see Attention
+            visible = mask_BxT.sum(-1, dtype=jnp.int32)  # the rows' lengths [B], see Attention
         else:
             causal_TxS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
-            visible_BxTxS = causal_TxS[None] & slot_mask_BxS[:, None, :]
+            visible = causal_TxS[None] & slot_mask_BxS[:, None, :]  # [B, T, S]
 
         act = ("batch", "sequence", None)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.dtype)
@@ -324,16 +325,14 @@ class Decoder(nnx.Module):
             if cache is None:
                 forward = _block_forward_remat if remat else _block_forward
                 x_BxTxD = constrain(
-                    forward(
-                        block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible_BxTxS, query_chunk, attention
-                    ),
+                    forward(block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible, query_chunk, attention),
                     act,
                     self.rules,
                 )
                 continue
             kv = (k_all[i], v_all[i], cache.index)
             y_BxTxD, new_kv = block.attn(
-                block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible_BxTxS, kv
+                block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible, kv
             )
             k_all, v_all = k_all.at[i].set(new_kv[0]), v_all.at[i].set(new_kv[1])
             x_BxTxD = x_BxTxD + y_BxTxD
