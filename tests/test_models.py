@@ -14,6 +14,7 @@ from flax import nnx
 from opd_jax import models
 from opd_jax.models import testing
 from opd_jax.models.decoder import KVCache
+from tests.close import assert_trees_close
 
 PARITY_CONFIGS = {
     "qwen3_tied": testing.tiny_hf_config("qwen3", tie_word_embeddings=True),
@@ -337,8 +338,7 @@ def test_rematerialised_blocks_give_the_same_hidden_states_and_gradients():
 
     plain, remat = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r) for r in (0, 1))
     np.testing.assert_allclose(plain[0], remat[0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert_trees_close(remat[1], plain[1])
 
 
 @pytest.mark.parametrize("query_chunk, remat", [(4, False), (3, True), (32, False)])
@@ -360,8 +360,7 @@ def test_query_chunked_attention_gives_the_same_hidden_states_and_gradients(quer
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     whole, chunked = grad(params, 0), grad(params, query_chunk)
     np.testing.assert_allclose(whole[0], chunked[0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(whole[1]), jax.tree.leaves(chunked[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_trees_close(chunked[1], whole[1])
 
 
 @pytest.fixture
@@ -401,5 +400,4 @@ def test_packed_attention_equals_masked_scores_on_real_tokens(packed_on_xla, kin
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(h_packed[real], h_scores[real], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(packed_loss, scores_loss, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_scores), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert_trees_close(g_packed, g_scores)
