@@ -10,9 +10,23 @@ Each example is a chain of integer operations applied to a start value::
 
 The solution has one sentence per operation plus the closing "The answer is N." sentence, so
 NLTK Punkt splits it into ``num_steps + 1`` sentences: each sentence is one reasoning step, the
-unit the release rule scores. Every value along the chain lies in ``[0, max_value]``
-(subtraction never goes negative, multiplication never overflows ``max_value``, division is
-exact), which keeps the numbers within reach of a 135M-parameter model.
+unit the release rule scores.
+
+With ``recap > 0`` the solution goes on after the answer with ``recap`` sentences drawn
+without replacement from four kinds, in random order, each in a random wording::
+
+    "... The answer is 79. Check: 79 = 61 + 18. We began with 12. That took 3 steps."
+
+The recap is where local teachability collapse can occur by construction: its first words and
+the free operand of the check admit several equally good continuations, so a teacher that
+learned the task does not prefer one of the student's candidates over another there, while
+every token of the computation before it is fixed by the prefix. The determined parts of the
+recap (the check's second operand, the largest value) are harder than the chain's steps, for
+the teacher too. The answer is read from "The answer is N.", before the recap.
+
+Every value along the chain lies in ``[0, max_value]`` (subtraction never goes negative,
+multiplication never overflows ``max_value``, division is exact), which keeps the numbers
+within reach of a 135M-parameter model.
 
 Splits:
 - ``train``, ``test``: in-domain, ``min_steps..max_steps`` operations drawn from add, subtract
@@ -29,7 +43,7 @@ import hashlib
 import json
 import operator
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -59,6 +73,17 @@ _SPLIT_SPEC = {
     "test_unseen_op": (3, IN_DOMAIN_OPS + (UNSEEN_OP,), ("min_steps", "max_steps")),
 }
 _MAX_TRIES_PER_EXAMPLE = 100
+# Recap sentence kinds -> their wordings; "{}" fields are filled by _recap_sentence.
+_RECAP = {
+    "start": ("We began with {start}.", "We started from {start}.", "The start was {start}."),
+    "count": (
+        "That took {count} steps.",
+        "We used {count} operations.",
+        "There were {count} steps.",
+    ),
+    "peak": ("The largest value was {peak}.", "The peak was {peak}.", "At most we had {peak}."),
+    "check": ("Check: {answer} = {low} + {rest}.", "Check: {answer} = {high} - {extra}."),
+}
 
 
 @dataclasses.dataclass(eq=False)
@@ -75,6 +100,7 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
       max_addend: add/subtract operands are drawn from ``1..max_addend``.
       max_factor: multiply/divide operands are drawn from ``2..max_factor``.
       max_value: every intermediate value stays in ``0..max_value``.
+      recap: sentences of free-form recap after the answer, 0 to 4 (see the module doc).
     """
 
     seed: int = 0
@@ -90,6 +116,7 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
     max_addend: int = 50
     max_factor: int = 9
     max_value: int = 999
+    recap: int = 0
 
     def __post_init__(self) -> None:
         if min(self.split_sizes().values()) < 0:
@@ -107,6 +134,8 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
             1 <= self.max_start <= self.max_value and self.max_addend >= 1 and 2 <= self.max_factor
         ):
             raise ValueError("need 1 <= max_start <= max_value, max_addend >= 1, max_factor >= 2")
+        if not 0 <= self.recap <= len(_RECAP):
+            raise ValueError(f"need 0 <= recap <= {len(_RECAP)}, got {self.recap}")
 
     def split_sizes(self) -> dict[str, int]:
         """Examples per split, ``{split: size}``."""
@@ -164,7 +193,41 @@ def _chain(
     return start, steps
 
 
-def _example(start: int, steps: list[tuple[str, int, int, int]], example_id: str) -> dict:
+def _recap_sentence(
+    rng: np.random.Generator, kind: str, start: int, steps: list[tuple[str, int, int, int]]
+) -> str:
+    """One recap sentence of ``kind`` in a random wording; the check's operand is free."""
+    answer = steps[-1][3]
+    low = int(rng.integers(0, answer + 1))
+    extra = int(rng.integers(1, 21))
+    fields = {
+        "start": start,
+        "count": len(steps),
+        "peak": max([start] + [after for *_, after in steps]),
+        "answer": answer,
+        "low": low,
+        "rest": answer - low,
+        "high": answer + extra,
+        "extra": extra,
+    }
+    wordings = _RECAP[kind]
+    return wordings[int(rng.integers(len(wordings)))].format(**fields)
+
+
+def _recap(
+    rng: np.random.Generator, count: int, start: int, steps: list[tuple[str, int, int, int]]
+) -> list[str]:
+    """``count`` recap sentences of distinct kinds, in random order."""
+    kinds = rng.permutation(list(_RECAP))[:count]
+    return [_recap_sentence(rng, str(kind), start, steps) for kind in kinds]
+
+
+def _example(
+    start: int,
+    steps: list[tuple[str, int, int, int]],
+    example_id: str,
+    recap: Sequence[str] = (),
+) -> dict:
     prompt = " ".join(
         [f"Start with {start}."]
         + [_PROMPT_VERB[op].format(k) for op, _, k, _ in steps]
@@ -172,7 +235,9 @@ def _example(start: int, steps: list[tuple[str, int, int, int]], example_id: str
     )
     answer = steps[-1][3]
     solution = " ".join(
-        [f"{a} {_SYMBOL[op]} {k} = {b}." for op, a, k, b in steps] + [f"The answer is {answer}."]
+        [f"{a} {_SYMBOL[op]} {k} = {b}." for op, a, k, b in steps]
+        + [f"The answer is {answer}."]
+        + list(recap)
     )
     return {
         "prompt": prompt,
@@ -196,7 +261,8 @@ def _generate(config: ArithmeticConfig, split: str, exclude: set[str]) -> list[d
         start, steps = _chain(rng, int(rng.integers(lo, hi + 1)), ops, config)
         if split == "test_unseen_op" and all(op != UNSEEN_OP for op, *_ in steps):
             continue
-        example = _example(start, steps, f"{split}-{len(examples):05d}")
+        recap = _recap(rng, config.recap, start, steps) if config.recap else ()
+        example = _example(start, steps, f"{split}-{len(examples):05d}", recap)
         if example["prompt"] not in seen:
             seen.add(example["prompt"])
             examples.append(example)
