@@ -59,7 +59,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from opd_jax import segments  # noqa: E402
+from opd_jax import text_segments as segments  # noqa: E402
 from opd_jax.config import Config, load_config  # noqa: E402
 from opd_jax.models.scratch import init_checkpoint  # noqa: E402
 from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer  # noqa: E402

@@ -73,10 +73,9 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from opd_jax import models, sampling
-    from opd_jax.train.rollouts import encode_prompts, eos_ids, pad_id
 
     model, tokenizer = models.load(args.model, jnp.float32)
-    tokens, mask = encode_prompts(
+    tokens, mask = models.encode_prompts(
         tokenizer, args.prompt, args.max_prompt_tokens, chat_template=not args.raw
     )
     method = sampling.Greedy() if args.temperature == 0 else sampling.Temperature(args.temperature)
@@ -87,8 +86,8 @@ def _sample(args: argparse.Namespace) -> int:
         key=jax.random.key(args.seed),
         max_new_tokens=args.max_new_tokens,
         method=method,
-        eos_ids=eos_ids(tokenizer, model.config.eos_token_id),
-        pad_id=pad_id(tokenizer),
+        eos_ids=models.eos_ids(tokenizer, model.config.eos_token_id),
+        pad_id=models.pad_id(tokenizer),
     )
     p = tokens.shape[1]
     for row, keep in zip(

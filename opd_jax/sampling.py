@@ -100,6 +100,18 @@ class TopP(_Categorical):
 SamplingMethod = Greedy | Temperature | TopK | TopP
 
 
+def method_from(temperature: float, top_k: int = 0, top_p: float = 1.0) -> SamplingMethod:
+    """Greedy at temperature 0, else top-k (``top_k > 0``), nucleus (``top_p < 1``) or plain
+    temperature sampling: the ``sampling`` section of a config."""
+    if temperature == 0:
+        return Greedy()
+    if top_k > 0:
+        return TopK(top_k, temperature)
+    if top_p < 1.0:
+        return TopP(top_p, temperature)
+    return Temperature(temperature)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SampleResult:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from opd_jax.core.segments import fixed_segments
+from opd_jax.models.tokenizer import Tokenizer, decode_with_offsets
 
 if TYPE_CHECKING:  # NLTK is imported on first use: kinds fixed and token run without it
     from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
@@ -147,3 +148,27 @@ def segment_ids(
     for b, (text, row) in enumerate(zip(texts, offsets, strict=True)):
         seg[b, response_mask[b]] = token_sentences(text, row)
     return seg
+
+
+def response_segments(
+    tokenizer: Tokenizer,
+    response_tokens: np.ndarray,
+    response_mask: np.ndarray,
+    kind: str,
+    block: int,
+) -> tuple[np.ndarray, list[str]]:
+    """Segment ids ``[B, N]`` of sampled responses and their decoded texts.
+
+    Args:
+      response_tokens: ``[B, N]`` the response columns of the rollouts.
+      response_mask: ``[B, N]`` 1 on real response tokens (EOS included).
+      kind: ``sentence``, ``fixed`` or ``token`` (see :func:`segment_ids`).
+      block: tokens per segment of kind ``fixed``.
+    """
+    mask = np.asarray(response_mask).astype(bool)
+    texts, offsets = [], []
+    for row, keep in zip(np.asarray(response_tokens), mask, strict=True):
+        text, spans = decode_with_offsets(tokenizer, row[keep].tolist())
+        texts.append(text)
+        offsets.append(spans)
+    return segment_ids(kind, mask, texts, offsets, tokens=block), texts

@@ -13,7 +13,7 @@ import pytest
 
 from opd_jax import data
 from opd_jax.data import arithmetic
-from opd_jax.segments import sentence_spans
+from opd_jax.text_segments import sentence_spans
 
 SMALL = {"train_size": 300, "test_size": 40, "test_long_size": 40, "test_unseen_op_size": 40}
 _PROMPT_OP = re.compile(r"(Add|Subtract|Multiply by|Divide by) (\d+)\.")

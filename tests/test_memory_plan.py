@@ -8,9 +8,9 @@ import pytest
 
 from opd_jax.config import load_config
 from opd_jax.models import KVCache
+from opd_jax.train.pair import spec_config
 from opd_jax.train.plan import GIB, plan
 from opd_jax.train.session import Session
-from opd_jax.train.specs import spec_config
 
 B, P, N = 2, 16, 8
 

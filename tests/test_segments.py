@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from opd_jax import segments
+from opd_jax import text_segments as segments
 
 
 def word_offsets(text):

@@ -2,7 +2,7 @@
 
 A segment map ``seg[B, T]`` holds, for each response token, its segment 0..n_b-1
 (non-decreasing along the response) and -1 off the response. Sentence segments come from the
-host (:mod:`opd_jax.segments`); fixed-size and per-token segments are built here.
+host (:mod:`opd_jax.text_segments`); fixed-size and per-token segments are built here.
 """
 
 from __future__ import annotations

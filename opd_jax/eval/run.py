@@ -43,13 +43,12 @@ from opd_jax.eval.tables import (
     to_markdown,
     write_table,
 )
-from opd_jax.train.rollouts import encode_prompts, eos_ids, pad_id
+from opd_jax.models import DTYPES, encode_prompts, eos_ids, pad_id
 
 ARITHMETIC = "arithmetic"
 FILE_SUFFIXES = (".jsonl", ".parquet")
 PROMPT_FIELDS = ("prompt", "problem", "question")  # the first present is the prompt
 ANSWER_FIELDS = ("answer", "final_answer", "solution")  # the first present is the gold
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 Problem = dict[str, str]
 
@@ -239,19 +238,6 @@ def load_problems(spec: BenchmarkSpec, data_dir: str) -> list[Problem]:
     return [{**p, "prompt": spec.template.replace("{prompt}", p["prompt"])} for p in problems]
 
 
-def sampling_method(
-    temperature: float, top_k: int = 0, top_p: float = 1.0
-) -> sampling.SamplingMethod:
-    """Greedy at temperature 0, else top-k (k > 0), nucleus (p < 1) or plain temperature."""
-    if temperature == 0:
-        return sampling.Greedy()
-    if top_k > 0:
-        return sampling.TopK(top_k, temperature)
-    if top_p < 1.0:
-        return sampling.TopP(top_p, temperature)
-    return sampling.Temperature(temperature)
-
-
 def _encode(
     tokenizer: models.Tokenizer,
     prompts: Sequence[str],
@@ -360,7 +346,7 @@ def evaluate(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
-        method=sampling_method(temperature, top_k, top_p),
+        method=sampling.method_from(temperature, top_k, top_p),
         seed=seed,
         chat_template=chat_template,
         system_prompt=system_prompt,

@@ -24,13 +24,20 @@ from opd_jax.models.tokenizer import (
     apply_chat_template,
     check_same_tokenizer,
     decode_with_offsets,
+    encode_prompts,
     encode_with_offsets,
+    eos_ids,
     load_tokenizer,
+    pad_id,
 )
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules, param_shardings
 
+# The parameter and compute dtypes a config may name.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 __all__ = [
     "ATTENTION_KINDS",
+    "DTYPES",
     "Decoder",
     "KVCache",
     "ModelConfig",
@@ -38,11 +45,14 @@ __all__ = [
     "apply_chat_template",
     "check_same_tokenizer",
     "decode_with_offsets",
+    "encode_prompts",
     "encode_with_offsets",
+    "eos_ids",
     "load",
     "load_hf_weights",
     "load_tokenizer",
     "model_from_tensors",
+    "pad_id",
     "read_config",
     "resolve_attention",
     "resolve_path",

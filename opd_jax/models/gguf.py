@@ -282,7 +282,7 @@ def _check_supported(path: str, reader: Any) -> None:
         )
 
 
-def load_tokenizer(path: str) -> Any:
+def gguf_tokenizer(path: str) -> Any:
     """A `transformers` fast tokenizer converted offline from the GGUF's tokenizer metadata.
 
     Uses `PreTrainedTokenizerFast.from_pretrained(dir, gguf_file=name, local_files_only=True)`: the
@@ -334,4 +334,4 @@ def read_gguf(
             w = _unpermute_rotary(w, heads[module])
         return w
 
-    return config, get_tensor, list(by_hf_name), load_tokenizer(path)
+    return config, get_tensor, list(by_hf_name), gguf_tokenizer(path)

@@ -22,7 +22,7 @@ from opd_jax.config import load_config
 from opd_jax.models import Decoder, ModelConfig
 from opd_jax.train.checkpoint import Checkpointer
 from opd_jax.train.optimizer import make_optimizer
-from opd_jax.train.specs import load_model
+from opd_jax.train.pair import load_model
 
 MARKER = "opd_jax_orbax.json"
 

@@ -1,4 +1,4 @@
-"""Models named by a config's ``student`` / ``teacher`` sections.
+"""The student and teacher named by a config's ``student`` / ``teacher`` sections.
 
 A :class:`~opd_jax.config.ModelSpec` is a local checkpoint (``path``), its ``dtype`` and,
 optionally, the ``layers`` to keep: a student derived from a larger checkpoint by dropping
@@ -11,14 +11,11 @@ import dataclasses
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from opd_jax import models
-from opd_jax.config import ModelSpec
-from opd_jax.models import Decoder, ModelConfig, Tokenizer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from opd_jax.config import Config, ModelSpec
+from opd_jax.models import DTYPES, Decoder, ModelConfig, Tokenizer
 
 
 def keep_layers(model: Decoder, layers: Sequence[int]) -> Decoder:
@@ -55,3 +52,16 @@ def spec_config(spec: ModelSpec) -> ModelConfig:
         hf = models.read_config(path)
     config = ModelConfig.from_hf(hf, param_dtype=DTYPES[spec.dtype])
     return dataclasses.replace(config, num_layers=len(spec.layers)) if spec.layers else config
+
+
+def load_pair(config: Config, mesh: jax.sharding.Mesh) -> tuple[Decoder, Decoder, Tokenizer]:
+    """Student, teacher and tokenizer; refuses pairs that do not share a vocabulary."""
+    student, tokenizer = load_model(config.student, mesh)
+    teacher, teacher_tokenizer = load_model(config.teacher, mesh)
+    models.check_same_tokenizer(tokenizer, teacher_tokenizer)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(
+            f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
+            f"{teacher.config.vocab_size}: OPD needs one tokenizer and one embedding size."
+        )
+    return student, teacher, tokenizer

@@ -21,8 +21,8 @@ from opd_jax.config import Config
 from opd_jax.models import Decoder, ModelConfig
 from opd_jax.sharding import DEFAULT_RULES, param_shardings
 from opd_jax.train.optimizer import make_optimizer
+from opd_jax.train.pair import spec_config
 from opd_jax.train.session import mesh_from_config, step_settings
-from opd_jax.train.specs import spec_config
 from opd_jax.train.step import make_train_step
 
 GIB = 2**30

@@ -19,11 +19,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax import models, sampling
 from opd_jax.config import Config
-from opd_jax.models import Tokenizer
+from opd_jax.models import Tokenizer, encode_prompts, eos_ids, pad_id
 from opd_jax.sharding import DEFAULT_RULES, make_mesh
+from opd_jax.text_segments import response_segments
 from opd_jax.train.optimizer import make_optimizer
-from opd_jax.train.rollouts import encode_prompts, eos_ids, pad_id, response_segments
-from opd_jax.train.specs import load_model
+from opd_jax.train.pair import load_pair
 from opd_jax.train.step import StepSettings, make_train_step
 
 
@@ -39,17 +39,6 @@ def mesh_from_config(config: Config) -> jax.sharding.Mesh:
             "mesh.tensor to the device count (or one of them to -1)."
         )
     return make_mesh(shape)
-
-
-def sampling_method(config: Config) -> sampling.SamplingMethod:
-    c = config.sampling
-    if c.temperature == 0:
-        return sampling.Greedy()
-    if c.top_k > 0:
-        return sampling.TopK(c.top_k, c.temperature)
-    if c.top_p < 1.0:
-        return sampling.TopP(c.top_p, c.temperature)
-    return sampling.Temperature(c.temperature)
 
 
 def step_settings(config: Config) -> StepSettings:
@@ -71,19 +60,6 @@ def step_settings(config: Config) -> StepSettings:
             config.train.attention_chunk,
         ),
     )
-
-
-def load_pair(config: Config, mesh: jax.sharding.Mesh):
-    """Student, teacher and tokenizer; refuses pairs that do not share a vocabulary."""
-    student, tokenizer = load_model(config.student, mesh)
-    teacher, teacher_tokenizer = load_model(config.teacher, mesh)
-    models.check_same_tokenizer(tokenizer, teacher_tokenizer)
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(
-            f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
-            f"{teacher.config.vocab_size}: OPD needs one tokenizer and one embedding size."
-        )
-    return student, teacher, tokenizer
 
 
 class Batches:
@@ -196,12 +172,13 @@ class Session:
     ) -> tuple[np.ndarray, ...]:
         """The student's samples, back on the host: ``tokens, response_mask, prompt_mask``
         ``[B, S]`` (this process's rows)."""
+        c = self.config.sampling
         result = sampling.sample(
             nnx.merge(self.graphdef, self.params),
             *self.batches.to_device((tokens, mask)),
             key=key,
-            max_new_tokens=self.config.sampling.max_new_tokens,
-            method=sampling_method(self.config),
+            max_new_tokens=c.max_new_tokens,
+            method=sampling.method_from(c.temperature, c.top_k, c.top_p),
             eos_ids=self.eos,
             pad_id=pad_id(self.tokenizer),
             mesh=self.mesh,

@@ -22,9 +22,8 @@ from flax import nnx
 
 from opd_jax import core
 from opd_jax.config import OptimConfig
-from opd_jax.models import Decoder, Tokenizer
+from opd_jax.models import Decoder, Tokenizer, encode_prompts, pad_id
 from opd_jax.train.optimizer import make_optimizer
-from opd_jax.train.rollouts import encode_prompts, pad_id
 from opd_jax.train.step import response_hidden
 
 
