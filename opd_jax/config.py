@@ -80,7 +80,7 @@ class SegmentsConfig:
 
 @dataclasses.dataclass
 class RuleConfig:
-    kind: str = "release"  # release or a baseline of METHOD section 6
+    kind: str = "release"  # release or a baseline of docs/method.md §6
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the rule's own options
 
 
@@ -221,9 +221,18 @@ def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown(key: str, cls: type) -> ConfigError:
-    near = difflib.get_close_matches(key, all_keys(cls), n=1, cutoff=0.5)
-    hint = f" Did you mean {near[0]!r}?" if near else " `opd-jax train --help` lists the keys."
+_LISTED_KEYS = 20  # an unknown key's error lists the valid keys when there are at most this many
+
+
+def _unknown(key: str, keys: Sequence[str]) -> ConfigError:
+    """The error of an unknown ``key``, naming the nearest of the valid ``keys``."""
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if near:
+        hint = f" Did you mean {near[0]!r}?"
+    elif len(keys) <= _LISTED_KEYS:
+        hint = f" The keys: {', '.join(keys)}."
+    else:
+        hint = " `opd-jax train --help` lists the keys."
     return ConfigError(f"Unknown config key {key!r}.{hint}")
 
 
@@ -246,8 +255,36 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}.")
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str = "", root: type | None = None) -> Any:
-    root = root or cls
+def _named_section(hint: Any) -> type | None:
+    """``S`` when ``hint`` is ``dict[str, S]`` with ``S`` a config dataclass, else ``None``."""
+    if typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+        return typing.get_args(hint)[1]
+    return None
+
+
+def _build_named(section: type, data: Any, key: str) -> dict[Any, Any]:
+    """``{name: section}`` of a ``dict[str, section]`` field: each value is built like a
+    nested section, its keys named ``key.<name>.<field>``; a bare (non-mapping) value sets
+    the section's first field (``benchmarks: {aime: aime.jsonl}`` is ``{source: aime.jsonl}``).
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{key} must be a mapping of names to {section.__name__}, got {data!r}.")
+    first = dataclasses.fields(section)[0].name
+    built = {}
+    for name, value in data.items():
+        fields = value if isinstance(value, Mapping) else {first: value}
+        built[name] = _build(section, fields, f"{key}.{name}.")
+    return built
+
+
+def _build(cls: type, data: Any, prefix: str = "", keys: Sequence[str] | None = None) -> Any:
+    """``cls(**data)``, every value checked against its field's type: a dataclass field is
+    built as a nested section, a ``dict[str, Section]`` field by :func:`_build_named`.
+
+    An unknown key fails naming the nearest of ``keys`` (default: every key of ``cls`` under
+    ``prefix``; nested sections get their parent's, so a hint may name any section's key).
+    """
+    keys = all_keys(cls, prefix) if keys is None else keys
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
@@ -256,10 +293,12 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "", root: type | No
     for name, value in data.items():
         key = prefix + str(name)
         if name not in names:
-            raise _unknown(key, root)
+            raise _unknown(key, keys)
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, key + ".", root)
+            kwargs[name] = _build(hint, value or {}, key + ".", keys)
+        elif section := _named_section(hint):
+            kwargs[name] = _build_named(section, value, key)
         else:
             kwargs[name] = _coerce(key, value, hint)
     return cls(**kwargs)
@@ -271,7 +310,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, cls: type) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise _unknown(key, cls)
+            raise _unknown(key, all_keys(cls))
         node = child
     node[parts[-1]] = value
 
@@ -362,7 +401,7 @@ def load_tree(cls: type, path: str | Path | None = None, overrides: Sequence[str
     for text in overrides:
         key, value = parse_override(text)
         if key.split(".")[0] not in {f.name for f in dataclasses.fields(cls)}:
-            raise _unknown(key, cls)
+            raise _unknown(key, all_keys(cls))
         _set_dotted(tree, key, value, cls)
     return _build(cls, tree)
 

@@ -2,10 +2,13 @@
 
 import json
 import math
+import re
 import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -13,15 +16,17 @@ from hypothesis import strategies as st
 
 from opd_jax import cli, models
 from opd_jax.config import ConfigError, load_tree
-from opd_jax.eval import answers, metrics, tables
-from opd_jax.eval.answers import extract_answer, is_correct
-from opd_jax.eval.run import (
+from opd_jax.eval import (
+    BenchmarkSpec,
     EvalConfig,
-    benchmark_spec,
+    answers,
     evaluate,
     load_eval_config,
+    metrics,
     read_problem_file,
+    tables,
 )
+from opd_jax.eval.answers import extract_answer, is_correct
 from opd_jax.models.scratch import init_checkpoint
 from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
 
@@ -269,9 +274,17 @@ def test_read_problem_file_accepts_problem_and_solution_fields(tmp_path):
     assert [p["answer"] for p in problems] == [rows[0]["solution"], "204", "$3$"]
     assert problems[1]["id"] == "aime-1"
     assert is_correct("The answer is 0.5.", problems[0]["answer"])
-    path.write_text(json.dumps({"text": "no prompt"}) + "\n")
-    with pytest.raises(ValueError, match="line 1"):
-        read_problem_file(path)
+    parquet = tmp_path / "olympiad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "Q", "final_answer": ["1", "2"]}]), parquet)
+    assert read_problem_file(parquet) == [{"prompt": "Q", "answer": "1, 2", "id": "olympiad-0"}]
+    for text, message in [
+        (json.dumps({"text": "no prompt"}), "line 1: needs a non-empty string field"),
+        ("[1, 2]", "line 1: expected a JSON object, got list"),
+        ('{"problem": "cut', "line 1: invalid JSON"),
+    ]:
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_problem_file(path)
 
 
 def _write_config(tmp_path, checkpoint, **extra):
@@ -302,10 +315,11 @@ def _write_config(tmp_path, checkpoint, **extra):
     return path
 
 
-@pytest.mark.filterwarnings("ignore:a prompt of")  # the arithmetic prompts are cut to 40 tokens
 def test_cli_eval_writes_results_tables_and_samples(tmp_path, checkpoint, capsys):
     config_path = _write_config(tmp_path, checkpoint)
-    assert cli.main(["eval", str(config_path), "--set", "benchmarks.arith.limit=3"]) == 0
+    # the arithmetic prompts are cut to 40 tokens: the warning names the eval config's key
+    with pytest.warns(UserWarning, match="cut to max_prompt_tokens=40 .* raise max_prompt_tokens"):
+        assert cli.main(["eval", str(config_path), "--set", "benchmarks.arith.limit=3"]) == 0
     out = tmp_path / "eval"
     results = json.loads((out / "results.json").read_text())
     assert set(results["results"]["tiny"]) == {"arith", "math500"}
@@ -335,7 +349,31 @@ def test_eval_config_names_the_nearest_key_for_a_typo(tmp_path, checkpoint):
     assert cli.main(["eval", str(config_path), "--set", "k=0"]) == 2
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("benchmarks.arith.limt=3", "Did you mean 'benchmarks.arith.limit'"),
+        ("zzz=3", "Unknown config key 'zzz'. The keys: seed, out_dir, data_dir"),
+        ("benchmarks.arith.limit=three", "benchmarks.arith.limit must be int, got 'three'"),
+        ("benchmarks.arith.limit=-1", "benchmarks.arith.limit must be >= 0"),
+        ("benchmarks.arith.source=7", "benchmarks.arith.source must be str, got 7"),
+        ("benchmarks.arith.source=a.csv", "must be 'arithmetic' or a .jsonl/.parquet file"),
+        ("benchmarks.arith.source=missing.jsonl", "benchmarks.arith.source: no file at"),
+        ("benchmarks.arith=[1]", "benchmarks.arith.source must be str"),
+        ("benchmarks=[1]", "benchmarks must be a mapping of names to BenchmarkSpec"),
+        ("benchmarks.a/b=arithmetic", "benchmark name 'a/b' must match"),
+    ],
+)
+def test_benchmark_errors_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_eval_config(None, ["models.m=.", override])
+
+
+def test_a_bare_benchmark_source_is_its_spec():
+    config = load_tree(EvalConfig, None, ["benchmarks.arith=arithmetic", "benchmarks.b.limit=2"])
+    assert config.benchmarks == {"arith": BenchmarkSpec(), "b": BenchmarkSpec(limit=2)}
+
+
 def test_example_config_uses_only_known_keys():
     config = load_tree(EvalConfig, Path(__file__).parents[1] / "configs" / "eval_example.yaml")
-    specs = {name: benchmark_spec(name, raw) for name, raw in config.benchmarks.items()}
-    assert config.k == 16 and specs["math500"].template.endswith("within \\boxed{}.")
+    assert config.k == 16 and config.benchmarks["math500"].template.endswith("within \\boxed{}.")

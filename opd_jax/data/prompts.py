@@ -3,7 +3,8 @@
 Each record needs a non-empty string ``prompt``; ``answer`` is optional (a string or a number,
 stored as a string, ``""`` when absent); every other field is ignored. So DeepMath, DAPO-Math
 or AIME-style files load as they are. One file is one split, named by a mapping or by the file
-stem (characters outside ``[A-Za-z0-9_]`` become ``_``).
+stem (characters outside ``[A-Za-z0-9_]`` become ``_``). :func:`read_records` reads the records
+of any such file (evaluation's benchmark files too).
 
 Builds land in ``data_dir/opd_prompt_files/files-<hash>/1.0.0``, where the hash covers the
 split names and the bytes of every file: editing a file gives a new directory, so the next
@@ -17,8 +18,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
@@ -30,6 +32,44 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 class PromptFileError(ValueError):
     """A prompt file that cannot be read; the message names the file, record and field."""
+
+
+def read_records(
+    path: PathLike, columns: Sequence[str] | None = None
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """Yields ``(position, where, record)`` for each record of a ``.jsonl`` or ``.parquet`` file.
+
+    ``position`` is the 1-based line number in a ``.jsonl`` file (blank lines are skipped) or
+    the 0-based row index in a ``.parquet`` file; ``where`` names it for error messages
+    (``"<path>, line 3"``, ``"<path>, row 0"``). ``columns``: the Parquet columns read (those
+    the file lacks are left out; ``None`` reads all); JSONL records are whole.
+
+    Raises:
+      PromptFileError: an unsupported suffix, invalid JSON, or a record that is not an object.
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {line_number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PromptFileError(f"{where}: invalid JSON ({e})") from e
+                if not isinstance(row, dict):
+                    raise PromptFileError(
+                        f"{where}: expected a JSON object, got {type(row).__name__}"
+                    )
+                yield line_number, where, row
+    elif path.suffix == ".parquet":
+        if columns is not None:
+            columns = [c for c in columns if c in pq.read_schema(path).names]
+        for row_index, row in enumerate(pq.read_table(path, columns=columns).to_pylist()):
+            yield row_index, f"{path}, row {row_index}", row
+    else:
+        raise PromptFileError(f"{path}: unsupported suffix, expected one of {PROMPT_SUFFIXES}")
 
 
 def _answer(value: object, where: str) -> str:
@@ -44,9 +84,7 @@ def _answer(value: object, where: str) -> str:
     )
 
 
-def _record(row: object, where: str) -> dict[str, str]:
-    if not isinstance(row, dict):
-        raise PromptFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def _record(row: dict[str, Any], where: str) -> dict[str, str]:
     if "prompt" not in row:
         raise PromptFileError(f"{where}: missing field 'prompt'")
     prompt = row["prompt"]
@@ -58,36 +96,17 @@ def _record(row: object, where: str) -> dict[str, str]:
 
 
 def read_prompt_file(path: PathLike) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yields ``(position, {"prompt": str, "answer": str})`` for each record of ``path``.
-
-    ``position`` is the 1-based line number in a ``.jsonl`` file (blank lines are skipped) and
-    the 0-based row index in a ``.parquet`` file.
+    """Yields ``(position, {"prompt": str, "answer": str})`` for each record of ``path``
+    (``position`` as in :func:`read_records`).
 
     Raises:
       PromptFileError: naming the file, line or row, and field of the first bad record.
     """
     path = Path(path)
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {line_number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{where}: invalid JSON ({e})") from e
-                yield line_number, _record(row, where)
-    elif path.suffix == ".parquet":
-        schema = pq.read_schema(path)
-        if "prompt" not in schema.names:
-            raise PromptFileError(f"{path}: missing column 'prompt' (columns: {schema.names})")
-        columns = [c for c in ("prompt", "answer") if c in schema.names]
-        rows = pq.read_table(path, columns=columns).to_pylist()
-        for row_index, row in enumerate(rows):
-            yield row_index, _record(row, f"{path}, row {row_index}")
-    else:
-        raise PromptFileError(f"{path}: unsupported suffix, expected one of {PROMPT_SUFFIXES}")
+    if path.suffix == ".parquet" and "prompt" not in (names := pq.read_schema(path).names):
+        raise PromptFileError(f"{path}: missing column 'prompt' (columns: {names})")
+    for position, where, row in read_records(path, columns=("prompt", "answer")):
+        yield position, _record(row, where)
 
 
 def split_name(path: PathLike) -> str:

@@ -1,5 +1,6 @@
 """Evaluation: answer extraction and equivalence, avg@k / pass@k with standard errors,
-benchmark tables, and the runner behind ``opd-jax eval``.
+benchmark tables, and the runner behind ``opd-jax eval``: its config (``config``), problems
+(``problems``), sampling and scoring (``sample``) and the command (``run``).
 
 Typical use::
 
@@ -33,16 +34,17 @@ from opd_jax.eval.tables import (
     write_table,
 )
 
-_RUN_NAMES = (
-    "BenchmarkSpec",
-    "EvalConfig",
-    "benchmark_spec",
-    "evaluate",
-    "evaluate_config",
-    "load_eval_config",
-    "load_problems",
-    "read_problem_file",
-)
+# The runner's names and their modules, imported on first use (they pull in the models and JAX).
+_RUNNER = {
+    "BenchmarkSpec": "config",
+    "EvalConfig": "config",
+    "load_eval_config": "config",
+    "load_problems": "problems",
+    "read_problem_file": "problems",
+    "evaluate": "sample",
+    "generate": "sample",
+    "evaluate_config": "run",
+}
 
 __all__ = [
     "Estimate",
@@ -60,11 +62,11 @@ __all__ = [
     "summarize",
     "to_markdown",
     "write_table",
-    *_RUN_NAMES,
+    *_RUNNER,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _RUN_NAMES:
-        return getattr(importlib.import_module("opd_jax.eval.run"), name)
+    if name in _RUNNER:
+        return getattr(importlib.import_module(f"opd_jax.eval.{_RUNNER[name]}"), name)
     raise AttributeError(f"module 'opd_jax.eval' has no attribute {name!r}")

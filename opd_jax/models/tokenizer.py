@@ -178,10 +178,12 @@ def encode_prompts(
     *,
     chat_template: bool = True,
     system_prompt: str = "",
+    length_key: str = "data.max_prompt_tokens",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenises prompts, left-padded (or truncated from the left) to ``length``.
 
-    Returns ``tokens [B, P]`` int32 and ``mask [B, P]`` int32 (1 on real tokens).
+    Returns ``tokens [B, P]`` int32 and ``mask [B, P]`` int32 (1 on real tokens). A prompt
+    longer than ``length`` warns, naming ``length_key``, the config key that sets it.
     """
     texts = list(prompts)
     if chat_template:
@@ -193,8 +195,8 @@ def encode_prompts(
     longest = max((len(row) for row in ids), default=0)
     if longest > length:
         warnings.warn(
-            f"a prompt of {longest} tokens is cut to data.max_prompt_tokens={length} "
-            "(its start is dropped): raise data.max_prompt_tokens to keep it whole.",
+            f"a prompt of {longest} tokens is cut to {length_key}={length} "
+            f"(its start is dropped): raise {length_key} to keep it whole.",
             stacklevel=2,
         )
     for b, row in enumerate(ids):

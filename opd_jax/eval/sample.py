@@ -1,0 +1,125 @@
+"""Sampling and scoring: ``k`` responses per problem, their extracted answers and avg@k/pass@k.
+
+``evaluate(model, tokenizer, problems, ...)`` is the library entry point; :func:`generate`
+decodes one response per prompt in fixed-shape batches (one compile per shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax import models, sampling
+from opd_jax.eval.answers import extract_answer, is_correct
+from opd_jax.eval.metrics import summarize
+from opd_jax.models import encode_prompts, eos_ids, pad_id
+
+
+def generate(
+    model: models.Decoder,
+    tokenizer: models.Tokenizer,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    method: sampling.SamplingMethod,
+    seed: int,
+    chat_template: bool = True,
+    system_prompt: str = "",
+) -> list[str]:
+    """One decoded response per prompt, in order. Batch ``b`` samples with key
+    ``fold_in(key(seed), b)``; the last batch is padded to the same shape (one compile)."""
+    batch_size = min(batch_size, len(prompts))
+    key = jax.random.key(seed)
+    eos, pad = eos_ids(tokenizer, model.config.eos_token_id), pad_id(tokenizer)
+    texts: list[str] = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = list(prompts[start : start + batch_size])
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        tokens_BxP, mask_BxP = encode_prompts(
+            tokenizer,
+            padded,
+            max_prompt_tokens,
+            chat_template=chat_template,
+            system_prompt=system_prompt,
+            length_key="max_prompt_tokens",
+        )
+        result = sampling.sample(
+            model,
+            jnp.asarray(tokens_BxP),
+            jnp.asarray(mask_BxP),
+            key=jax.random.fold_in(key, b),
+            max_new_tokens=max_new_tokens,
+            method=method,
+            eos_ids=eos,
+            pad_id=pad,
+        )
+        response_BxN = np.asarray(result.tokens)[:, max_prompt_tokens:]
+        keep_BxN = np.asarray(result.response_mask)[:, max_prompt_tokens:].astype(bool)
+        for row, keep in list(zip(response_BxN, keep_BxN, strict=True))[: len(chunk)]:
+            texts.append(tokenizer.decode(row[keep].tolist(), skip_special_tokens=True))
+    return texts
+
+
+def score(problem: dict[str, str], responses: list[str]) -> dict[str, Any]:
+    """The per-problem record: prompt, gold, responses, extracted answers, correct flags."""
+    record = {"id": problem["id"]} if "id" in problem else {}
+    return record | {
+        "prompt": problem["prompt"],
+        "gold": problem["answer"],
+        "responses": responses,
+        "extracted": [extract_answer(r) for r in responses],
+        "correct": [is_correct(r, problem["answer"]) for r in responses],
+    }
+
+
+def evaluate(
+    model: models.Decoder,
+    tokenizer: models.Tokenizer,
+    problems: list[dict[str, str]],
+    *,
+    k: int,
+    batch_size: int,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float,
+    seed: int,
+    chat_template: bool = True,
+    system_prompt: str = "",
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> dict[str, Any]:
+    """Samples ``k`` responses per problem (``{"prompt", "answer"}``) and scores them.
+
+    Each prompt is repeated ``k`` times and the ``P * k`` rows are sampled in batches of
+    ``batch_size``; at ``temperature == 0`` (greedy) one response is sampled and repeated.
+    The same ``seed`` (and ``batch_size``) gives the same responses.
+
+    Returns ``{"metrics": summarize(correct [P, k]), "records": [score(...) per problem]}``
+    (see :func:`opd_jax.eval.metrics.summarize` and :func:`score`).
+    """
+    if not problems or k < 1:
+        raise ValueError(f"need problems and k >= 1, got {len(problems)} problems, k={k}")
+    draws = 1 if temperature == 0 else k
+    texts = generate(
+        model,
+        tokenizer,
+        [p["prompt"] for p in problems for _ in range(draws)],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        method=sampling.method_from(temperature, top_k, top_p),
+        seed=seed,
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+    )
+    records = [
+        score(p, texts[i * draws : (i + 1) * draws] * (k // draws)) for i, p in enumerate(problems)
+    ]
+    correct_PxK = np.array([r["correct"] for r in records], dtype=bool)
+    return {"metrics": summarize(correct_PxK), "records": records}
