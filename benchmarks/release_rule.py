@@ -55,7 +55,7 @@ def synthetic_batch(batch: int, length: int, seed: int = 0):
 
 
 def numpy_release(q_BxTxK: np.ndarray, seg: np.ndarray, response: np.ndarray) -> np.ndarray:
-    """The release rule with METHOD's defaults, vectorised NumPy in float64."""
+    """The release rule with docs/method.md's defaults, vectorised NumPy in float64."""
     top2 = -np.partition(-q_BxTxK.astype(np.float64), 1, axis=-1)[..., :2]
     margin = top2[..., 0] - top2[..., 1]
     batch, length = seg.shape

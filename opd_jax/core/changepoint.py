@@ -1,4 +1,4 @@
-"""BIC test for one downward change point in each row of a padded series (METHOD section 3).
+"""BIC test for one downward change point in each row of a padded series (docs/method.md §3).
 
 For a series ``M_1..M_n`` and a split after ``tau`` segments (``l <= tau <= n - l``)::
 
@@ -14,6 +14,9 @@ All splits of all rows come from prefix sums of the centred series in one pass.
 """
 
 from __future__ import annotations
+
+import inspect
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,3 +96,10 @@ def bic_downward_changepoint(
     released = jnp.take_along_axis(bic1, best[:, None], axis=-1)[:, 0] < bic0[:, 0]
     tau = jnp.where(released, best + 1, n_B).astype(jnp.int32)
     return tau, released
+
+
+def changepoint_options() -> dict[str, Any]:
+    """The change point's options and their defaults: the keyword-only parameters of
+    :func:`bic_downward_changepoint`, which the release rule passes on unchanged."""
+    params = inspect.signature(bic_downward_changepoint).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}

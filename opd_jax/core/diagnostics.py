@@ -1,4 +1,4 @@
-"""Per-step diagnostics of METHOD section 7, as fixed-size arrays (cheap to log).
+"""Per-step diagnostics of docs/method.md §7, as fixed-size arrays (cheap to log).
 
 They reproduce the paper's central picture: the advantage stays non-zero late in the
 rollout while the teacher's margin over the student's candidates collapses.

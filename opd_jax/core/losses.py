@@ -1,4 +1,4 @@
-"""OPD losses: per-token terms from logits, and their weighted reductions (METHOD section 5).
+"""OPD losses: per-token terms from logits, and their weighted reductions (docs/method.md §5).
 
 The per-token term ``l[b, t]`` is differentiable in the student logits; the teacher is
 never differentiated. The loss of a batch is ``reduce_loss(l, w)`` with the weights ``w``

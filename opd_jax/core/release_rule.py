@@ -1,13 +1,13 @@
 """The release rule: truncate dense OPD supervision at the margin's change point.
 
-Segment means of the per-position margin (METHOD section 2), one downward BIC change point
-per row (section 3), and the loss mask that keeps only the prefix before it (section 4).
+Segment means of the per-position margin (docs/method.md §2), one downward BIC change point
+per row (§3), and the loss mask that keeps only the prefix before it (§4).
 The rollout is scored in full; only the loss is truncated.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,27 +24,22 @@ class Release(NamedTuple):
     boundary: jax.Array  # [B] int32 t*, the first released position (T where not released)
 
 
-def release(
+def find_release(
     margin: jax.Array,
     seg: jax.Array,
     response_mask: jax.Array,
     *,
     num_segments: int | None = None,
-    min_segments: int = 2,
-    k0: float = 1.0,
-    k1: float = 3.0,
-    penalty: float = 1.0,
-    min_drop_std: float = 0.0,
-    eps: float = 1e-8,
+    **changepoint: Any,
 ) -> Release:
-    """The release rule with its diagnostics.
+    """The release rule on a margin: where each row is cut, and the loss weights.
 
     Args:
       margin: ``[B, T]`` per-position teacher margin.
       seg: ``[B, T]`` segment ids (-1 off the response).
       response_mask: ``[B, T]`` 1 on response tokens.
       num_segments: static bound on segments per row (default T).
-      min_segments, k0, k1, penalty, min_drop_std, eps: the change point's options.
+      **changepoint: options of :func:`~opd_jax.core.changepoint.bic_downward_changepoint`.
 
     Returns:
       :class:`Release` with ``w = r * [t < t*]`` for released rows and ``w = r`` otherwise,
@@ -53,26 +48,10 @@ def release(
     checks.require_rank(margin, 2, "margin", "[B, T]")
     length = margin.shape[1]
     means, _, lengths = segment_means(margin, seg, response_mask, num_segments or length)
-    tau, released = bic_downward_changepoint(
-        means,
-        lengths,
-        min_segments=min_segments,
-        k0=k0,
-        k1=k1,
-        penalty=penalty,
-        min_drop_std=min_drop_std,
-        eps=eps,
-    )
+    tau, released = bic_downward_changepoint(means, lengths, **changepoint)
     r = response_mask.astype(bool)
     t = jnp.arange(length, dtype=jnp.int32)
     first = jnp.where(r & (seg == tau[:, None]), t, length).min(axis=-1)
     boundary = jnp.where(released, first, length).astype(jnp.int32)
     w = (r & (t < boundary[:, None])).astype(jnp.float32)
     return Release(w=w, tau=tau, released=released, boundary=boundary)
-
-
-def release_mask(
-    margin: jax.Array, seg: jax.Array, response_mask: jax.Array, **options
-) -> jax.Array:
-    """Loss weights ``w [B, T]`` of the release rule; ``options`` as in :func:`release`."""
-    return release(margin, seg, response_mask, **options).w

@@ -1,4 +1,4 @@
-"""Rules: which response tokens receive the OPD loss, and with what weight (METHOD section 6).
+"""Rules: which response tokens receive the OPD loss, and with what weight (docs/method.md §6).
 
 Every rule reads the same scored batch and returns weights ``w [B, T]`` (0 off the
 response)::
@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax.core import checks
-from opd_jax.core.release_rule import release_mask
+from opd_jax.core.changepoint import changepoint_options
+from opd_jax.core.release_rule import Release, find_release
 from opd_jax.core.segments import response_index
 from opd_jax.core.stats import (
     TokenStats,
@@ -101,33 +102,31 @@ def full(batch: RuleBatch, key: jax.Array | None = None) -> jax.Array:
     return _mask(batch).astype(jnp.float32)
 
 
-def release(
+def release_with_margin(
     batch: RuleBatch,
-    key: jax.Array | None = None,
     *,
     margin_kind: str = "gap",
     margin_k: int = 16,
     renormalize: bool = False,
-    min_segments: int = 2,
-    k0: float = 1.0,
-    k1: float = 3.0,
-    penalty: float = 1.0,
-    min_drop_std: float = 0.0,
-    eps: float = 1e-8,
-) -> jax.Array:
-    """The paper's release rule: margin -> segment means -> BIC change point -> prefix."""
+    **changepoint: Any,
+) -> tuple[jax.Array, Release]:
+    """The release rule with what it decided on: the margin ``[B, T]`` and the
+    :class:`~opd_jax.core.release_rule.Release` (weights, cut segment, boundary).
+
+    ``margin_*`` choose the margin (:func:`~opd_jax.core.stats.margin_from_stats`);
+    ``changepoint`` holds the options of
+    :func:`~opd_jax.core.changepoint.bic_downward_changepoint`.
+    """
     margin = margin_from_stats(batch.stats, margin_kind, k=margin_k, renormalize=renormalize)
-    return release_mask(
-        margin,
-        batch.seg,
-        batch.response_mask,
-        min_segments=min_segments,
-        k0=k0,
-        k1=k1,
-        penalty=penalty,
-        min_drop_std=min_drop_std,
-        eps=eps,
-    )
+    return margin, find_release(margin, batch.seg, batch.response_mask, **changepoint)
+
+
+def release(batch: RuleBatch, key: jax.Array | None = None, **options: Any) -> jax.Array:
+    """The paper's release rule: margin -> segment means -> BIC change point -> prefix.
+
+    Options: those of :func:`release_with_margin` (see :func:`rule_options`).
+    """
+    return release_with_margin(batch, **options)[1].w
 
 
 def prefix_fraction(
@@ -211,11 +210,18 @@ RULES: dict[str, Rule] = {
 }
 
 
-def rule_options(name: str) -> dict[str, Any]:
-    """The options of rule ``name`` with their defaults."""
-    checks.require_choice(name, RULES, "rule")
-    params = inspect.signature(RULES[name]).parameters.values()
+def _keyword_options(fn: Callable[..., Any]) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def rule_options(name: str) -> dict[str, Any]:
+    """The options of rule ``name`` with their defaults (``release``: the margin's and the
+    change point's)."""
+    checks.require_choice(name, RULES, "rule")
+    if name == "release":
+        return _keyword_options(release_with_margin) | changepoint_options()
+    return _keyword_options(RULES[name])
 
 
 def apply_rule(

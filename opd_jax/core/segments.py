@@ -1,4 +1,4 @@
-"""Segment ids and segment means on the device (METHOD section 2).
+"""Segment ids and segment means on the device (docs/method.md §2).
 
 A segment map ``seg[B, T]`` holds, for each response token, its segment 0..n_b-1
 (non-decreasing along the response) and -1 off the response. Sentence segments come from the

@@ -1,6 +1,6 @@
 """Per-position statistics of a student and a teacher over the student's top-K candidates.
 
-Notation (METHOD section 1): ``s = log_softmax(student_logits)``, ``q =
+Notation (docs/method.md §1): ``s = log_softmax(student_logits)``, ``q =
 log_softmax(teacher_logits)``, ``y`` the sampled tokens, ``S_t`` the ids of the K largest
 ``s[t]`` (ties: lowest id first; ordered by descending ``s``). Position ``t`` of the logits
 predicts ``y[t]`` (the caller aligns them).
@@ -119,7 +119,7 @@ def margin_from_stats(
 ) -> jax.Array:
     """The teacher's per-position margin over the student's top-``k`` candidates, ``[B, T]``.
 
-    kinds (METHOD section 1), with ``q`` restricted to ``S_t``:
+    kinds (docs/method.md §1), with ``q`` restricted to ``S_t``:
       gap               max q - second largest q (0 when k = 1)
       mean_gap          max q - mean q
       sampled_gap       q[y] - max of q over S_t minus y (0 when that set is empty)
