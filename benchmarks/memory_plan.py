@@ -204,7 +204,7 @@ def measure(config: Config, probe: Probe) -> dict[str, Any]:
 
     def build():
         session = Session.build(config)
-        jax.block_until_ready((session.params, session.teacher_params, session.opt_state))
+        jax.block_until_ready((session.state, session.teacher_params))
         return session
 
     def steps(session):
@@ -222,7 +222,7 @@ def measure(config: Config, probe: Probe) -> dict[str, Any]:
                     block = config.segments.tokens
                     seg = segments.segment_ids(kind, rollout[1][:, p:], tokens=block)
                 metrics = session.update(session.device_batch(rollout, seg), key)
-                return jax.block_until_ready((metrics, session.params, session.opt_state))[0]
+                return jax.block_until_ready((metrics, session.state))[0]
 
             result["loss"] = float(phase(f"update_{step}", update)["loss"])
 

@@ -56,14 +56,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
-import importlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import types  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -77,23 +75,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import torch_opd  # noqa: E402
 
-import opd_jax  # noqa: E402
 from opd_jax import core, models, sampling  # noqa: E402
 from opd_jax.config import OptimConfig  # noqa: E402
-
-
-def _train_modules() -> tuple[Any, Any]:
-    """``opd_jax.train.step`` and ``.optimizer`` without running ``opd_jax/train/__init__``,
-    which imports the training loop and with it tensorflow_datasets, grain and NLTK (absent
-    from the GPU image, and not needed by the step)."""
-    if "opd_jax.train" not in sys.modules:
-        package = types.ModuleType("opd_jax.train")
-        package.__path__ = [os.path.join(os.path.dirname(opd_jax.__file__), "train")]
-        sys.modules["opd_jax.train"] = package
-    return tuple(importlib.import_module(f"opd_jax.train.{m}") for m in ("step", "optimizer"))
-
-
-train_step, train_optimizer = _train_modules()
+from opd_jax.train import step as train_step  # noqa: E402
+from opd_jax.train.optimizer import make_optimizer  # noqa: E402
+from opd_jax.train.state import init_state  # noqa: E402
 
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEGMENT_TOKENS = 32
@@ -272,22 +258,22 @@ class JaxSide:
             learning_rate=hyper.learning_rate, schedule="constant", b1=hyper.b1, b2=hyper.b2,
             weight_decay=hyper.weight_decay, clip_norm=hyper.clip_norm,
         )  # fmt: skip
-        self.tx = train_optimizer.make_optimizer(optim, steps=1)
+        self.tx = make_optimizer(optim, steps=1)
         self.chunk, self.remat, self.key = chunk, remat, jax.random.key(0)
         self.attention = models.resolve_attention(attention, (getattr(jnp, dtype),))
 
     def settings(self, prompt: int, rule: str):
+        objective = core.ObjectiveSettings(rule=rule, k=K, chunk_size=self.chunk)
         return train_step.StepSettings(
-            prompt_len=prompt, k=K, chunk_size=self.chunk, rule=rule, rule_options=(),
-            loss="sampled_reverse_kl", reduction="token_mean", beta=0.5, accumulate=1,
-            remat=self.remat, attention=self.attention,
+            prompt_len=prompt, objective=objective, accumulate=1, remat=self.remat,
+            attention=self.attention,
         )  # fmt: skip
 
     def _compiled(self, host: dict[str, np.ndarray], prompt: int, rule: str):
         """``(run_step(batch) -> loss, batch, state, info)``: the step compiled ahead of time
         on fresh weights and AdamW state, its compile seconds and XLA's temporary memory."""
-        params = jax.device_put(self.master)
-        state, batch = [params, self.tx.init(params)], jax.device_put(host)
+        state = list(init_state(self.tx, jax.device_put(self.master)))
+        batch = jax.device_put(host)
         fn = train_step.make_train_step(
             self.graphdef, self.teacher_graphdef, self.tx, self.settings(prompt, rule)
         )
@@ -527,8 +513,8 @@ def _interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> di
 
 
 def part_rule(pair, dirs, args, preset, settings, frameworks):
-    """opd_jax only: the step with rule release against full; the rule and the step's
-    diagnostics alone on the scored statistics."""
+    """opd_jax only: the step with rule release against full; the rule alone, and the
+    objective after scoring (rule, loss and diagnostics), on the scored statistics."""
     B, P, N = settings["batch"], settings["prompt"], settings["response"]
     host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
     side = JaxSide(dirs, preset["dtype"], args.chunk_size, args.remat, args.attention)
@@ -556,21 +542,23 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
         return core.score_chunked(
             h_s, model.unembed_matrix(), h_t, teacher.unembed_matrix(), batch["tokens"][:, P:],
             k=K, chunk_size=args.chunk_size,
-        ).stats  # fmt: skip
+        )  # fmt: skip
 
     forwards = jax.jit(lambda *a: hidden(*a)[2:])  # both models' hidden states alone
 
-    stats = jax.block_until_ready(score(params, side.teacher_params, batch))
+    scored = jax.block_until_ready(score(params, side.teacher_params, batch))
     r, seg = batch["response_mask"][:, P:], batch["seg"]
     rule = jax.jit(lambda s, r, seg: core.apply_rule("release", core.RuleBatch(s, r, seg)))
-    w = rule(stats, r, seg)
-    # the step's own diagnostics: METHOD section 7 and five rules' kept fractions
-    diagnostics = jax.jit(
-        lambda s, r, seg, w: train_step._diagnostics(core.RuleBatch(s, r, seg), w, s, settings_)
+    # the step's objective after scoring: the rule, the loss, the diagnostics of
+    # docs/method.md §7 and five rules' kept fractions
+    objective = jax.jit(
+        lambda scored, r, seg: core.objective_from_scores(
+            scored, r, seg, None, settings_.objective
+        )[0]
     )
     many = max(20, preset["repeats"])
-    rule_s = common.median_seconds(lambda: rule(stats, r, seg), many)
-    diagnostics_s = common.median_seconds(lambda: diagnostics(stats, r, seg, w), many)
+    rule_s = common.median_seconds(lambda: rule(scored.stats, r, seg), many)
+    objective_s = common.median_seconds(lambda: objective(scored, r, seg), many)
     score_s = common.median_seconds(lambda: score(params, side.teacher_params, batch), 3)
     forwards_s = common.median_seconds(lambda: forwards(params, side.teacher_params, batch), 3)
     side.close()
@@ -581,8 +569,8 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
             "release_minus_full_frac": step["release"] / step["full"] - 1,
             "forwards_s": forwards_s, "score_s": score_s, "rule_s": rule_s,
             "rule_frac": rule_s / step["release"],
-            "diagnostics_s": diagnostics_s,
-            "diagnostics_frac": diagnostics_s / step["release"],
+            "objective_s": objective_s,
+            "objective_frac": objective_s / step["release"],
             "rule_below_2pct": rule_s / step["release"] < 0.02,
             "loadavg_1m": os.getloadavg()[0],
         }
@@ -593,7 +581,7 @@ PARTS = {"throughput": part_throughput, "rule": part_rule, "scaling": part_scali
 RULE_COLUMNS = [
     "B", "P", "N", "step_full_s", "step_release_s", "release_minus_full_frac", "forwards_s",
     "score_s", "rule_s",
-    "rule_frac", "diagnostics_s", "diagnostics_frac", "rule_below_2pct",
+    "rule_frac", "objective_s", "objective_frac", "rule_below_2pct",
 ]  # fmt: skip
 NOTES = {
     "tok_s": "B * N response tokens / median step seconds",

@@ -29,7 +29,7 @@ import common  # noqa: E402
 
 from opd_jax import core, data  # noqa: E402
 from opd_jax.config import load_config  # noqa: E402
-from opd_jax.train.session import Session  # noqa: E402
+from opd_jax.train.session import Session, step_settings  # noqa: E402
 from opd_jax.train.step import response_hidden  # noqa: E402
 
 
@@ -55,19 +55,19 @@ def main() -> None:
     batch = session.device_batch(rollout, seg)
     graphdef = session.graphdef
 
+    objective = step_settings(config).objective
+
     @jax.jit
     def score(params, teacher_params, batch):
+        """Both forwards and the objective (scoring, rule, loss, diagnostics), no gradient."""
         model = nnx.merge(graphdef, params)
         teach = nnx.merge(session.teacher_graphdef, teacher_params)
         h_s = response_hidden(model, batch["tokens"], batch["attention_mask"], p)
         h_t = response_hidden(teach, batch["tokens"], batch["attention_mask"], p)
-        scored = core.score_chunked(
+        return core.opd_objective(
             h_s, model.unembed_matrix(), h_t, teach.unembed_matrix(), batch["tokens"][:, p:],
-            k=config.score.k, loss_kind=config.loss.kind, chunk_size=config.score.chunk_size,
+            batch["response_mask"][:, p:], batch["seg"], key, objective,
         )  # fmt: skip
-        rule_batch = core.RuleBatch(scored.stats, batch["response_mask"][:, p:], batch["seg"])
-        w = core.RULES[config.rule.kind](rule_batch, key, **config.rule.options)
-        return w, scored.token_loss
 
     with jax.set_mesh(session.mesh):
         times = {

@@ -14,14 +14,12 @@ import pytest
 from flax import nnx
 
 from opd_jax import data, distributed
-from opd_jax.config import load_config
 from opd_jax.distributed import DistributedEnvError, distributed_args, initialize_from_env
-from opd_jax.models import load
 from opd_jax.sharding import make_mesh
 from opd_jax.train.checkpoint import Checkpointer
 from opd_jax.train.metrics import read_metrics
-from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.session import Batches
+from opd_jax.train.state import restore_student
 
 EXPLICIT = {
     "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
@@ -265,19 +263,10 @@ def test_two_processes_save_and_restore_a_sharded_checkpoint_under_the_run_mesh(
         assert f"restored 1 {{'next_index': 1}} [{2.0 * i}, {2.0 * i + 1}]" in out, out
 
 
-def _final_params(run_dir, config) -> list[np.ndarray]:
-    model, _ = load(config.student.path)
-    params = nnx.state(model, nnx.Param)
-    opt_state = make_optimizer(config.optim, config.train.steps).init(params)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        {"params": params, "opt_state": opt_state},
-    )
-    with Checkpointer(run_dir, keep=3) as checkpointer:
-        step, state, _ = checkpointer.restore(target)
-    assert step == STEPS
-    return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+def _final_params(run_dir) -> list[np.ndarray]:
+    assert Checkpointer(run_dir, keep=3).latest_step() == STEPS
+    model, _ = restore_student(run_dir)
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
 def _compared(line: dict) -> dict:
@@ -309,10 +298,9 @@ def test_two_processes_train_like_one_process_with_two_devices(tiny_pair, tmp_pa
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
     assert "done: step 3" in (tmp_path / "process0.log").read_text()
     assert "done:" not in (tmp_path / "process1.log").read_text()
-    config = load_config(config_file)
     for a, b in zip(
-        _final_params(tmp_path / "two", config),
-        _final_params(tmp_path / "one", config),
+        _final_params(tmp_path / "two"),
+        _final_params(tmp_path / "one"),
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -74,10 +74,8 @@ def opd_jax_step(root, batch):
     graphdef, params = nnx.split(student, nnx.Param)
     teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
     tx = make_optimizer(OptimConfig(schedule="constant"), steps=1)
-    settings = StepSettings(
-        prompt_len=P, k=4, chunk_size=5, rule="full", rule_options=(),
-        loss="sampled_reverse_kl", reduction="token_mean", beta=0.5, accumulate=1,
-    )  # fmt: skip
+    objective = core.ObjectiveSettings(rule="full", k=4, chunk_size=5)
+    settings = StepSettings(prompt_len=P, objective=objective, accumulate=1)
     step = make_train_step(graphdef, teacher_graphdef, tx, settings)
     _, _, metrics = step(params, tx.init(params), teacher_params, batch, jax.random.key(0))
     return float(metrics["loss"]), float(metrics["grad_norm"])

@@ -13,7 +13,6 @@ from flax import nnx
 
 from opd_jax import core
 from opd_jax.config import ConfigError, load_config
-from opd_jax.models import load
 from opd_jax.models.scratch import init_checkpoint
 from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
 from opd_jax.train.loop import train
@@ -57,20 +56,12 @@ def test_every_rule_trains_three_steps(pair, tmp_path, rule):
     assert (tmp_path / "config.yaml").exists()
 
 
-def _params(run_dir, config):
+def _params(run_dir):
     """The student parameters of a run's last checkpoint, as NumPy."""
-    from opd_jax.train.checkpoint import Checkpointer
-    from opd_jax.train.optimizer import make_optimizer
+    from opd_jax.train.state import restore_student
 
-    model, _ = load(config.student.path)
-    params = nnx.state(model, nnx.Param)
-    opt_state = make_optimizer(config.optim, config.train.steps).init(params)
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"params": params, "opt_state": opt_state}
-    )
-    with Checkpointer(run_dir, keep=3) as checkpointer:
-        _, state, _ = checkpointer.restore(target)
-    return jax.tree.map(np.asarray, state["params"])
+    model, _ = restore_student(run_dir)
+    return jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
 
 
 def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(pair, tmp_path):
@@ -82,7 +73,7 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(pair, tmp_path):
     train(config)
     losses = [[line["loss"] for line in read_metrics(run)] for run in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 6
-    flat = [jax.tree.leaves(_params(run, config)) for run in (straight, resumed)]
+    flat = [jax.tree.leaves(_params(run)) for run in (straight, resumed)]
     for a, b in zip(*flat, strict=True):
         np.testing.assert_array_equal(a, b)
 

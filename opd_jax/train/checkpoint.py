@@ -143,10 +143,6 @@ class Checkpointer:
         """The newest saved step, or None."""
         return self._manager.latest_step()
 
-    def reached_preemption(self, step: int) -> bool:
-        """Whether JAX's preemption sync point is reached at ``step`` (multi-process runs)."""
-        return self._manager.reached_preemption(step)
-
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed; raises their errors."""
         self._manager.wait_until_finished()

@@ -13,22 +13,14 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from opd_jax import models
-from opd_jax.config import load_config
 from opd_jax.models import Decoder, ModelConfig
-from opd_jax.train.checkpoint import Checkpointer
-from opd_jax.train.optimizer import make_optimizer
-from opd_jax.train.pair import load_model
+from opd_jax.train.state import abstract_like, restore_student
 
 MARKER = "opd_jax_orbax.json"
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def to_orbax(model: Decoder, tokenizer, dst: Path) -> None:
@@ -50,25 +42,11 @@ def from_orbax(src: Path) -> tuple[Decoder, object]:
     params = nnx.state(model, nnx.Param)
     with ocp.StandardCheckpointer() as checkpointer:
         pure = checkpointer.restore(
-            (src / "params").absolute(), _abstract(nnx.to_pure_dict(params))
+            (src / "params").absolute(), abstract_like(nnx.to_pure_dict(params))
         )
     nnx.replace_by_pure_dict(params, pure)
     nnx.update(model, params)
     return model, models.load_tokenizer(src)
-
-
-def run_student(run_dir: Path) -> tuple[Decoder, object]:
-    """A run's student at its last good checkpoint."""
-    config = load_config(run_dir / "config.yaml")
-    model, tokenizer = load_model(config.student)
-    params = nnx.state(model, nnx.Param)
-    opt_state = make_optimizer(config.optim, config.train.steps).init(params)
-    with Checkpointer(run_dir, keep=config.run.keep_checkpoints) as checkpointer:
-        restored = checkpointer.restore(_abstract({"params": params, "opt_state": opt_state}))
-    if restored is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet: train first, then convert.")
-    nnx.update(model, restored.state["params"])
-    return model, tokenizer
 
 
 def convert(src: str | Path, dst: str | Path) -> None:
@@ -79,7 +57,7 @@ def convert(src: str | Path, dst: str | Path) -> None:
     if src.resolve() == dst.resolve():
         raise ValueError("convert needs a destination different from its source.")
     if (src / "config.yaml").is_file() and (src / "checkpoints").is_dir():
-        models.save_hf(*run_student(src), dst)
+        models.save_hf(*restore_student(src), dst)
     elif (src / MARKER).is_file():
         models.save_hf(*from_orbax(src), dst)
     else:

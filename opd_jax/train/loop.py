@@ -29,6 +29,7 @@ from opd_jax.files import atomic_write_text
 from opd_jax.train.checkpoint import Checkpointer, on_sigterm
 from opd_jax.train.metrics import MetricsWriter
 from opd_jax.train.session import Session
+from opd_jax.train.state import RunState, abstract_like
 
 
 def train(
@@ -108,7 +109,7 @@ def train(
             )
             if done or stopping or (step + 1) % config.run.checkpoint_every == 0:
                 meta = {"step": step + 1, "data": prompts.get_state(), "seed": config.seed}
-                checkpointer.save(step + 1, _state(session), meta, force=True)
+                checkpointer.save(step + 1, session.state._asdict(), meta, force=True)
             if on_step is not None:
                 on_step(step + 1, session)
             if stopping:
@@ -133,22 +134,15 @@ def _progress(config: Config, start: int):
     )
 
 
-def _state(session: Session) -> dict[str, Any]:
-    return {"params": session.params, "opt_state": session.opt_state}
-
-
 def _restore(checkpointer: Checkpointer, session: Session, prompts, writer: MetricsWriter) -> int:
     """Loads the last good checkpoint into ``session`` and positions the data iterator and
     the metrics file; returns the step to start at (0 without a checkpoint)."""
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(session)
-    )
-    restored = checkpointer.restore(target)
+    restored = checkpointer.restore(abstract_like(session.state._asdict()))
     if restored is None:
         writer.truncate_after(0)
         return 0
     step, state, meta = restored
-    session.params, session.opt_state = state["params"], state["opt_state"]
+    session.state = RunState(**state)
     prompts.set_state(meta["data"])
     writer.truncate_after(step)
     if is_primary():

@@ -13,32 +13,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.config import Config
-from opd_jax.models import Decoder, ModelConfig
-from opd_jax.sharding import DEFAULT_RULES, param_shardings
+from opd_jax.sharding import DEFAULT_RULES
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.pair import spec_config
 from opd_jax.train.session import mesh_from_config, step_settings
+from opd_jax.train.state import abstract_model, abstract_state
 from opd_jax.train.step import make_train_step
 
 GIB = 2**30
-
-
-def abstract_model(config: ModelConfig, mesh: jax.sharding.Mesh):
-    """``(graphdef, params)`` with ``ShapeDtypeStruct`` leaves carrying their shardings."""
-    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    params = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-        params,
-        param_shardings(params, mesh, DEFAULT_RULES),
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return graphdef, params
 
 
 def device_bytes(tree: Any) -> int:
@@ -57,18 +42,8 @@ def plan(config: Config) -> dict[str, Any]:
     graphdef, params = abstract_model(student_cfg, mesh)
     teacher_graphdef, teacher_params = abstract_model(teacher_cfg, mesh)
     tx = make_optimizer(config.optim, config.train.steps)
+    params, opt_state = abstract_state(tx, params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, p: p.sharding,
-        opt_shapes,
-        params,
-        transform_non_params=lambda _: replicated,
-    )
-    opt_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_shapes, opt_shardings
-    )
     batch_sharding = NamedSharding(mesh, PartitionSpec(DEFAULT_RULES.batch))
     b, p, n = config.data.batch_size, config.data.max_prompt_tokens, config.sampling.max_new_tokens
     sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)  # noqa: E731

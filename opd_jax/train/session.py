@@ -17,13 +17,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from opd_jax import models, sampling
+from opd_jax import core, models, sampling
 from opd_jax.config import Config
 from opd_jax.models import Tokenizer, encode_prompts, eos_ids, pad_id
 from opd_jax.sharding import DEFAULT_RULES, make_mesh
 from opd_jax.text_segments import response_segments
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.pair import load_pair
+from opd_jax.train.state import RunState, init_state
 from opd_jax.train.step import StepSettings, make_train_step
 
 
@@ -44,13 +45,15 @@ def mesh_from_config(config: Config) -> jax.sharding.Mesh:
 def step_settings(config: Config) -> StepSettings:
     return StepSettings(
         prompt_len=config.data.max_prompt_tokens,
-        k=config.score.k,
-        chunk_size=config.score.chunk_size,
-        rule=config.rule.kind,
-        rule_options=tuple(sorted(config.rule.options.items())),
-        loss=config.loss.kind,
-        reduction=config.loss.reduction,
-        beta=config.loss.beta,
+        objective=core.ObjectiveSettings(
+            rule=config.rule.kind,
+            rule_options=tuple(sorted(config.rule.options.items())),
+            loss=config.loss.kind,
+            reduction=config.loss.reduction,
+            beta=config.loss.beta,
+            k=config.score.k,
+            chunk_size=config.score.chunk_size,
+        ),
         accumulate=config.optim.accumulate,
         remat=config.train.remat,
         attention_chunk=config.train.attention_chunk,
@@ -107,29 +110,17 @@ class Batches:
         return jax.tree.map(np.asarray, local)
 
 
-def init_opt_state(tx, params: nnx.State, mesh: jax.sharding.Mesh) -> Any:
-    """``tx.init(params)`` with every leaf on the mesh (moments follow their parameters,
-    scalars such as the step count are replicated)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = tx.init(params)
-    return jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-        opt_state,
-    )
-
-
 @dataclasses.dataclass
 class Session:
-    """Everything a step needs; ``params`` and ``opt_state`` are the live (donated) state."""
+    """Everything a step needs; ``state`` is the live (donated) :class:`RunState`."""
 
     config: Config
     mesh: jax.sharding.Mesh
     tokenizer: Tokenizer
     graphdef: nnx.GraphDef
     teacher_graphdef: nnx.GraphDef
-    params: nnx.State
+    state: RunState
     teacher_params: nnx.State
-    opt_state: Any
     step_fn: Any
     batches: Batches
     eos: tuple[int, ...]
@@ -143,14 +134,19 @@ class Session:
         graphdef, params = nnx.split(student, nnx.Param)
         teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
         tx = make_optimizer(config.optim, config.train.steps)
-        opt_state = init_opt_state(tx, params, mesh)
-        shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+        state = init_state(tx, params, mesh)
+        shardings = jax.tree.map(lambda x: x.sharding, tuple(state))
         step_fn = make_train_step(graphdef, teacher_graphdef, tx, settings, shardings)
         eos = eos_ids(tokenizer, student.config.eos_token_id)
         return cls(
-            config, mesh, tokenizer, graphdef, teacher_graphdef, params, teacher_params,
-            opt_state, step_fn, Batches(mesh), eos,
+            config, mesh, tokenizer, graphdef, teacher_graphdef, state, teacher_params,
+            step_fn, Batches(mesh), eos,
         )  # fmt: skip
+
+    @property
+    def params(self) -> nnx.State:
+        """The student's live parameters."""
+        return self.state.params
 
     @property
     def prompt_len(self) -> int:
@@ -202,8 +198,7 @@ class Session:
         return self.batches.to_device(host | {"seg": seg})
 
     def update(self, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
-        """One jitted optimizer step; replaces the live ``params`` and ``opt_state``."""
-        self.params, self.opt_state, metrics = self.step_fn(
-            self.params, self.opt_state, self.teacher_params, batch, key
-        )
+        """One jitted optimizer step; replaces the live ``state``."""
+        params, opt_state, metrics = self.step_fn(*self.state, self.teacher_params, batch, key)
+        self.state = RunState(params, opt_state)
         return metrics

@@ -24,6 +24,7 @@ from opd_jax import core
 from opd_jax.config import OptimConfig
 from opd_jax.models import Decoder, Tokenizer, encode_prompts, pad_id
 from opd_jax.train.optimizer import make_optimizer
+from opd_jax.train.state import init_state
 from opd_jax.train.step import response_hidden
 
 
@@ -129,7 +130,7 @@ def sft(
     )
     tx = make_optimizer(optim, settings.steps)
     graphdef, params = nnx.split(model, nnx.Param)
-    opt_state = tx.init(params)
+    opt_state = init_state(tx, params).opt_state
     step_fn = make_sft_step(graphdef, tx, settings.prompt_len, settings.chunk_size)
     start, tokens = time.perf_counter(), 0.0
     for step in range(settings.steps):

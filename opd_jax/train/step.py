@@ -4,8 +4,9 @@ The step built by :func:`make_train_step` takes sampled rollouts ``tokens [B, S]
 columns ``[0, P)``, response columns ``[P, S)``), the host's segment ids of the responses and
 a PRNG key, and returns the updated parameters and optimizer state (both donated) with the
 step's metrics. The batch is cut into ``accumulate`` micro-batches scanned with summed
-gradients. Scoring goes through ``core.score_chunked``: the ``[B, N, V]`` logits are never
-formed. The teacher is never differentiated.
+gradients. Each micro-batch runs both models' forward passes and the public objective,
+:func:`opd_jax.core.opd_objective` (chunked scoring: the ``[B, N, V]`` logits are never
+formed). The teacher is never differentiated.
 """
 
 from __future__ import annotations
@@ -21,26 +22,14 @@ from flax import nnx
 from opd_jax import core
 from opd_jax.models import Decoder
 
-# The rules whose kept fraction is logged beside the chosen rule's (deterministic ones).
-COMPARED_RULES = ("release", "prefix_fraction", "ta_opd", "entropy", "tip")
-# Counts add up over micro-batches; every other metric is averaged.
-SUMMED = ("boundary_histogram", "tokens_by_position")
-
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
     """Static settings of the step (hashable: a change recompiles)."""
 
     prompt_len: int
-    k: int
-    chunk_size: int
-    rule: str
-    rule_options: tuple[tuple[str, Any], ...]
-    loss: str
-    reduction: str
-    beta: float
+    objective: core.ObjectiveSettings
     accumulate: int
-    bins: int = 20
     remat: bool = False  # rematerialise the student's blocks in the backward pass
     attention_chunk: int = 0  # xla: queries attended at a time (0: all); flash: block (0: 512)
     attention: str = "xla"  # both models' kernel: xla | cudnn | flash (models.resolve_attention)
@@ -69,66 +58,21 @@ def response_hidden(
 def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
     model = nnx.merge(graphdef, params)
     tokens, mask = micro["tokens"], micro["attention_mask"]
-    y_BxN = tokens[:, s.prompt_len :]
-    r_BxN = micro["response_mask"][:, s.prompt_len :]
-    h_t = jax.lax.stop_gradient(
-        response_hidden(teacher, tokens, mask, s.prompt_len, False, s.attention_chunk, s.attention)
-    )
-    h_s = response_hidden(
-        model, tokens, mask, s.prompt_len, s.remat, s.attention_chunk, s.attention
-    )
-    scored = core.score_chunked(
+    forward = dict(query_chunk=s.attention_chunk, attention=s.attention)
+    h_t = jax.lax.stop_gradient(response_hidden(teacher, tokens, mask, s.prompt_len, **forward))
+    h_s = response_hidden(model, tokens, mask, s.prompt_len, remat=s.remat, **forward)
+    loss, aux = core.opd_objective(
         h_s,
         model.unembed_matrix(),
         h_t,
         jax.lax.stop_gradient(teacher.unembed_matrix()),
-        y_BxN,
-        k=s.k,
-        loss_kind=s.loss,
-        beta=s.beta,
-        chunk_size=s.chunk_size,
+        tokens[:, s.prompt_len :],
+        micro["response_mask"][:, s.prompt_len :],
+        micro["seg"],
+        key,
+        s.objective,
     )
-    batch = core.RuleBatch(scored.stats, r_BxN, micro["seg"])
-    w = core.RULES[s.rule](batch, key, **dict(s.rule_options))
-    loss = core.reduce_loss(scored.token_loss, w, s.reduction)
-    return loss, _diagnostics(batch, w, scored.stats, s)
-
-
-def _diagnostics(batch: core.RuleBatch, w: jax.Array, stats: core.TokenStats, s: StepSettings):
-    """METHOD section 7, for the release rule whatever rule trains, plus per-rule kept."""
-    release_options = dict(s.rule_options) if s.rule == "release" else {}
-    margin = core.margin_from_stats(
-        stats,
-        release_options.get("margin_kind", "gap"),
-        k=min(release_options.get("margin_k", 16), stats.k),
-        renormalize=release_options.get("renormalize", False),
-    )
-    cp_options = {
-        name: value
-        for name, value in release_options.items()
-        if name not in ("margin_kind", "margin_k", "renormalize")
-    }
-    result = core.release(margin, batch.seg, batch.response_mask, **cp_options)
-    advantage = core.sampled_advantage(stats)
-    diag = core.step_diagnostics(margin, advantage, batch.response_mask, w, result, s.bins)
-    r = batch.response_mask.astype(bool)
-    n = jnp.maximum(r.sum(), 1)
-    diag["advantage_mean"] = jnp.where(r, advantage, 0).sum() / n
-    diag["margin_mean"] = jnp.where(r, margin, 0).sum() / n
-    diag["response_tokens"] = r.sum(-1).mean()
-    for name in COMPARED_RULES:
-        kept = w if name == s.rule else core.RULES[name](batch, None, **_defaults(name, stats.k))
-        diag[f"kept/{name}"] = core.kept_fraction(kept, batch.response_mask)
-    return diag
-
-
-def _defaults(rule: str, k: int) -> dict[str, int]:
-    """A rule's default options with its top-K capped at the scored ``k``."""
-    return {
-        name: min(value, k)
-        for name, value in core.rule_options(rule).items()
-        if name in ("k", "margin_k")
-    }
+    return loss, aux.diagnostics
 
 
 def _split_micro(batch: dict[str, jax.Array], accumulate: int) -> dict[str, jax.Array]:
@@ -172,7 +116,9 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / settings.accumulate, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {name: x.sum(0) if name in SUMMED else x.mean(0) for name, x in diags.items()}
+        metrics = {
+            name: x.sum(0) if name in core.COUNTS else x.mean(0) for name, x in diags.items()
+        }
         metrics["loss"] = losses.mean()
         metrics["grad_norm"] = optax.tree.norm(grads)
         return params, opt_state, metrics

@@ -1,0 +1,120 @@
+"""The run state: the student's parameters and optimizer state, built in one place.
+
+Training, ``opd-jax plan``, ``opd-jax convert``, supervised fine-tuning and the benchmarks all
+take the state from here, so that what a plan measures, what a checkpoint holds and what a
+step updates are placed on the mesh by one method:
+
+- :func:`abstract_model`: a model's graph and ``ShapeDtypeStruct`` parameters in their
+  shardings, without allocating (plans, restore targets);
+- :func:`opt_shardings`: the optimizer state's shardings, moments following their parameter
+  (``optax.tree_map_params``) and everything else (step counts) replicated;
+- :func:`init_state` / :func:`abstract_state`: a :class:`RunState` made on the mesh, or its
+  abstract twin;
+- :func:`abstract_like`: the abstract twin of live arrays (a checkpoint's restore target);
+- :func:`restore_student`: a run directory's student at its last good checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from opd_jax.config import load_config
+from opd_jax.models import Decoder, ModelConfig, Tokenizer
+from opd_jax.sharding import DEFAULT_RULES, param_shardings
+from opd_jax.train.checkpoint import Checkpointer
+from opd_jax.train.optimizer import make_optimizer
+from opd_jax.train.pair import load_model
+
+PyTree = Any
+
+
+class RunState(NamedTuple):
+    """What a step updates and a checkpoint holds."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def abstract_model(config: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, params)`` of a fresh model, ``ShapeDtypeStruct`` leaves in their shardings."""
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    params = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+        params,
+        param_shardings(params, mesh, DEFAULT_RULES),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return graphdef, params
+
+
+def opt_shardings(
+    tx: optax.GradientTransformation, params: nnx.State, mesh: jax.sharding.Mesh | None
+) -> PyTree:
+    """Shardings of ``tx.init(params)``: a moment takes its parameter's, the rest (counts,
+    schedules) is replicated on ``mesh`` (None: on the default device). ``params`` may be live
+    or abstract (with shardings)."""
+    if mesh is None:
+        replicated = SingleDeviceSharding(jax.devices()[0])
+    else:
+        replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx,
+        lambda _, p: p.sharding,
+        jax.eval_shape(tx.init, params),
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+
+
+def init_state(
+    tx: optax.GradientTransformation, params: nnx.State, mesh: jax.sharding.Mesh | None = None
+) -> RunState:
+    """``RunState(params, tx.init(params))`` with the optimizer state made in place on the mesh."""
+    init = jax.jit(tx.init, out_shardings=opt_shardings(tx, params, mesh))
+    return RunState(params, init(params))
+
+
+def abstract_state(
+    tx: optax.GradientTransformation, params: nnx.State, mesh: jax.sharding.Mesh | None = None
+) -> RunState:
+    """The abstract twin of :func:`init_state` (nothing allocated)."""
+    opt_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(tx.init, params),
+        opt_shardings(tx, params, mesh),
+    )
+    return RunState(abstract_like(params), opt_state)
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+    """``ShapeDtypeStruct`` leaves with the shapes, dtypes and shardings of ``tree``'s."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
+def restore_student(run_dir: str | Path) -> tuple[Decoder, Tokenizer]:
+    """A run's student at its last good checkpoint, and its tokenizer (the run is only read).
+
+    Raises:
+      FileNotFoundError: the run has no checkpoint yet.
+    """
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    model, tokenizer = load_model(config.student)
+    params = nnx.state(model, nnx.Param)
+    target = abstract_state(make_optimizer(config.optim, config.train.steps), params)
+    with Checkpointer(run_dir, keep=config.run.keep_checkpoints) as checkpointer:
+        restored = checkpointer.restore(target._asdict())
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet: train first, then convert.")
+    nnx.update(model, restored.state["params"])
+    return model, tokenizer
