@@ -171,7 +171,7 @@ def _prefill(
     """Runs the left-aligned prompts through the model and samples the first token."""
     model: Decoder = nnx.merge(graphdef, state)
     B, P = tokens_BxP.shape
-    h_BxPxD, cache = model.hidden(tokens_BxP, attention_mask=mask_BxP, cache=cache)
+    h_BxPxD, cache = model.hidden_cached(tokens_BxP, cache, attention_mask=mask_BxP)
     logits_BxV = jnp.einsum(
         "bd,dv->bv",
         h_BxPxD[:, -1],
@@ -216,7 +216,8 @@ def _decode(
         column = P + s.step
         last_Bx1 = jax.lax.dynamic_slice_in_dim(s.tokens_BxS, column - 1, 1, axis=1)
         positions_Bx1 = (lengths_B + s.step - 1)[:, None]
-        logits_Bx1xV, cache = model(last_Bx1, positions=positions_Bx1, cache=s.cache)
+        h_Bx1xD, cache = model.hidden_cached(last_Bx1, s.cache, positions=positions_Bx1)
+        logits_Bx1xV = model.logits(h_Bx1xD)
         key, sub = jax.random.split(s.key)
         token_B, logprob_B = method.sample(sub, logits_Bx1xV[:, 0])
         live_B = ~s.done_B

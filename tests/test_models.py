@@ -127,11 +127,11 @@ def test_kv_cache_prefill_then_steps_match_full_forward(checkpoints):
     mask = jnp.ones((2, 12), jnp.int32).at[0, :3].set(0)
     full = model(tokens, attention_mask=mask)
     cache = KVCache.init(model.config, 2, 16)
-    prefill, cache = model(tokens[:, :8], attention_mask=mask[:, :8], cache=cache)
-    steps = [prefill]
+    h, cache = model.hidden_cached(tokens[:, :8], cache, attention_mask=mask[:, :8])
+    steps = [model.logits(h)]
     for t in range(8, 12):
-        logits, cache = model(tokens[:, t : t + 1], cache=cache)
-        steps.append(logits)
+        h, cache = model.hidden_cached(tokens[:, t : t + 1], cache)
+        steps.append(model.logits(h))
     np.testing.assert_allclose(jnp.concatenate(steps, 1)[mask == 1], full[mask == 1], atol=1e-5)
     assert int(cache.index) == 12
 

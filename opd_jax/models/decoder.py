@@ -208,20 +208,22 @@ def _block_forward(
     cos_BxTxH: jax.Array,
     sin_BxTxH: jax.Array,
     visible: jax.Array,
+    kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     query_chunk: int = 0,
     attention: str = "xla",
-) -> jax.Array:
-    """One block without a cache (the training path)."""
-    y_BxTxD, _ = block.attn(
-        block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible, None, query_chunk, attention
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One block: ``x += attn(norm(x)); x += mlp(norm(x))``, and the layer's new cache
+    keys/values when ``kv`` (see :meth:`Attention.__call__`) is given."""
+    y_BxTxD, new_kv = block.attn(
+        block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible, kv, query_chunk, attention
     )
     x_BxTxD = x_BxTxD + y_BxTxD
-    return x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
+    return x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD)), new_kv
 
 
 # Rematerialised: the backward pass recomputes a block's activations from its input, so a
 # differentiated forward stores one [B, T, D] per layer instead of every intermediate.
-_block_forward_remat = nnx.remat(_block_forward, static_argnums=(5, 6))
+_block_forward_remat = nnx.remat(_block_forward, static_argnums=(6, 7))
 
 
 class Decoder(nnx.Module):
@@ -263,30 +265,55 @@ class Decoder(nnx.Module):
         *,
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
-        cache: KVCache | None = None,
         remat: bool = False,
         query_chunk: int = 0,
         attention: str = "xla",
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Final-norm hidden states `[B, T, D]` (compute dtype).
+    ) -> jax.Array:
+        """Final-norm hidden states `[B, T, D]` (compute dtype), without a cache.
 
         Args:
           tokens_BxT: int32 token ids.
-          positions: `[B, T]` RoPE positions; default `cumsum(attention_mask) - 1`, offset by
-            the number of real tokens already in `cache`.
+          positions: `[B, T]` RoPE positions; default `cumsum(attention_mask) - 1`.
           attention_mask: `[B, T]`, 1 on real tokens, 0 on padding (either side); default all 1.
-          cache: if given, this call's keys/values are written at slots
-            `[cache.index, cache.index + T)` and `(hidden, new_cache)` is returned.
-          remat: rematerialise each block under differentiation (without a cache): the
-            activation memory of a gradient is one `[B, T, D]` per layer plus one block's.
-          query_chunk: without a cache, attend this many queries at a time (0: all at once);
-            attention's memory is then `O(query_chunk * S)` instead of `O(T * S)`.
-          attention: the kernel without a cache (`models.attention`): `"xla"` (masked
-            scores), `"cudnn"` or `"flash"` (each row's real tokens are gathered to its front,
-            attended with a causal + length mask and scattered back; the outputs at padding are
-            unspecified, those at real tokens equal `"xla"`'s). `"flash"` takes its block size
-            from `query_chunk` (0: 512).
+          remat: rematerialise each block under differentiation: the activation memory of a
+            gradient is one `[B, T, D]` per layer plus one block's.
+          query_chunk: attend this many queries at a time (0: all at once); attention's memory
+            is then `O(query_chunk * T)` instead of `O(T^2)`.
+          attention: the kernel (`models.attention`): `"xla"` (masked scores), `"cudnn"` or
+            `"flash"` (each row's real tokens are gathered to its front, attended with a
+            causal + length mask and scattered back; the outputs at padding are unspecified,
+            those at real tokens equal `"xla"`'s). `"flash"` takes its block size from
+            `query_chunk` (0: 512).
         """
+        h_BxTxD, _ = self._forward(
+            tokens_BxT, positions, attention_mask, None, remat, query_chunk, attention
+        )
+        return h_BxTxD
+
+    def hidden_cached(
+        self,
+        tokens_BxT: jax.Array,
+        cache: KVCache,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """`(hidden [B, T, D], new_cache)`: this call's keys/values are written at slots
+        `[cache.index, cache.index + T)` and attend over every filled slot (masked scores).
+        Default positions continue from the real tokens already in `cache`."""
+        h_BxTxD, new_cache = self._forward(tokens_BxT, positions, attention_mask, cache)
+        return h_BxTxD, new_cache
+
+    def _forward(
+        self,
+        tokens_BxT: jax.Array,
+        positions: jax.Array | None,
+        attention_mask: jax.Array | None,
+        cache: KVCache | None,
+        remat: bool = False,
+        query_chunk: int = 0,
+        attention: str = "xla",
+    ) -> tuple[jax.Array, KVCache | None]:
         c = self.config
         B, T = tokens_BxT.shape
         mask_BxT = (
@@ -320,31 +347,33 @@ class Decoder(nnx.Module):
         act = ("batch", "sequence", None)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.dtype)
         x_BxTxD = constrain(x_BxTxD, act, self.rules)
+        forward = _block_forward_remat if remat and cache is None else _block_forward
         k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
         for i, block in enumerate(self.layers):
-            if cache is None:
-                forward = _block_forward_remat if remat else _block_forward
-                x_BxTxD = constrain(
-                    forward(block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible, query_chunk, attention),
-                    act,
-                    self.rules,
-                )
-                continue
-            kv = (k_all[i], v_all[i], cache.index)
-            y_BxTxD, new_kv = block.attn(
-                block.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, visible, kv
+            kv = None if cache is None else (k_all[i], v_all[i], cache.index)
+            x_BxTxD, new_kv = forward(
+                block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible, kv, query_chunk, attention
             )
-            k_all, v_all = k_all.at[i].set(new_kv[0]), v_all.at[i].set(new_kv[1])
-            x_BxTxD = x_BxTxD + y_BxTxD
-            x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
             x_BxTxD = constrain(x_BxTxD, act, self.rules)
+            if cache is not None:
+                k_all, v_all = k_all.at[i].set(new_kv[0]), v_all.at[i].set(new_kv[1])
         h_BxTxD = self.norm(x_BxTxD)
         if order_BxT is not None:  # back to the input's order
             rows_Bx1 = jnp.arange(B)[:, None]
             h_BxTxD = jnp.zeros_like(h_BxTxD).at[rows_Bx1, order_BxT].set(h_BxTxD)
         if cache is None:
-            return h_BxTxD
+            return h_BxTxD, None
         return h_BxTxD, KVCache(k=k_all, v=v_all, mask=slot_mask_BxS, index=cache.index + T)
+
+    def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+        """Float32 logits `[B, T, V]` of final-norm hidden states."""
+        logits_BxTxV = jnp.einsum(
+            "btd,dv->btv",
+            h_BxTxD,
+            self.unembed_matrix().astype(self.config.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return constrain(logits_BxTxV, ("batch", "sequence", "vocab"), self.rules)
 
     def __call__(
         self,
@@ -352,19 +381,8 @@ class Decoder(nnx.Module):
         *,
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
-        cache: KVCache | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits `[B, T, V]` in float32 (and the new cache if `cache` is given);
-        arguments as in `hidden`."""
-        out = self.hidden(
-            tokens_BxT, positions=positions, attention_mask=attention_mask, cache=cache
+    ) -> jax.Array:
+        """Logits `[B, T, V]` in float32; arguments as in `hidden`."""
+        return self.logits(
+            self.hidden(tokens_BxT, positions=positions, attention_mask=attention_mask)
         )
-        h_BxTxD, new_cache = (out, None) if cache is None else out
-        logits_BxTxV = jnp.einsum(
-            "btd,dv->btv",
-            h_BxTxD,
-            self.unembed_matrix().astype(self.config.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        logits_BxTxV = constrain(logits_BxTxV, ("batch", "sequence", "vocab"), self.rules)
-        return logits_BxTxV if cache is None else (logits_BxTxV, new_cache)
