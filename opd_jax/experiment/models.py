@@ -24,6 +24,7 @@ from flax import nnx
 
 from opd_jax import data, models
 from opd_jax.config import Config, ModelShape, SFTConfig
+from opd_jax.experiment.layout import model_dirs, tokenizer_dir
 from opd_jax.files import atomic_write_text
 from opd_jax.models.tokenizer import train_bpe_tokenizer
 from opd_jax.train.sft import SFTSettings, sft
@@ -130,18 +131,18 @@ def train_model(
     return report
 
 
-def prepare_models(config: Config, run_dir: Path) -> dict[str, Path]:
+def prepare_models(config: Config) -> dict[str, Path]:
     """``{"teacher": path, "student": path}``, training each model unless already done."""
-    paths = {role: run_dir / "models" / role for role in ("teacher", "student")}
+    paths = model_dirs(config)
     missing = [role for role, path in paths.items() if not (path / DONE).is_file()]
     if not missing:
         return paths
-    tokenizer_dir = run_dir / "tokenizer"
-    if (tokenizer_dir / "tokenizer.json").is_file():  # both models share the first one made
-        tokenizer = models.load_tokenizer(tokenizer_dir)
+    shared = tokenizer_dir(config)
+    if (shared / "tokenizer.json").is_file():  # both models share the first one made
+        tokenizer = models.load_tokenizer(shared)
     else:
         tokenizer = task_tokenizer(config)
-        tokenizer.save_pretrained(str(tokenizer_dir))
+        tokenizer.save_pretrained(str(shared))
     for offset, role in enumerate(("teacher", "student")):
         if role in missing:
             print(f"training the {role} ({getattr(config.experiment, role).shape})", flush=True)

@@ -25,7 +25,7 @@ import numpy as np
 from opd_jax.config import Config
 from opd_jax.eval.metrics import avg_at_k
 from opd_jax.eval.tables import benchmark_table, to_markdown
-from opd_jax.experiment.run import CURVE_FILE, EVAL_FILE, run_dirs
+from opd_jax.experiment.layout import CURVE_FILE, EVAL_FILE, run_dirs
 from opd_jax.files import atomic_write_text
 from opd_jax.train.metrics import read_metrics
 

@@ -35,12 +35,11 @@ from opd_jax.config import (
 )
 from opd_jax.core import RULES
 from opd_jax.data.arithmetic import SPLITS
-from opd_jax.eval.run import BenchmarkSpec, evaluate, load_problems
+from opd_jax.eval import BenchmarkSpec, evaluate, load_problems
+from opd_jax.experiment.layout import CURVE_FILE, EVAL_FILE, run_dirs
 from opd_jax.experiment.models import prepare_models
 from opd_jax.files import atomic_write_text
 
-CURVE_FILE = "curve.json"
-EVAL_FILE = "eval.json"
 EVAL_BATCH = 256  # sequences per sampling call of an evaluation
 
 
@@ -185,13 +184,6 @@ class Curve:
         atomic_write_text(self.path, json.dumps(self.points, indent=1) + "\n")
 
 
-def run_dirs(config: Config) -> dict[tuple[str, int], Path]:
-    """``{(rule, seed): run directory}`` of the experiment's OPD runs."""
-    root = Path(config.run.dir) / "opd"
-    e = config.experiment
-    return {(rule, seed): root / rule / f"seed{seed}" for rule in e.rules for seed in e.seeds}
-
-
 def opd_config(config: Config, rule: str, seed: int, run_dir: Path) -> Config:
     """The config of one OPD run: ``rule`` (with ``rule.options`` if it is ``rule.kind``)."""
     options = dict(config.rule.options) if rule == config.rule.kind else {}
@@ -210,15 +202,15 @@ def run_experiment(config: Config) -> dict[str, Any]:
     from absl import logging as absl_logging
 
     from opd_jax.experiment.report import write_report
-    from opd_jax.train.convert import run_student
     from opd_jax.train.loop import train
+    from opd_jax.train.state import restore_student
 
     tfds.disable_progress_bar()
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's "custom data configuration" notes
     start = time.perf_counter()
     root = Path(config.run.dir)
     root.mkdir(parents=True, exist_ok=True)
-    paths = prepare_models(config, root)
+    paths = prepare_models(config)
     for role in ("teacher", "student"):
         if not (paths[role] / EVAL_FILE).is_file():
             evaluate_model(*models.load(paths[role]), config, paths[role] / EVAL_FILE)
@@ -229,7 +221,7 @@ def run_experiment(config: Config) -> dict[str, Any]:
         print(f"[{index + 1}/{len(runs)}] OPD rule={rule} seed={seed} -> {run_dir}", flush=True)
         train(run_config, on_step=Curve(run_config, curve_problems))
         if not (run_dir / EVAL_FILE).is_file():
-            evaluate_model(*run_student(run_dir), run_config, run_dir / EVAL_FILE)
+            evaluate_model(*restore_student(run_dir), run_config, run_dir / EVAL_FILE)
     report = write_report(config)
     print(f"experiment done in {time.perf_counter() - start:.0f} s: {root}", flush=True)
     return report

@@ -1,0 +1,37 @@
+"""Where the experiment keeps what it makes, under ``run.dir``::
+
+    tokenizer/                      the task's BPE tokenizer
+    models/{teacher,student}/       Hugging Face directories, sft.json, eval.json
+    opd/<rule>/seed<s>/             ordinary run directories, plus curve.json and eval.json
+    table.*, diagnostics.*, plots/  the report
+
+Every stage reads and writes through these names, so the report can be redone from a
+finished experiment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opd_jax.config import Config
+
+CURVE_FILE = "curve.json"  # in-domain accuracy against OPD step
+EVAL_FILE = "eval.json"  # a model's evaluation on every split
+ROLES = ("teacher", "student")
+
+
+def model_dirs(config: Config) -> dict[str, Path]:
+    """``{"teacher": path, "student": path}`` of the experiment's two models."""
+    return {role: Path(config.run.dir) / "models" / role for role in ROLES}
+
+
+def tokenizer_dir(config: Config) -> Path:
+    """The task tokenizer both models share."""
+    return Path(config.run.dir) / "tokenizer"
+
+
+def run_dirs(config: Config) -> dict[tuple[str, int], Path]:
+    """``{(rule, seed): run directory}`` of the experiment's OPD runs."""
+    root = Path(config.run.dir) / "opd"
+    e = config.experiment
+    return {(rule, seed): root / rule / f"seed{seed}" for rule in e.rules for seed in e.seeds}
