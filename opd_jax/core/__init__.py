@@ -11,6 +11,7 @@ from opd_jax.core.diagnostics import (
     boundary_histogram,
     kept_fraction,
     position_profile,
+    segment_profile,
     step_diagnostics,
 )
 from opd_jax.core.losses import LOSS_KINDS, REDUCTIONS, reduce_loss, token_loss
@@ -76,6 +77,7 @@ __all__ = [
     "sampled_advantage",
     "score_chunked",
     "segment_means",
+    "segment_profile",
     "select_top",
     "step_diagnostics",
     "teacher_mass",

@@ -32,7 +32,7 @@ from opd_jax.core.stats import TokenStats, sampled_advantage
 # The rules whose kept fraction is logged beside the training rule's (deterministic ones).
 COMPARED_RULES = ("release", "prefix_fraction", "ta_opd", "entropy", "tip")
 # Diagnostics that are counts (they add up over micro-batches); the others are means.
-COUNTS = ("boundary_histogram", "tokens_by_position")
+COUNTS = ("boundary_histogram", "tokens_by_position", "rows_by_sentence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,7 @@ class ObjectiveSettings:
       k: the student's and teacher's top-K kept per position.
       chunk_size: positions whose ``[chunk, V]`` logits are alive at once.
       bins: relative-position bins of the profiles.
+      segment_bins: sentence indices of the per-sentence profiles.
       compared_rules: rules whose kept fraction on the same batch is logged.
     """
 
@@ -58,6 +59,7 @@ class ObjectiveSettings:
     k: int = 16
     chunk_size: int = 1024
     bins: int = 20
+    segment_bins: int = 16
     compared_rules: tuple[str, ...] = COMPARED_RULES
 
 
@@ -134,7 +136,8 @@ def objective_from_scores(
     Returns:
       ``(loss, aux)``: the scalar loss ``reduce_loss(token_loss, w)`` and
       :class:`ObjectiveAux`. Diagnostics: ``margin_by_position``, ``advantage_by_position``,
-      ``tokens_by_position``, ``boundary_histogram`` ``[bins]``; ``kept_fraction``,
+      ``tokens_by_position``, ``boundary_histogram`` ``[bins]``; ``margin_by_sentence``,
+      ``advantage_by_sentence``, ``rows_by_sentence`` ``[segment_bins]``; ``kept_fraction``,
       ``released_fraction``, ``margin_mean``, ``advantage_mean``, ``response_tokens`` and
       ``kept/<rule>`` for each compared rule (scalars). The margin and the cut are the
       release rule's, with the training rule's options when it is ``release``.
@@ -149,7 +152,9 @@ def objective_from_scores(
     loss = reduce_loss(scored.token_loss, w, s.reduction)
 
     advantage = sampled_advantage(scored.stats)
-    diagnostics = step_diagnostics(margin, advantage, response_mask, w, cut, s.bins)
+    diagnostics = step_diagnostics(
+        margin, advantage, response_mask, seg, w, cut, s.bins, s.segment_bins
+    )
     r = response_mask.astype(bool)
     n = jnp.maximum(r.sum(), 1)
     diagnostics["advantage_mean"] = jnp.where(r, advantage, 0).sum() / n
