@@ -532,8 +532,8 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
         model = nnx.merge(graphdef, params)
         teacher = nnx.merge(teacher_graphdef, teacher_params)
         tokens, mask, attention = batch["tokens"], batch["attention_mask"], side.attention
-        h_s = train_step.response_hidden(model, tokens, mask, P, attention=attention)
-        h_t = train_step.response_hidden(teacher, tokens, mask, P, attention=attention)
+        h_s = model.response_hidden(tokens, mask, P, attention=attention)
+        h_t = teacher.response_hidden(tokens, mask, P, attention=attention)
         return model, teacher, h_s, h_t
 
     @jax.jit

@@ -30,7 +30,6 @@ import common  # noqa: E402
 from opd_jax import core, data  # noqa: E402
 from opd_jax.config import load_config  # noqa: E402
 from opd_jax.train.session import Session, step_settings  # noqa: E402
-from opd_jax.train.step import response_hidden  # noqa: E402
 
 
 def main() -> None:
@@ -62,8 +61,8 @@ def main() -> None:
         """Both forwards and the objective (scoring, rule, loss, diagnostics), no gradient."""
         model = nnx.merge(graphdef, params)
         teach = nnx.merge(session.teacher_graphdef, teacher_params)
-        h_s = response_hidden(model, batch["tokens"], batch["attention_mask"], p)
-        h_t = response_hidden(teach, batch["tokens"], batch["attention_mask"], p)
+        h_s = model.response_hidden(batch["tokens"], batch["attention_mask"], p)
+        h_t = teach.response_hidden(batch["tokens"], batch["attention_mask"], p)
         return core.opd_objective(
             h_s, model.unembed_matrix(), h_t, teach.unembed_matrix(), batch["tokens"][:, p:],
             batch["response_mask"][:, p:], batch["seg"], key, objective,

@@ -290,6 +290,27 @@ class Decoder(nnx.Module):
         )
         return h_BxTxD
 
+    def response_hidden(
+        self,
+        tokens_BxS: jax.Array,
+        attention_mask_BxS: jax.Array,
+        prompt_len: int,
+        *,
+        remat: bool = False,
+        query_chunk: int = 0,
+        attention: str = "xla",
+    ) -> jax.Array:
+        """Hidden states `[B, N, D]` that predict the response columns `[P, S)` of
+        `tokens_BxS` (prompt in columns `[0, P)`); keywords as in `hidden`."""
+        h_BxSxD = self.hidden(
+            tokens_BxS,
+            attention_mask=attention_mask_BxS,
+            remat=remat,
+            query_chunk=query_chunk,
+            attention=attention,
+        )
+        return h_BxSxD[:, prompt_len - 1 : -1]
+
     def hidden_cached(
         self,
         tokens_BxT: jax.Array,

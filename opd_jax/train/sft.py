@@ -25,7 +25,6 @@ from opd_jax.config import OptimConfig
 from opd_jax.models import Decoder, Tokenizer, encode_prompts, pad_id
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.state import init_state
-from opd_jax.train.step import response_hidden
 
 
 def sft_batch(
@@ -66,7 +65,7 @@ def sft_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean negative log-likelihood of the target tokens, and its per-token statistics."""
     tokens, mask = batch["tokens"], batch["attention_mask"]
-    h_BxNxD = response_hidden(model, tokens, mask, prompt_len)
+    h_BxNxD = model.response_hidden(tokens, mask, prompt_len)
     y_BxN = tokens[:, prompt_len:]
     m_BxN = batch["target_mask"][:, prompt_len:].astype(jnp.float32)
     logp_BxN = core.token_logprobs_chunked(

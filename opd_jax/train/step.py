@@ -20,7 +20,6 @@ import optax
 from flax import nnx
 
 from opd_jax import core
-from opd_jax.models import Decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,32 +34,12 @@ class StepSettings:
     attention: str = "xla"  # both models' kernel: xla | cudnn | flash (models.resolve_attention)
 
 
-def response_hidden(
-    model: Decoder,
-    tokens_BxS: jax.Array,
-    mask_BxS: jax.Array,
-    prompt_len: int,
-    remat: bool = False,
-    query_chunk: int = 0,
-    attention: str = "xla",
-):
-    """Hidden states ``[B, N, D]`` that predict the response columns ``[P, S)``."""
-    h_BxSxD = model.hidden(
-        tokens_BxS,
-        attention_mask=mask_BxS,
-        remat=remat,
-        query_chunk=query_chunk,
-        attention=attention,
-    )
-    return h_BxSxD[:, prompt_len - 1 : -1]
-
-
 def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
     model = nnx.merge(graphdef, params)
     tokens, mask = micro["tokens"], micro["attention_mask"]
     forward = dict(query_chunk=s.attention_chunk, attention=s.attention)
-    h_t = jax.lax.stop_gradient(response_hidden(teacher, tokens, mask, s.prompt_len, **forward))
-    h_s = response_hidden(model, tokens, mask, s.prompt_len, remat=s.remat, **forward)
+    h_t = jax.lax.stop_gradient(teacher.response_hidden(tokens, mask, s.prompt_len, **forward))
+    h_s = model.response_hidden(tokens, mask, s.prompt_len, remat=s.remat, **forward)
     loss, aux = core.opd_objective(
         h_s,
         model.unembed_matrix(),
@@ -126,3 +105,15 @@ def make_train_step(
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, None))
+
+
+def make_score_step(graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef, settings: StepSettings):
+    """The jitted ``(params, teacher_params, batch, key) -> (loss, diagnostics)``: the step's
+    objective on a batch (one micro-batch) without the gradient or the update, to measure a
+    pair (``opd-jax profile``)."""
+
+    def score(params, teacher_params, batch, key):
+        teacher = nnx.merge(teacher_graphdef, teacher_params)
+        return _micro_loss(params, graphdef, teacher, batch, key, settings)
+
+    return jax.jit(score)
