@@ -22,6 +22,7 @@ from opd_jax.eval.metrics import (
     Estimate,
     avg_at_k,
     mean_and_stderr,
+    paired_difference,
     pass_at_k,
     pass_at_k_per_problem,
     summarize,
@@ -43,7 +44,10 @@ _RUNNER = {
     "read_problem_file": "problems",
     "evaluate": "sample",
     "generate": "sample",
+    "Samples": "sample",
+    "sample_prompts": "sample",
     "evaluate_config": "run",
+    "token_reverse_kl": "divergence",
 }
 
 __all__ = [
@@ -57,6 +61,7 @@ __all__ = [
     "is_correct",
     "mean_and_stderr",
     "normalize",
+    "paired_difference",
     "pass_at_k",
     "pass_at_k_per_problem",
     "summarize",

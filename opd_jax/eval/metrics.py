@@ -46,6 +46,15 @@ def mean_and_stderr(values_P: np.ndarray) -> Estimate:
     return Estimate(float(np.mean(values_P)), stderr)
 
 
+def paired_difference(a_P: np.ndarray, b_P: np.ndarray) -> Estimate:
+    """``mean(a - b)`` and its standard error, paired per problem: ``a`` and ``b`` are two
+    models' per-problem values on the same problems, so problem difficulty cancels."""
+    a_P, b_P = np.asarray(a_P, np.float64), np.asarray(b_P, np.float64)
+    if a_P.shape != b_P.shape:
+        raise ValueError(f"paired values need one shape, got {a_P.shape} and {b_P.shape}")
+    return mean_and_stderr(a_P - b_P)
+
+
 def pass_at_k_per_problem(
     num_samples_P: np.ndarray, num_correct_P: np.ndarray, k: int
 ) -> np.ndarray:

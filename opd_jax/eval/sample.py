@@ -7,7 +7,7 @@ decodes one response per prompt in fixed-shape batches (one compile per shape).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,16 @@ from opd_jax.eval.metrics import summarize
 from opd_jax.models import encode_prompts, eos_ids, pad_id
 
 
-def generate(
+class Samples(NamedTuple):
+    """Sampled sequences, one row per prompt: prompt columns ``[0, P)``, response after."""
+
+    tokens: np.ndarray  # [n, P + N] int32
+    attention_mask: np.ndarray  # [n, P + N] 1 on real prompt and response tokens
+    response_mask: np.ndarray  # [n, P + N] 1 on response tokens (EOS included)
+    texts: list[str]  # the decoded responses (special tokens skipped)
+
+
+def sample_prompts(
     model: models.Decoder,
     tokenizer: models.Tokenizer,
     prompts: Sequence[str],
@@ -31,12 +40,13 @@ def generate(
     seed: int,
     chat_template: bool = True,
     system_prompt: str = "",
-) -> list[str]:
-    """One decoded response per prompt, in order. Batch ``b`` samples with key
-    ``fold_in(key(seed), b)``; the last batch is padded to the same shape (one compile)."""
+) -> Samples:
+    """One sample per prompt, in order. Batch ``b`` samples with key ``fold_in(key(seed),
+    b)``; the last batch is padded to the same shape (one compile)."""
     batch_size = min(batch_size, len(prompts))
     key = jax.random.key(seed)
     eos, pad = eos_ids(tokenizer, model.config.eos_token_id), pad_id(tokenizer)
+    parts: list[tuple[np.ndarray, ...]] = []
     texts: list[str] = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = list(prompts[start : start + batch_size])
@@ -59,11 +69,25 @@ def generate(
             eos_ids=eos,
             pad_id=pad,
         )
-        response_BxN = np.asarray(result.tokens)[:, max_prompt_tokens:]
-        keep_BxN = np.asarray(result.response_mask)[:, max_prompt_tokens:].astype(bool)
-        for row, keep in list(zip(response_BxN, keep_BxN, strict=True))[: len(chunk)]:
+        tokens, response, prompt = (
+            np.asarray(x)[: len(chunk)]
+            for x in (result.tokens, result.response_mask, result.prompt_mask)
+        )
+        parts.append((tokens, response | prompt, response))
+        for row, keep in zip(tokens, response.astype(bool), strict=True):
             texts.append(tokenizer.decode(row[keep].tolist(), skip_special_tokens=True))
-    return texts
+    tokens, attention, response = (np.concatenate(x) for x in zip(*parts, strict=True))
+    return Samples(tokens, attention, response, texts)
+
+
+def generate(
+    model: models.Decoder,
+    tokenizer: models.Tokenizer,
+    prompts: Sequence[str],
+    **options: Any,
+) -> list[str]:
+    """One decoded response per prompt, in order; ``options`` as in :func:`sample_prompts`."""
+    return sample_prompts(model, tokenizer, prompts, **options).texts
 
 
 def score(problem: dict[str, str], responses: list[str]) -> dict[str, Any]:
