@@ -13,6 +13,7 @@ import pytest
 
 from opd_jax import data
 from opd_jax.data import arithmetic
+from opd_jax.eval.answers import extract_answer
 from opd_jax.text_segments import sentence_spans
 
 SMALL = {"train_size": 300, "test_size": 40, "test_long_size": 40, "test_unseen_op_size": 40}
@@ -289,3 +290,26 @@ def test_default_shard_is_this_process(test_source):
     assert len(next(it)["id"]) == 40
     with pytest.raises(ValueError, match="shard_index"):
         data.make_prompt_iterator(test_source, batch_size=1, seed=0, shard_index=2, shard_count=2)
+
+
+def test_recap_follows_the_answer_with_distinct_kinds_in_free_wordings():
+    config = data.arithmetic_config(**SMALL, recap=3)
+    for example in data.generate_split(config, "train"):
+        solution = example["solution"]
+        head, _, recap = solution.partition(f"The answer is {example['answer']}.")
+        assert recap.strip() and head.strip()
+        sentences = sentence_spans(recap.strip())
+        assert len(sentences) == 3
+        assert extract_answer(solution) == example["answer"]  # the recap states no other answer
+        assert data.step_accuracy(solution, solution) == 1.0
+    without = data.generate_split(data.arithmetic_config(**SMALL), "train")
+    assert all(e["solution"].endswith(f"The answer is {e['answer']}.") for e in without)
+
+
+def test_step_accuracy_counts_reference_steps_stated_in_place():
+    solution = "12 + 30 = 42. 42 * 2 = 84. 84 - 5 = 79. The answer is 79. Check: 79 = 61 + 18."
+    assert data.solution_steps(solution) == [(12, "+", 30, 42), (42, "*", 2, 84), (84, "-", 5, 79)]
+    assert data.step_accuracy("12 + 30 = 42. 42 * 2 = 85. 85 - 5 = 80.", solution) == 1 / 3
+    assert data.step_accuracy("42 * 2 = 84. 12 + 30 = 42.", solution) == 0.0  # out of place
+    assert data.step_accuracy("The answer is 79.", solution) == 0.0
+    assert data.step_accuracy("anything", "The answer is 3.") == 1.0

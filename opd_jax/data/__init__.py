@@ -14,6 +14,8 @@ from opd_jax.data.arithmetic import (
     arithmetic_builder,
     arithmetic_config,
     generate_split,
+    solution_steps,
+    step_accuracy,
 )
 from opd_jax.data.loader import build, load_source, make_prompt_iterator, prompt_dataset
 from opd_jax.data.prompts import (
@@ -39,4 +41,6 @@ __all__ = [
     "prompt_dataset",
     "prompt_files_builder",
     "read_prompt_file",
+    "solution_steps",
+    "step_accuracy",
 ]

@@ -43,6 +43,7 @@ import hashlib
 import json
 import operator
 import os
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -272,6 +273,26 @@ def _generate(config: ArithmeticConfig, split: str, exclude: set[str]) -> list[d
             "raise the number ranges or lower the split size"
         )
     return examples
+
+
+_STEP = re.compile(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)\.")
+
+
+def solution_steps(text: str) -> list[tuple[int, str, int, int]]:
+    """The ``a op k = b.`` sentences of a solution, in order, as ``(a, op, k, b)``."""
+    return [(int(a), op, int(k), int(b)) for a, op, k, b in _STEP.findall(text)]
+
+
+def step_accuracy(response: str, solution: str) -> float:
+    """The fraction of the reference ``solution``'s steps that ``response`` states exactly,
+    each at its own place in the chain (the i-th step of the response against the i-th of
+    the reference: the right operand, operation and result). Steps after the last reference
+    step are not counted; a reference without steps scores 1."""
+    reference, stated = solution_steps(solution), solution_steps(response)
+    if not reference:
+        return 1.0
+    right = sum(want == got for want, got in zip(reference, stated, strict=False))
+    return right / len(reference)
 
 
 def generate_split(config: ArithmeticConfig, split: str) -> list[dict]:
