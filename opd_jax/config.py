@@ -165,9 +165,9 @@ class ExperimentConfig:
     eval_splits: list[str] = dataclasses.field(
         default_factory=lambda: ["test", "test_long", "test_unseen_op"]
     )  # arithmetic splits of the final table: in-domain first, then out-of-domain
-    eval_problems: int = 200  # problems per split (0 = all)
-    eval_k: int = 1  # samples per problem
-    eval_temperature: float = 0.0  # 0 = greedy
+    eval_problems: int = 0  # problems per split (0 = all)
+    eval_k: int = 4  # samples per problem
+    eval_temperature: float = 1.0  # 0 = greedy
     eval_max_new_tokens: int = 128  # room for test_long's longer solutions
     full: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of --full
 

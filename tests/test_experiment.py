@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from opd_jax.cli import main
@@ -11,10 +12,10 @@ from opd_jax.experiment import load_experiment_config, run_experiment
 TOY = [
     "data.arithmetic={train_size: 64, test_size: 4, test_long_size: 4, test_unseen_op_size: 4,"
     " min_steps: 1, max_steps: 2, long_min_steps: 3, long_max_steps: 3, max_start: 9,"
-    " max_addend: 9, max_value: 20}",
+    " max_addend: 9, max_value: 20, recap: 2}",
     "data.batch_size=2",
     "data.max_prompt_tokens=64",
-    "sampling.max_new_tokens=12",
+    "sampling.max_new_tokens=24",
     "score.chunk_size=16",
     "train.steps=2",
     "run.progress=false",
@@ -30,7 +31,8 @@ TOY = [
     "experiment.curve_every=1",
     "experiment.curve_problems=2",
     "experiment.eval_problems=3",
-    "experiment.eval_max_new_tokens=12",
+    "experiment.eval_max_new_tokens=24",
+    "experiment.eval_k=2",
 ]
 
 
@@ -42,25 +44,53 @@ def finished(tmp_path_factory):
     return config, run_experiment(config), root / "run"
 
 
-def test_writes_models_runs_table_diagnostics_and_plots(finished):
+def test_writes_models_runs_tables_diagnostics_and_plots(finished):
     _, report, run = finished
     for role in ("teacher", "student"):
         assert (run / "models" / role / "sft.json").is_file()
-        assert (run / "models" / role / "eval.json").is_file()
     for rule in ("release", "full"):
         seed_dir = run / "opd" / rule / "seed0"
         assert sorted(json.loads((seed_dir / "curve.json").read_text())) == ["0", "1", "2"]
-        assert (seed_dir / "eval.json").is_file()
     table = json.loads((run / "table.json").read_text())
     assert list(table["rows"]) == ["teacher", "student (before OPD)", "OPD: release", "OPD: full"]
     assert table["columns"] == ["test", "test_long", "test_unseen_op", "average"]
-    assert set(table["seeds"]["OPD: release"]) == {"0"}
+    assert len(table["seeds"]["OPD: release"]) == 1
     assert "| OPD: full |" in (run / "table.md").read_text()
     assert set(json.loads((run / "diagnostics.json").read_text())) == {"release", "full"}
     names = sorted(p.name for p in (run / "plots").iterdir())
-    assert names == ["accuracy_vs_step.png", "boundary_histogram.png", "margin_advantage.png"]
+    assert names == [
+        "accuracy_vs_step.png",
+        "boundary_histogram.png",
+        "margin_advantage.png",
+        "margin_by_sentence.png",
+    ]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (run / "plots").iterdir())
     assert report["table"]["rows"] == table["rows"]
+
+
+def test_every_model_is_evaluated_per_problem_and_sample(finished):
+    _, _, run = finished
+    student = json.loads((run / "models" / "student" / "eval.json").read_text())
+    assert set(student) == {"test", "test_long", "test_unseen_op"}
+    for measure in ("correct", "steps", "kl", "kl_solution", "kl_recap"):
+        assert np.shape(student["test"][measure]) == (3, 2), measure  # 3 problems, k = 2
+    assert np.all(np.asarray(student["test"]["kl"]) >= 0)
+    assert "kl" not in student["test_long"]  # the KL is measured in domain only
+    teacher = json.loads((run / "models" / "teacher" / "eval.json").read_text())
+    assert "kl" not in teacher["test"]
+
+
+def test_measures_and_comparisons_pair_models_problem_by_problem(finished):
+    _, report, run = finished
+    measures = json.loads((run / "measures.json").read_text())
+    assert measures["split"] == "test"
+    row = measures["rows"]["OPD: full"]
+    assert set(row) >= {"correct", "correct_change", "steps", "kl", "kl_solution", "kl_recap"}
+    pairs = {(c["a"], c["b"], c["split"]) for c in report["comparisons"]}
+    assert ("OPD: release", "OPD: full", "test_long") in pairs
+    assert ("OPD: full", "student (before OPD)", "test") in pairs
+    assert all(0 <= c["p"] <= 1 for c in report["comparisons"])
+    assert "| OPD: release | OPD: full | test |" in (run / "comparisons.md").read_text()
 
 
 def test_running_again_skips_every_finished_stage(finished, capsys):

@@ -3,7 +3,8 @@
     tokenizer/                      the task's BPE tokenizer
     models/{teacher,student}/       Hugging Face directories, sft.json, eval.json
     opd/<rule>/seed<s>/             ordinary run directories, plus curve.json and eval.json
-    table.*, diagnostics.*, plots/  the report
+    table.*, measures.*, comparisons.*, diagnostics.*, plots/  the report
+    timings.json                    wall seconds per stage of the last invocation
 
 Every stage reads and writes through these names, so the report can be redone from a
 finished experiment.
@@ -17,6 +18,7 @@ from opd_jax.config import Config
 
 CURVE_FILE = "curve.json"  # in-domain accuracy against OPD step
 EVAL_FILE = "eval.json"  # a model's evaluation on every split
+TIMINGS_FILE = "timings.json"  # wall seconds per stage of the last invocation
 ROLES = ("teacher", "student")
 
 

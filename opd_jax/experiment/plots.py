@@ -3,10 +3,13 @@
 - ``margin_advantage.png``: the teacher's margin over the student's top-K and the sampled
   advantage ``log p_T - log p_S``, averaged over steps and seeds, against relative position in
   the response (20 bins), one line per rule: the paper's central picture.
+- ``margin_by_sentence.png``: the same two quantities by sentence index (the series the
+  release rule's change point reads), each step's rows reaching an index weighted equally.
 - ``boundary_histogram.png``: where the release rule puts its boundary ``t* / L`` on the
   student's rollouts, summed over steps and seeds (computed every step whatever rule trains).
-- ``accuracy_vs_step.png``: in-domain greedy accuracy against OPD step per rule, the mean over
-  seeds with the seeds' range shaded.
+- ``accuracy_vs_step.png``: in-domain greedy accuracy on ``experiment.curve_problems`` against
+  OPD step per rule (step 0: the student before OPD), the mean over seeds with their range
+  shaded.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from opd_jax.experiment.profiles import by_sentence, mean_profile
 
 
 def _pyplot():
@@ -40,20 +45,12 @@ def _finish(fig, axes, path: Path) -> Path:
     return path
 
 
-def _mean_array(runs: list[list[dict[str, Any]]], name: str, total: bool = False):
-    rows = [r[name] for run in runs for r in run if name in r]
-    if not rows:
-        return None
-    rows = np.asarray(rows, np.float64)
-    return rows.sum(0) if total else rows.mean(0)
-
-
 def margin_advantage(records: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:
     plt = _pyplot()
     fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
     for rule, runs in records.items():
         for ax, name in ((ax_m, "margin_by_position"), (ax_a, "advantage_by_position")):
-            values = _mean_array(runs, name)
+            values = mean_profile([r for run in runs for r in run], name)
             if values is not None:
                 x = (np.arange(len(values)) + 0.5) / len(values)
                 ax.plot(x, values, marker="o", markersize=3, label=rule)
@@ -71,11 +68,31 @@ def margin_advantage(records: dict[str, list[list[dict[str, Any]]]], path: Path)
     return _finish(fig, (ax_m, ax_a), path)
 
 
+def margin_by_sentence(records: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:
+    plt = _pyplot()
+    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+    for rule, runs in records.items():
+        flat = [r for run in runs for r in run]
+        for ax, name in ((ax_m, "margin_by_sentence"), (ax_a, "advantage_by_sentence")):
+            values = by_sentence(flat, name)
+            if values is not None:
+                x = np.arange(1, len(values) + 1)
+                ax.plot(x, values, marker="o", markersize=3, label=rule)
+    ax_m.set(
+        title="teacher margin over the student's top-K, sentence mean",
+        xlabel="sentence index in the response",
+        ylabel="gap (nats)",
+    )
+    ax_a.set(title="sampled advantage, sentence mean", xlabel="sentence index", ylabel="nats")
+    ax_a.axhline(0.0, color="grey", linewidth=0.8)
+    return _finish(fig, (ax_m, ax_a), path)
+
+
 def boundary_histogram(records: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for rule, runs in records.items():
-        counts = _mean_array(runs, "boundary_histogram", total=True)
+        counts = mean_profile([r for run in runs for r in run], "boundary_histogram", total=True)
         if counts is not None:
             x = (np.arange(len(counts)) + 0.5) / len(counts)
             ax.step(x, counts, where="mid", label=f"rollouts of {rule}")
@@ -88,9 +105,7 @@ def boundary_histogram(records: dict[str, list[list[dict[str, Any]]]], path: Pat
     return _finish(fig, (ax,), path)
 
 
-def accuracy_vs_step(
-    curves: dict[str, list[dict[str, float]]], path: Path, reference: dict[str, float]
-) -> Path:
+def accuracy_vs_step(curves: dict[str, list[dict[str, float]]], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for rule, seeds in curves.items():
@@ -99,9 +114,6 @@ def accuracy_vs_step(
         line = ax.plot(steps, values.mean(0), marker="o", markersize=3, label=rule)[0]
         if len(seeds) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15, color=line.get_color())
-    for name, value in reference.items():
-        ax.axhline(value * 100, linestyle="--", linewidth=0.8, color="grey")
-        ax.annotate(name, (0, value * 100), fontsize=7, va="bottom")
     ax.set(title="in-domain accuracy during OPD (greedy)", xlabel="OPD step", ylabel="accuracy (%)")
     return _finish(fig, (ax,), path)
 
@@ -110,15 +122,14 @@ def write_plots(
     records: dict[str, list[list[dict[str, Any]]]],
     curves: dict[str, list[dict[str, float]]],
     out_dir: Path,
-    reference: dict[str, float] | None = None,
 ) -> list[Path]:
     """Writes the module's figures to ``out_dir``; returns their paths (figures without data
-    are skipped). ``reference`` draws labelled horizontal lines on the accuracy plot (e.g. the
-    teacher's in-domain accuracy)."""
+    are skipped)."""
     paths = []
     if records:
         paths.append(margin_advantage(records, out_dir / "margin_advantage.png"))
+        paths.append(margin_by_sentence(records, out_dir / "margin_by_sentence.png"))
         paths.append(boundary_histogram(records, out_dir / "boundary_histogram.png"))
     if curves:
-        paths.append(accuracy_vs_step(curves, out_dir / "accuracy_vs_step.png", reference or {}))
+        paths.append(accuracy_vs_step(curves, out_dir / "accuracy_vs_step.png"))
     return paths

@@ -5,17 +5,19 @@ checkpoint):
 
 1. models (:mod:`opd_jax.experiment.models`): tokenizer, teacher and student fine-tuned on the
    task from scratch;
-2. OPD of the same student under each rule of ``experiment.rules`` and each seed of
-   ``experiment.seeds`` (``opd/<rule>/seed<seed>/``, ordinary run directories), with in-domain
-   accuracy every ``experiment.curve_every`` steps (``curve.json``);
-3. evaluation of the teacher, the student before OPD and every run on ``experiment.eval_splits``
-   (``eval.json`` per model);
+2. evaluation of the teacher and the student before OPD on ``experiment.eval_splits``
+   (:mod:`opd_jax.experiment.evaluation`; ``eval.json`` per model);
+3. OPD of the same student under each rule of ``experiment.rules`` and each seed of
+   ``experiment.seeds`` (``opd/<rule>/seed<seed>/``, ordinary run directories), with greedy
+   in-domain accuracy every ``experiment.curve_every`` steps (``curve.json``) and the
+   evaluation of the trained student at the last step;
 4. the report (:mod:`opd_jax.experiment.report`): ``table.md``/``table.json``, diagnostics,
    and the plots in ``plots/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 from opd_jax import models
@@ -35,12 +38,10 @@ from opd_jax.config import (
 )
 from opd_jax.core import RULES
 from opd_jax.data.arithmetic import SPLITS
-from opd_jax.eval import BenchmarkSpec, evaluate, load_problems
-from opd_jax.experiment.layout import CURVE_FILE, EVAL_FILE, run_dirs
+from opd_jax.experiment.evaluation import evaluate_model, evaluate_problems, task_problems
+from opd_jax.experiment.layout import CURVE_FILE, EVAL_FILE, TIMINGS_FILE, run_dirs
 from opd_jax.experiment.models import prepare_models
 from opd_jax.files import atomic_write_text
-
-EVAL_BATCH = 256  # sequences per sampling call of an evaluation
 
 
 def _with_models(config: Config) -> Config:
@@ -109,79 +110,51 @@ def load_experiment_config(
     return check_experiment(validate(_with_models(config)))
 
 
-def _problems(config: Config, split: str, limit: int) -> list[dict[str, str]]:
-    spec = BenchmarkSpec(split=split, limit=limit, arithmetic=dict(config.data.arithmetic))
-    return load_problems(spec, config.data.data_dir)
-
-
-def _evaluate(
-    model: models.Decoder,
-    tokenizer: models.Tokenizer,
-    problems: list[dict[str, str]],
-    config: Config,
-    *,
-    k: int,
-    temperature: float,
-    seed: int,
-) -> dict[str, Any]:
-    return evaluate(
-        model,
-        tokenizer,
-        problems,
-        k=k,
-        batch_size=min(EVAL_BATCH, len(problems) * (1 if temperature == 0 else k)),
-        max_new_tokens=config.experiment.eval_max_new_tokens,
-        max_prompt_tokens=config.data.max_prompt_tokens,
-        temperature=temperature,
-        seed=seed,
-        chat_template=config.data.chat_template,
-        system_prompt=config.data.system_prompt,
-    )
-
-
-def evaluate_model(
-    model: models.Decoder, tokenizer: models.Tokenizer, config: Config, out: Path
-) -> dict[str, Any]:
-    """Every eval split; writes ``out`` (``eval.json``: metrics and the ``[P, k]`` correct
-    flags per split) and returns its content. Skipped when ``out`` exists."""
-    if out.is_file():
-        return json.loads(out.read_text())
-    e = config.experiment
-    result = {}
-    for split in e.eval_splits:
-        problems = _problems(config, split, e.eval_problems)
-        scored = _evaluate(
-            model, tokenizer, problems, config, k=e.eval_k, temperature=e.eval_temperature,
-            seed=config.seed,
-        )  # fmt: skip
-        result[split] = {
-            "metrics": scored["metrics"],
-            "correct": [r["correct"] for r in scored["records"]],
-            "example": {k: scored["records"][0][k] for k in ("prompt", "gold", "responses")},
-        }
-    atomic_write_text(out, json.dumps(result) + "\n")
-    return result
-
-
 class Curve:
-    """In-domain greedy accuracy every ``curve_every`` steps, kept in ``curve.json``."""
+    """Greedy in-domain accuracy every ``curve_every`` steps, kept in ``curve.json``; at the
+    last step, the run's evaluation (``eval.json``) on the live student."""
 
-    def __init__(self, config: Config, problems: list[dict[str, str]]):
-        self.config = config
-        self.problems = problems
+    def __init__(
+        self, config: Config, problems: list[dict[str, str]], teacher: models.Decoder
+    ) -> None:
+        self.config, self.problems, self.teacher = config, problems, teacher
         self.path = Path(config.run.dir) / CURVE_FILE
         self.points = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def __call__(self, step: int, session) -> None:
-        every = self.config.experiment.curve_every
-        if every == 0 or (step % every and step != self.config.train.steps):
+        every, last = self.config.experiment.curve_every, self.config.train.steps
+        due = every and (step % every == 0 or step == last)
+        if not due and step != last:
             return
         model = nnx.merge(session.graphdef, session.params)
-        scored = _evaluate(
-            model, session.tokenizer, self.problems, self.config, k=1, temperature=0.0, seed=0
-        )
-        self.points[str(step)] = scored["metrics"]["avg@1"]["value"]
-        atomic_write_text(self.path, json.dumps(self.points, indent=1) + "\n")
+        if due:
+            scored = evaluate_problems(
+                model, None, session.tokenizer, self.config, self.problems, k=1, temperature=0.0
+            )
+            self.points[str(step)] = float(np.mean(scored["correct"]))
+            atomic_write_text(self.path, json.dumps(self.points, indent=1) + "\n")
+        if step == last:
+            out = Path(self.config.run.dir) / EVAL_FILE
+            evaluate_model(model, self.teacher, session.tokenizer, self.config, out)
+
+
+class StageClock:
+    """Wall seconds of each stage this invocation ran, kept in ``timings.json`` (a stage
+    skipped because it finished earlier records its few seconds of checking)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seconds = path, {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = time.perf_counter() - start
+        atomic_write_text(self.path, json.dumps(self.seconds, indent=1) + "\n")
+        print(f"  {stage}: {self.seconds[stage]:.0f} s", flush=True)
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
 
 
 def opd_config(config: Config, rule: str, seed: int, run_dir: Path) -> Config:
@@ -207,21 +180,29 @@ def run_experiment(config: Config) -> dict[str, Any]:
 
     tfds.disable_progress_bar()
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's "custom data configuration" notes
-    start = time.perf_counter()
-    root = Path(config.run.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = prepare_models(config)
-    for role in ("teacher", "student"):
-        if not (paths[role] / EVAL_FILE).is_file():
-            evaluate_model(*models.load(paths[role]), config, paths[role] / EVAL_FILE)
-    curve_problems = _problems(config, "test", config.experiment.curve_problems)
+    Path(config.run.dir).mkdir(parents=True, exist_ok=True)
+    clock = StageClock(Path(config.run.dir) / TIMINGS_FILE)
+    with clock("models"):
+        paths = prepare_models(config)
+    teacher, tokenizer = models.load(paths["teacher"])
+    with clock("evaluate teacher"):
+        evaluate_model(teacher, None, tokenizer, config, paths["teacher"] / EVAL_FILE)
+    with clock("evaluate student"):
+        student, _ = models.load(paths["student"])
+        evaluate_model(student, teacher, tokenizer, config, paths["student"] / EVAL_FILE)
+        del student
+    curve_problems = task_problems(config, config.experiment.eval_splits[0])
+    curve_problems = curve_problems[: config.experiment.curve_problems]
     runs = run_dirs(config)
     for index, ((rule, seed), run_dir) in enumerate(runs.items()):
         run_config = opd_config(config, rule, seed, run_dir)
         print(f"[{index + 1}/{len(runs)}] OPD rule={rule} seed={seed} -> {run_dir}", flush=True)
-        train(run_config, on_step=Curve(run_config, curve_problems))
-        if not (run_dir / EVAL_FILE).is_file():
-            evaluate_model(*restore_student(run_dir), run_config, run_dir / EVAL_FILE)
-    report = write_report(config)
-    print(f"experiment done in {time.perf_counter() - start:.0f} s: {root}", flush=True)
+        with clock(f"opd {rule} seed {seed}"):
+            train(run_config, on_step=Curve(run_config, curve_problems, teacher))
+            if not (run_dir / EVAL_FILE).is_file():  # finished earlier, evaluation cut short
+                student, _ = restore_student(run_dir)
+                evaluate_model(student, teacher, tokenizer, run_config, run_dir / EVAL_FILE)
+    with clock("report"):
+        report = write_report(config)
+    print(f"experiment done in {clock.total():.0f} s: {config.run.dir}", flush=True)
     return report

@@ -1,0 +1,148 @@
+"""The experiment's evaluation of one model, per problem and per sample, on every split.
+
+For each split of ``experiment.eval_splits`` (every problem unless ``eval_problems`` caps them)
+the model samples ``eval_k`` responses per problem at ``eval_temperature``, and each sample is
+scored three ways:
+
+- ``correct``: the answer after "The answer is" equals the gold (:mod:`opd_jax.eval.answers`);
+- ``steps``: the fraction of the reference chain's steps stated exactly, each in its place
+  (:func:`opd_jax.data.step_accuracy`);
+- on the first (in-domain) split, against the teacher: the per-token reverse KL
+  ``KL(p_S || p_T)`` over the vocabulary on the model's own sample
+  (:func:`opd_jax.eval.token_reverse_kl`), averaged over the whole response (``kl``), over the
+  solution up to its answer sentence (``kl_solution``) and over the recap after it
+  (``kl_recap``, NaN without one).
+
+``eval.json`` keeps every ``[P, k]`` array, so the report can pair any two models problem by
+problem.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from opd_jax import data, models, sampling
+from opd_jax.config import Config
+from opd_jax.eval import is_correct, sample_prompts, token_reverse_kl
+from opd_jax.files import atomic_write_text
+
+EVAL_BATCH = 256  # sequences per sampling call
+_ANSWER_SENTENCE = re.compile(r"The answer is [^.]*\.")
+
+
+def task_problems(config: Config, split: str, limit: int = 0) -> list[dict[str, str]]:
+    """The first ``limit`` problems of an arithmetic split (all when 0): ``prompt``,
+    ``answer``, ``solution``, ``id``."""
+    c = config.data
+    source = data.load_source(c.source, split, c.data_dir, **c.arithmetic)
+    count = len(source) if limit == 0 else min(limit, len(source))
+    fields = ("prompt", "answer", "solution", "id")
+    return [{f: bytes(source[i][f]).decode("utf-8") for f in fields} for i in range(count)]
+
+
+def _answer_end(text: str) -> int:
+    """The character offset just past the first "The answer is N." sentence (end if none)."""
+    match = _ANSWER_SENTENCE.search(text)
+    return match.end() if match else len(text)
+
+
+def _kl_parts(
+    kl_BxN: np.ndarray, tokens_BxN: np.ndarray, mask_BxN: np.ndarray, tokenizer: models.Tokenizer
+) -> dict[str, np.ndarray]:
+    """Per sample: the mean KL over the response, its solution and its recap ``[B]``."""
+    whole, solution, recap = [], [], []
+    for kl_N, row, keep in zip(kl_BxN, tokens_BxN, mask_BxN.astype(bool), strict=True):
+        kl_L = kl_N[keep]
+        text, spans = models.decode_with_offsets(tokenizer, row[keep].tolist())
+        end = _answer_end(text)
+        in_solution = np.array([start < end for start, _ in spans], bool)
+        whole.append(kl_L.mean() if kl_L.size else np.nan)
+        solution.append(kl_L[in_solution].mean() if in_solution.any() else np.nan)
+        recap.append(kl_L[~in_solution].mean() if (~in_solution).any() else np.nan)
+    return {"kl": np.array(whole), "kl_solution": np.array(solution), "kl_recap": np.array(recap)}
+
+
+def evaluate_problems(
+    model: models.Decoder,
+    teacher: models.Decoder | None,
+    tokenizer: models.Tokenizer,
+    config: Config,
+    problems: list[dict[str, str]],
+    *,
+    k: int,
+    temperature: float,
+) -> dict[str, Any]:
+    """``[P, k]`` arrays of ``k`` samples per problem at ``temperature``: ``correct``,
+    ``steps`` and, with a teacher, the three KLs; and an example response."""
+    P = config.data.max_prompt_tokens
+    prompts = [p["prompt"] for p in problems for _ in range(k)]
+    samples = sample_prompts(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=min(EVAL_BATCH, len(prompts)),
+        max_new_tokens=config.experiment.eval_max_new_tokens,
+        max_prompt_tokens=P,
+        method=sampling.method_from(temperature),
+        seed=config.seed,
+        chat_template=config.data.chat_template,
+        system_prompt=config.data.system_prompt,
+    )
+    gold = [p for p in problems for _ in range(k)]
+    shape = (len(problems), k)
+    result: dict[str, Any] = {
+        "correct": np.array(
+            [is_correct(t, p["answer"]) for t, p in zip(samples.texts, gold, strict=True)]
+        ).reshape(shape),
+        "steps": np.array(
+            [data.step_accuracy(t, p["solution"]) for t, p in zip(samples.texts, gold, strict=True)]
+        ).reshape(shape),
+    }
+    if teacher is not None:
+        kl_BxN = np.asarray(
+            token_reverse_kl(
+                model,
+                teacher,
+                samples.tokens,
+                samples.attention_mask,
+                P,
+                chunk_size=config.score.chunk_size,
+            )
+        )
+        parts = _kl_parts(kl_BxN, samples.tokens[:, P:], samples.response_mask[:, P:], tokenizer)
+        result |= {name: values.reshape(shape) for name, values in parts.items()}
+    result = {name: values.tolist() for name, values in result.items()}
+    result["example"] = {"prompt": problems[0]["prompt"], "response": samples.texts[0]}
+    return result
+
+
+def evaluate_model(
+    model: models.Decoder,
+    teacher: models.Decoder | None,
+    tokenizer: models.Tokenizer,
+    config: Config,
+    out: Path,
+) -> dict[str, Any]:
+    """Every eval split (the KL on the first, in-domain one, when a teacher is given); writes
+    ``out`` (``eval.json``) and returns its content. Skipped when ``out`` exists."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    e = config.experiment
+    result = {}
+    for index, split in enumerate(e.eval_splits):
+        result[split] = evaluate_problems(
+            model,
+            teacher if index == 0 else None,
+            tokenizer,
+            config,
+            task_problems(config, split, e.eval_problems),
+            k=e.eval_k,
+            temperature=e.eval_temperature,
+        )
+    atomic_write_text(out, json.dumps(result) + "\n")
+    return result
