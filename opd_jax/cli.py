@@ -6,6 +6,7 @@ opd-jax sample MODEL --prompt TEXT                 sample completions from a che
 opd-jax convert SRC DST                            Hugging Face/GGUF <-> orbax
 opd-jax plan CONFIG.yaml [--set ...]               memory per device, before allocating
 opd-jax experiment CONFIG.yaml [--full] [--set ...] the offline strong-to-weak experiment
+opd-jax profile CONFIG.yaml [--batches N] [--set ...] a pair's margin and advantage profiles
 """
 
 from __future__ import annotations
@@ -115,6 +116,15 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    use_compilation_cache(config.run.compilation_cache)
+    from opd_jax.experiment.profile import profile
+
+    profile(config, args.batches, label=os.path.basename(args.config))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     initialize_from_env()
@@ -188,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--full", action="store_true", help="apply the config's experiment.full overrides first"
     )
     experiment.set_defaults(run=_experiment)
+
+    measure = commands.add_parser(
+        "profile",
+        help="a student and teacher's margin and advantage by position and sentence (no training)",
+        description="Score batches of the student's rollouts with the teacher, as a training "
+        "step would, without updating: the teacher's margin over the student's top-K and the "
+        "sampled advantage by relative position and by sentence index, the release rule's "
+        "firing rate; writes profile.json/md and plots to run.dir.",
+    )
+    _add_config(measure)
+    measure.add_argument("--batches", type=int, default=8, help="batches of data.batch_size")
+    measure.set_defaults(run=_profile)
     return parser
 
 
