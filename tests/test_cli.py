@@ -59,6 +59,22 @@ def test_config_errors_exit_cleanly_with_the_nearest_key(tiny_config, capsys):
     assert "Did you mean 'rule.kind'" in capsys.readouterr().err
 
 
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("run:\n  dir: runs/x\n  log_every: [1\ntrain: {steps: 2}\n")
+    assert cli.main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: invalid YAML, line 4" in err and "at line 3, column 14" in err
+
+
+def test_values_as_users_type_them_are_read(tmp_path):
+    config = tmp_path / "typed.yaml"
+    config.write_text("optim: {learning_rate: 1e-4}\nrule: {kind: release, options: {eps: 1e-6}}\n")
+    typed = load_config(config, ["student.path=s", "teacher.path=t", "loss.beta=5e-1"])
+    assert typed.optim.learning_rate == 1e-4 and typed.rule.options == {"eps": 1e-6}
+    assert typed.loss.beta == 0.5
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_training_configs_are_valid(path):
     config = load_config(path)

@@ -124,6 +124,16 @@ def test_teacher_with_another_tokenizer_is_refused_before_training(pair, tmp_pat
         ("score.k=8", "margin_k=16 exceeds score.k=8"),
         ("optim.accumulate=3", "multiple of optim.accumulate"),
         ("loss.kind=kl", "loss.kind='kl' is not one of"),
+        ("rule.options.eps=abc", "rule.options.eps must be float, got 'abc'"),
+        ("rule.options.margin_k=2.5", "rule.options.margin_k must be int"),
+        ("sampling.temperature=-1", r"sampling.temperature must be >= 0 \(0 is greedy\)"),
+        ("sampling.top_p=5", r"sampling.top_p must be in \(0, 1\]"),
+        ("sampling.top_k=-3", "sampling.top_k must be >= 0"),
+        ("optim.learning_rate=fast", "optim.learning_rate must be float, got 'fast'"),
+        ("optim.decay_steps=-1", "optim.decay_steps must be >= 0"),
+        ("train.on_nonfinite=ignore", "train.on_nonfinite='ignore' is not one of"),
+        ("data.source=prompts.jsonl", "remove the data.arithmetic section"),
+        ("train.steps=[1", r"--set train.steps=\[1: invalid YAML"),
     ],
 )
 def test_config_errors_name_the_key_and_the_fix(pair, tmp_path, override, message):
