@@ -16,9 +16,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from opd_jax.config import ConfigError, all_keys, load_config
+from opd_jax.config import Config, ConfigError, all_keys, load_config
 from opd_jax.distributed import initialize_from_env, is_primary
 
+# Exit statuses: 0 done (or nothing to do); 1 the run failed (a non-finite step, a failed
+# write, no readable checkpoint; the last checkpoint is intact); 2 bad input (config, paths,
+# data, a refused change on resume); 75 (EX_TEMPFAIL) stopped early, e.g. by SIGTERM, after
+# saving: run the same command again to resume.
+EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 1, 2, 75
 CONFIG_HELP = "a YAML config (e.g. configs/smollm2_layers.yaml)"
 SET_HELP = "override a config key, e.g. --set rule.kind=full --set train.steps=10"
 
@@ -43,21 +48,40 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     use_compilation_cache(config.run.compilation_cache)
     initialize_from_env()
-    from opd_jax.train.loop import train
+    from opd_jax.train.checkpoint import CheckpointRestoreError
+    from opd_jax.train.loop import RunFailed, Status, train
 
-    metrics = train(config)
+    try:
+        result = train(config)
+    except FileNotFoundError:
+        raise  # Bad input (a model or data path): main reports it.
+    except (RunFailed, CheckpointRestoreError, OSError) as error:
+        return _error(args, error, EXIT_FAILED)
+    if result.status is Status.STOPPED:
+        return EXIT_STOPPED  # The loop said where it stopped and how to resume.
     if not is_primary():
         return 0
-    if metrics:
-        print(
-            f"done: step {config.train.steps}, loss {metrics['loss']:.4f}, run dir {config.run.dir}"
-        )
+    if result.status is Status.FINISHED:
+        loss = result.metrics["loss"]
+        skipped = f", {result.skipped_steps} skipped (not finite)" if result.skipped_steps else ""
+        print(f"done: step {result.step}, loss {loss:.4f}{skipped}, run dir {config.run.dir}")
     else:
         print(
-            f"{config.run.dir} is already at step {config.train.steps}: nothing to do "
-            "(raise train.steps to continue, or choose a new run.dir)."
+            f"{config.run.dir} is already at step {result.step} (train.steps="
+            f"{config.train.steps}): nothing to do ({continue_hint(config)})."
         )
     return 0
+
+
+def continue_hint(config: Config) -> str:
+    """How to continue a finished run: more steps, on the same learning-rate schedule."""
+    optim = config.optim
+    if optim.schedule == "cosine" and not optim.decay_steps:
+        return (
+            f"to continue, raise train.steps and set optim.decay_steps={config.train.steps} "
+            "to keep the cosine schedule it was trained on; or choose a new run.dir"
+        )
+    return "raise train.steps to continue, or choose a new run.dir"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -100,9 +124,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from opd_jax.train.checkpoint import CheckpointRestoreError
     from opd_jax.train.convert import convert
 
-    convert(args.src, args.dst)
+    try:
+        convert(args.src, args.dst)
+    except CheckpointRestoreError as error:
+        return _error(args, error, EXIT_FAILED)
     print(f"wrote {args.dst}")
     return 0
 
@@ -214,15 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a command; returns its exit status (see ``EXIT_*``)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ConfigError, FileNotFoundError, ValueError) as error:
-        if os.environ.get("OPD_JAX_TRACEBACK"):
-            raise
-        print(f"opd-jax {args.command}: error: {error}", file=sys.stderr)
-        print("(set OPD_JAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
-        return 2
+        return _error(args, error, EXIT_USAGE)
+
+
+def _error(args: argparse.Namespace, error: Exception, status: int) -> int:
+    """Prints ``error`` as the command's error (or re-raises it, ``OPD_JAX_TRACEBACK=1``)."""
+    if os.environ.get("OPD_JAX_TRACEBACK"):
+        raise error
+    print(f"opd-jax {args.command}: error: {error}", file=sys.stderr)
+    print("(set OPD_JAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,9 @@ class RunConfig:
     # XLA's persistent compilation cache for the command line ("": off): a rerun or a resume
     # loads the compiled step instead of compiling it again
     compilation_cache: str = "~/.cache/opd_jax/xla"
+    # resume even though keys that change the training trajectory differ from the checkpoint's
+    # (warned, and recorded in the checkpoints' meta as config_changes)
+    allow_changes: bool = False
 
 
 @dataclasses.dataclass
@@ -96,6 +100,9 @@ class OptimConfig:
     learning_rate: float = 1e-5
     schedule: str = "cosine"  # cosine (decays to 10%) or constant, after linear warmup
     warmup_steps: int = 0
+    # the cosine's horizon: it reaches 10% at this step and stays there (0: train.steps); fix it
+    # to raise train.steps of a run without changing its schedule
+    decay_steps: int = 0
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
@@ -119,6 +126,9 @@ class TrainConfig:
     attention: str = "auto"
     # xla: queries attended at a time (0: all; memory O(chunk*S)); flash: its block (0: 512)
     attention_chunk: int = 0
+    # a step whose loss, gradient or updated parameters are not finite: stop (the run ends
+    # before saving it) or skip (parameters and optimizer state stay as they were; counted)
+    on_nonfinite: str = "stop"
 
 
 @dataclasses.dataclass
@@ -202,12 +212,20 @@ CHOICES = {
     "student.dtype": ("float32", "bfloat16"),
     "teacher.dtype": ("float32", "bfloat16"),
     "train.attention": ("auto", "xla", "cudnn", "flash"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 POSITIVE = (
     "train.steps", "data.batch_size", "data.max_prompt_tokens", "sampling.max_new_tokens",
     "score.k", "score.chunk_size", "segments.tokens", "optim.accumulate", "run.log_every",
     "run.checkpoint_every", "run.keep_checkpoints",
 )  # fmt: skip
+NON_NEGATIVE = {  # key: what 0 means
+    "train.attention_chunk": "0 attends all queries at once",
+    "optim.warmup_steps": "0: no warmup",
+    "optim.decay_steps": "0: train.steps",
+    "optim.weight_decay": "0: none",
+    "optim.learning_rate": "0: no update",
+}
 
 
 def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
@@ -236,8 +254,22 @@ def _unknown(key: str, keys: Sequence[str]) -> ConfigError:
     return ConfigError(f"Unknown config key {key!r}.{hint}")
 
 
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float when it is an int or a string that reads as one (``"1e-4"``, which
+    YAML leaves a string), else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Checks ``value`` against the field type ``hint`` (ints are accepted for floats)."""
+    """Checks ``value`` against the field type ``hint``; for floats, ints and strings that read
+    as floats (``1e-4``: YAML reads it as a string) are accepted."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -246,8 +278,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         hint = next(t for t in options if t is not type(None))
         origin = typing.get_origin(hint)
     expected = origin or hint
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if expected is float and (number := _as_float(value)) is not None:
+        return number
     if expected is Any or (
         isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     ):
@@ -320,11 +352,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"Override {text!r} must look like KEY=VALUE, e.g. train.steps=10.")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), _read_yaml(raw, f"the value of --set {text}") if raw.strip() else ""
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``; a syntax error names ``source`` and the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"{source}: invalid YAML, {_yaml_problem(error)}; fix it there."
+        ) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """``line L, column C: <problem> (<context> at line L', column C')`` of a YAML error."""
+    mark, context = getattr(error, "problem_mark", None), getattr(error, "context", None)
+    if mark is None:
+        return str(error)
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    if context and (start := getattr(error, "context_mark", None)):
+        text += f" ({context} at line {start.line + 1}, column {start.column + 1})"
+    return text
 
 
 def validate(config: Config) -> Config:
-    """Cross-field checks: choices, positive sizes and the chosen rule's options."""
+    """Cross-field checks: choices, sizes and ranges, the data section, and the chosen rule's
+    options (returned with floats coerced, e.g. ``eps: 1e-8`` read as a string by YAML)."""
     flat = _flatten(config.to_dict())
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
@@ -334,27 +388,11 @@ def validate(config: Config) -> Config:
     for key in POSITIVE:
         if flat[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {flat[key]}.")
-    valid = rule_options(config.rule.kind)
-    for option in config.rule.options:
-        if option not in valid:
-            near = difflib.get_close_matches(option, list(valid), n=1)
-            hint = f" Did you mean 'rule.options.{near[0]}'?" if near else ""
-            raise ConfigError(
-                f"rule {config.rule.kind!r} has no option {option!r}; its options are "
-                f"{sorted(valid)}.{hint}"
-            )
-    for option in ("k", "margin_k"):
-        value = {**valid, **config.rule.options}.get(option)
-        if value is not None and value > config.score.k:
-            raise ConfigError(
-                f"rule.options.{option}={value} exceeds score.k={config.score.k}, the top-K kept "
-                f"by scoring: raise score.k or set rule.options.{option} <= {config.score.k}."
-            )
-    if config.train.attention_chunk < 0:
-        raise ConfigError(
-            f"train.attention_chunk must be >= 0 (0 attends all queries at once), got "
-            f"{config.train.attention_chunk}."
-        )
+    for key, zero in NON_NEGATIVE.items():
+        if flat[key] < 0:
+            raise ConfigError(f"{key} must be >= 0 ({zero}), got {flat[key]}.")
+    _check_sampling(config.sampling)
+    options = _checked_rule_options(config.rule.kind, config.rule.options, config.score.k)
     if config.train.attention == "cudnn" and config.train.attention_chunk:
         raise ConfigError(
             "train.attention_chunk applies to train.attention xla and flash (cuDNN's fused "
@@ -365,12 +403,55 @@ def validate(config: Config) -> Config:
             "student.path and teacher.path must name local checkpoints (a config with an "
             "`experiment` section trains them: run `opd-jax experiment CONFIG` instead)."
         )
+    if config.data.arithmetic and config.data.source != "arithmetic":
+        raise ConfigError(
+            f"data.arithmetic configures the built-in task, but data.source is "
+            f"{config.data.source!r}: remove the data.arithmetic section (or set "
+            "data.source=arithmetic)."
+        )
     if config.data.batch_size % config.optim.accumulate:
         raise ConfigError(
             f"data.batch_size={config.data.batch_size} must be a multiple of "
             f"optim.accumulate={config.optim.accumulate}."
         )
-    return config
+    return dataclasses.replace(config, rule=dataclasses.replace(config.rule, options=options))
+
+
+def _check_sampling(c: SamplingConfig, section: str = "sampling") -> None:
+    """``temperature >= 0``, ``top_k >= 0``, ``0 < top_p <= 1``, not both top-k and top-p."""
+    if c.temperature < 0:
+        raise ConfigError(f"{section}.temperature must be >= 0 (0 is greedy), got {c.temperature}.")
+    if c.top_k < 0:
+        raise ConfigError(f"{section}.top_k must be >= 0 (0 disables it), got {c.top_k}.")
+    if not 0 < c.top_p <= 1:
+        raise ConfigError(f"{section}.top_p must be in (0, 1] (1 disables it), got {c.top_p}.")
+    if c.top_k > 0 and c.top_p < 1:
+        raise ConfigError(f"set {section}.top_k or {section}.top_p, not both.")
+
+
+def _checked_rule_options(kind: str, options: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The rule's ``options``, each known to the rule and of its default's type (ints and
+    numeric strings accepted for floats), and top-K sizes within ``score.k``."""
+    valid = rule_options(kind)
+    checked = {}
+    for option, value in options.items():
+        if option not in valid:
+            near = difflib.get_close_matches(option, list(valid), n=1)
+            hint = f" Did you mean 'rule.options.{near[0]}'?" if near else ""
+            raise ConfigError(
+                f"rule {kind!r} has no option {option!r}; its options are {sorted(valid)}.{hint}"
+            )
+        default = valid[option]
+        hint = Any if default is None else type(default)
+        checked[option] = _coerce(f"rule.options.{option}", value, hint)
+    for option in ("k", "margin_k"):
+        value = {**valid, **checked}.get(option)
+        if value is not None and value > k:
+            raise ConfigError(
+                f"rule.options.{option}={value} exceeds score.k={k}, the top-K kept "
+                f"by scoring: raise score.k or set rule.options.{option} <= {k}."
+            )
+    return checked
 
 
 MAPPING_LEAVES = ("rule.options", "data.arithmetic", "experiment.full")
@@ -385,6 +466,44 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Keys a resumed run may change: they leave what each step computes as it was (up to float
+# rounding for the kernels and micro-batches) or only say where and how often it is recorded.
+FREE_SECTIONS = ("run.", "mesh.", "experiment.")
+FREE_KEYS = (
+    "train.steps", "train.attention", "train.attention_chunk", "train.remat",
+    "train.on_nonfinite", "score.chunk_size", "optim.accumulate", "data.data_dir",
+)  # fmt: skip
+HORIZON = "optim.decay_steps"
+
+
+def trajectory(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of a config tree (``Config.to_dict()``, or an older run's, missing keys
+    taking their defaults) that decide the training trajectory: every key but the free ones;
+    the cosine's horizon stands for ``train.steps`` (``None`` for a constant schedule), and
+    ``rule.options`` holds the rule's defaults too."""
+    flat = _flatten(Config().to_dict()) | _flatten(tree)
+    kept = {
+        key: value
+        for key, value in flat.items()
+        if key not in FREE_KEYS and not key.startswith(FREE_SECTIONS)
+    }
+    cosine = flat["optim.schedule"] == "cosine"
+    kept[HORIZON] = (flat[HORIZON] or flat["train.steps"]) if cosine else None
+    if flat["rule.kind"] in RULES:
+        kept["rule.options"] = rule_options(flat["rule.kind"]) | dict(flat["rule.options"])
+    return kept
+
+
+def trajectory_changes(
+    old: Mapping[str, Any], new: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old, new)}`` of the trajectory values (:func:`trajectory`) that differ."""
+    before, after = trajectory(old), trajectory(json.loads(json.dumps(new)))
+    return {
+        key: (before.get(key), value) for key, value in after.items() if before.get(key) != value
+    }
+
+
 def load_tree(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
     """Any config dataclass ``cls`` from a YAML file (or its defaults) plus ``KEY=VALUE``
     overrides; unknown keys and wrong types raise :class:`ConfigError` naming the fix."""
@@ -395,7 +514,7 @@ def load_tree(cls: type, path: str | Path | None = None, overrides: Sequence[str
             raise ConfigError(
                 f"No config file at {path}: pass a YAML file, e.g. configs/smollm2_layers.yaml."
             )
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _read_yaml(path.read_text(), str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a YAML mapping of config sections.")
     for text in overrides:

@@ -14,7 +14,12 @@ import optax
 import pytest
 from flax import nnx
 
-from opd_jax.train.checkpoint import Checkpointer, CheckpointRestoreError, on_sigterm
+from opd_jax.train.checkpoint import (
+    Checkpointer,
+    CheckpointRestoreError,
+    fingerprint,
+    on_sigterm,
+)
 
 # A failed orbax restore leaves pending array reads and loop callbacks behind; they complain
 # (as unraisable exceptions) when collected, in whichever test runs then.
@@ -212,3 +217,59 @@ def test_sigterm_sets_flag_and_restores_previous_handler():
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    """Inverts ``count`` bytes in the middle of ``path``, keeping its size."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2 - count // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_an_array_file_fall_back_to_the_previous_step(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    victim = largest_file(step_dir(tmp_path, 2) / "state")
+    size = victim.stat().st_size
+    flip_bytes(victim)
+    assert victim.stat().st_size == size
+    with Checkpointer(tmp_path, keep=5) as ckpt:
+        with pytest.warns(UserWarning, match="step 2 .*fingerprint"):
+            step, state, meta = ckpt.restore(abstract(make_state()))
+    assert (step, meta) == (1, {"position": 1, "config": "abc"})
+    assert_bit_exact(state, make_state(1))
+    assert (tmp_path / "checkpoints_corrupt" / "2").is_dir()
+
+
+def test_fingerprint_is_exact_and_sees_one_changed_bit():
+    state = make_state(4)
+    assert fingerprint(state) == fingerprint(jax.tree.map(jnp.copy, state))
+    w = np.asarray(state["params"]["w"]).copy()
+    w.view(np.uint32)[3, 5] ^= 1
+    changed = fingerprint(state | {"params": state["params"] | {"w": jnp.asarray(w)}})
+    assert changed != fingerprint(state)
+    # Swapping two values keeps the plain sum; the position-weighted one tells them apart.
+    swapped = np.asarray(state["params"]["w"]).copy()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    moved = fingerprint(state | {"params": state["params"] | {"w": jnp.asarray(swapped)}})
+    (_, plain, weighted), (_, plain_0, weighted_0) = moved[-1], fingerprint(state)[-1]
+    assert plain == plain_0 and weighted != weighted_0
+
+
+def test_read_only_restore_keeps_temporary_and_corrupt_steps_in_place(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    flip_bytes(largest_file(step_dir(tmp_path, 2) / "state"))
+    partial = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp"
+    partial.mkdir()
+    with Checkpointer(tmp_path, read_only=True) as ckpt, pytest.warns(UserWarning, match="step 2"):
+        assert ckpt.restore(abstract(make_state())).step == 1
+    assert partial.is_dir() and step_dir(tmp_path, 2).is_dir()
+    assert not (tmp_path / "checkpoints_corrupt").exists()
+
+
+def test_read_meta_reads_the_newest_readable_meta_alone(tmp_path):
+    save_steps(tmp_path, [1, 2, 3])
+    (step_dir(tmp_path, 3) / "meta" / "metadata").write_text("not json")
+    largest_file(step_dir(tmp_path, 2) / "state").unlink()  # The state is not read.
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.read_meta() == (2, {"position": 2, "config": "abc"})

@@ -59,6 +59,22 @@ def test_config_errors_exit_cleanly_with_the_nearest_key(tiny_config, capsys):
     assert "Did you mean 'rule.kind'" in capsys.readouterr().err
 
 
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("run:\n  dir: runs/x\n  log_every: [1\ntrain: {steps: 2}\n")
+    assert cli.main(["train", str(config)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{config}: invalid YAML, line 4" in err and "at line 3, column 14" in err
+
+
+def test_values_as_users_type_them_are_read(tmp_path):
+    config = tmp_path / "typed.yaml"
+    config.write_text("optim: {learning_rate: 1e-4}\nrule: {kind: release, options: {eps: 1e-6}}\n")
+    typed = load_config(config, ["student.path=s", "teacher.path=t", "loss.beta=5e-1"])
+    assert typed.optim.learning_rate == 1e-4 and typed.rule.options == {"eps": 1e-6}
+    assert typed.loss.beta == 0.5
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_training_configs_are_valid(path):
     config = load_config(path)
@@ -126,8 +142,9 @@ def test_sample_prints_completions(tiny_config, capsys):
     assert "---" in capsys.readouterr().out
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config, tmp_path):
-    """(In a fresh process, which also fills `run.compilation_cache`.)"""
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_stopped_status(tiny_config, tmp_path):
+    """A launcher tells a preempted run (75, EX_TEMPFAIL) from a finished one (0). (In a fresh
+    process, which also fills `run.compilation_cache`.)"""
     run = tmp_path / "run"
     args = ["train", str(tiny_config), "--set", f"run.dir={run}", "--set", "train.steps=500"]
     proc = subprocess.Popen(
@@ -143,8 +160,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config, tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert "stopped: saved step" in out
+    assert proc.returncode == cli.EXIT_STOPPED == 75, out
+    assert "stopped: saved step" in out and "done:" not in out
     steps = [line["step"] for line in read_metrics(run)]
     assert 1 <= steps[-1] < 500
     saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())

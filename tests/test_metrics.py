@@ -1,6 +1,9 @@
 """Tests for opd_jax.train.metrics: JSONL records, truncation on resume, TensorBoard events."""
 
+import errno
+import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +92,35 @@ def test_write_rejects_reserved_duplicate_or_non_1d_metrics(tmp_path, scalars, a
     with MetricsWriter(tmp_path, tensorboard=False, enabled=True) as writer:
         with pytest.raises(ValueError):
             writer.write(1, scalars, arrays)
+
+
+def full_disk_after(monkeypatch, writes: int) -> None:
+    """TensorBoard's record writes fail with ENOSPC after ``writes`` of them."""
+    from tensorboardX import record_writer
+
+    calls = iter(range(10**6))
+    original = record_writer.RecordWriter.write
+
+    def write(self, data):
+        if next(calls) >= writes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+
+
+@pytest.mark.parametrize("writes", [0, 3])
+def test_a_failing_tensorboard_warns_once_and_metrics_jsonl_stays_complete(
+    tmp_path, monkeypatch, writes
+):
+    """0: the event file cannot even be started; 3: it fails after two steps' events."""
+    full_disk_after(monkeypatch, writes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with MetricsWriter(tmp_path, enabled=True) as writer:
+            writer.truncate_after(0)
+            for step in range(1, 6):
+                writer.write(step, {"loss": float(step)}, {"profile": np.zeros(4)})
+    tensorboard = [w for w in caught if "TensorBoard" in str(w.message)]
+    assert len(tensorboard) == 1 and "No space left on device" in str(tensorboard[0].message)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]

@@ -15,7 +15,7 @@ from opd_jax import core
 from opd_jax.config import ConfigError, load_config
 from opd_jax.models.scratch import init_checkpoint
 from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
-from opd_jax.train.loop import train
+from opd_jax.train.loop import Status, train
 from opd_jax.train.metrics import read_metrics
 
 SMALL = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=48)
@@ -47,7 +47,7 @@ def overrides(pair, run_dir, *extra):
 
 @pytest.mark.parametrize("rule", sorted(core.RULES))
 def test_every_rule_trains_three_steps(pair, tmp_path, rule):
-    metrics = train(load_config(None, overrides(pair, tmp_path, f"rule.kind={rule}")))
+    metrics = train(load_config(None, overrides(pair, tmp_path, f"rule.kind={rule}"))).metrics
     lines = read_metrics(tmp_path)
     assert [line["step"] for line in lines] == [1, 2, 3]
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
@@ -67,7 +67,8 @@ def _params(run_dir):
 def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(pair, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(load_config(None, overrides(pair, straight, "train.steps=6")))
-    train(load_config(None, overrides(pair, resumed, "train.steps=6")), stop_after=3)
+    stopped = train(load_config(None, overrides(pair, resumed, "train.steps=6")), stop_after=3)
+    assert (stopped.status, stopped.step) == (Status.STOPPED, 3)
     assert [line["step"] for line in read_metrics(resumed)] == [1, 2, 3]
     config = load_config(None, overrides(pair, resumed, "train.steps=6"))
     train(config)
@@ -80,16 +81,16 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(pair, tmp_path):
 
 def test_eight_device_mesh_gives_the_single_device_loss(pair, tmp_path):
     args = overrides(pair, tmp_path / "one", "data.batch_size=4", "sampling.temperature=0")
-    single = train(load_config(None, args))
+    single = train(load_config(None, args)).metrics
     script = textwrap.dedent(
         f"""
         import json
         from opd_jax.config import load_config
-        from opd_jax.train.loop import train
+        from opd_jax.train.loop import Status, train
         args = {args!r}
         args = [a.replace("one", "eight") for a in args]
         args += ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-        print(json.dumps(train(load_config(None, args))))
+        print(json.dumps(train(load_config(None, args)).metrics))
         """
     )
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -124,6 +125,16 @@ def test_teacher_with_another_tokenizer_is_refused_before_training(pair, tmp_pat
         ("score.k=8", "margin_k=16 exceeds score.k=8"),
         ("optim.accumulate=3", "multiple of optim.accumulate"),
         ("loss.kind=kl", "loss.kind='kl' is not one of"),
+        ("rule.options.eps=abc", "rule.options.eps must be float, got 'abc'"),
+        ("rule.options.margin_k=2.5", "rule.options.margin_k must be int"),
+        ("sampling.temperature=-1", r"sampling.temperature must be >= 0 \(0 is greedy\)"),
+        ("sampling.top_p=5", r"sampling.top_p must be in \(0, 1\]"),
+        ("sampling.top_k=-3", "sampling.top_k must be >= 0"),
+        ("optim.learning_rate=fast", "optim.learning_rate must be float, got 'fast'"),
+        ("optim.decay_steps=-1", "optim.decay_steps must be >= 0"),
+        ("train.on_nonfinite=ignore", "train.on_nonfinite='ignore' is not one of"),
+        ("data.source=prompts.jsonl", "remove the data.arithmetic section"),
+        ("train.steps=[1", r"--set train.steps=\[1: invalid YAML"),
     ],
 )
 def test_config_errors_name_the_key_and_the_fix(pair, tmp_path, override, message):
@@ -135,14 +146,16 @@ def test_config_errors_name_the_key_and_the_fix(pair, tmp_path, override, messag
 def test_gradient_accumulation_runs_micro_batches(pair, tmp_path):
     metrics = train(
         load_config(None, overrides(pair, tmp_path, "data.batch_size=4", "optim.accumulate=2"))
-    )
+    ).metrics
     assert np.isfinite(metrics["loss"])
 
 
 def test_chunked_attention_and_remat_train_like_the_plain_step(pair, tmp_path):
-    plain = train(load_config(None, overrides(pair, tmp_path / "plain", "train.attention=xla")))
+    plain = train(
+        load_config(None, overrides(pair, tmp_path / "plain", "train.attention=xla"))
+    ).metrics
     lean_settings = ("train.attention=xla", "train.attention_chunk=16", "train.remat=true")
-    lean = train(load_config(None, overrides(pair, tmp_path / "lean", *lean_settings)))
+    lean = train(load_config(None, overrides(pair, tmp_path / "lean", *lean_settings))).metrics
     for name in ("loss", "grad_norm", "kept_fraction"):
         np.testing.assert_allclose(lean[name], plain[name], rtol=1e-4, atol=1e-6)
 
@@ -156,8 +169,12 @@ def test_packed_attention_trains_like_the_masked_scores(pair, tmp_path, monkeypa
 
     monkeypatch.setattr(attention, "_PACKED_IMPLEMENTATION", "xla")
     monkeypatch.setattr(models, "resolve_attention", lambda kind, dtypes, chunk=0: kind)
-    plain = train(load_config(None, overrides(pair, tmp_path / "plain", "train.attention=xla")))
-    packed = train(load_config(None, overrides(pair, tmp_path / kind, f"train.attention={kind}")))
+    plain = train(
+        load_config(None, overrides(pair, tmp_path / "plain", "train.attention=xla"))
+    ).metrics
+    packed = train(
+        load_config(None, overrides(pair, tmp_path / kind, f"train.attention={kind}"))
+    ).metrics
     for name in ("loss", "grad_norm", "kept_fraction"):
         np.testing.assert_allclose(packed[name], plain[name], rtol=1e-4, atol=1e-6)
 

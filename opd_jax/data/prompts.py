@@ -115,7 +115,8 @@ def split_name(path: PathLike) -> str:
 
 
 def resolve_files(files: PathLike | Mapping[str, PathLike]) -> dict[str, Path]:
-    """``{split: file}`` from a file, a directory of prompt files, or a ``{split: file}`` map."""
+    """``{split: file}`` from a file, a directory of prompt files, or a ``{split: file}`` map;
+    each file must exist, have a prompt suffix and hold at least one record."""
     if isinstance(files, Mapping):
         resolved = {split: Path(path) for split, path in files.items()}
     else:
@@ -142,7 +143,20 @@ def resolve_files(files: PathLike | Mapping[str, PathLike]) -> dict[str, Path]:
             raise PromptFileError(f"{path}: no such file")
         if path.suffix not in PROMPT_SUFFIXES:
             raise PromptFileError(f"{path}: unsupported suffix, expected one of {PROMPT_SUFFIXES}")
+        if not _has_records(path):
+            raise PromptFileError(
+                f"{path}: no records; a prompt file needs at least one record with a "
+                "'prompt' field (a JSON object a line, or a Parquet row)"
+            )
     return resolved
+
+
+def _has_records(path: Path) -> bool:
+    """Whether ``path`` holds a record: a non-blank JSONL line, or a Parquet row."""
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows > 0
+    with path.open(encoding="utf-8") as f:
+        return any(line.strip() for line in f)
 
 
 @dataclasses.dataclass(eq=False)

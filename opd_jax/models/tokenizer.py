@@ -62,13 +62,27 @@ def train_bpe_tokenizer(
     return fast
 
 
+# Files any of which holds a tokenizer that `AutoTokenizer` reads.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """`AutoTokenizer.from_pretrained` on a local directory (never the hub)."""
+    """`AutoTokenizer.from_pretrained` on a local directory (never the hub).
+
+    Raises:
+      FileNotFoundError: no such directory, or none of `TOKENIZER_FILES` in it.
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
             f"Tokenizer directory {path} does not exist; pass a local "
             "checkpoint directory (hub ids are not downloaded)."
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
+            "model's tokenizer there, e.g. `tokenizer.save_pretrained(path)` or copy those "
+            "files from the checkpoint it came from."
         )
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 

@@ -3,7 +3,14 @@
 :func:`train` runs a :class:`~opd_jax.config.Config` from its first step or, when
 ``run.dir`` holds a checkpoint, from the last good one: parameters, optimizer state, step
 and data position are restored and every PRNG key derives from ``(seed, step)``, so a
-resumed run continues exactly as an uninterrupted one. SIGTERM saves and exits cleanly.
+resumed run continues exactly as an uninterrupted one. It returns a :class:`TrainResult`:
+finished, stopped early (SIGTERM or ``stop_after``: saved, run again to resume) or already
+up to date.
+
+Bad input fails before any model is loaded (config, ``run.dir``, a resume that would change
+the trajectory, model directories, data). Nothing a step computes is saved unless its loss,
+gradient and updated parameters are finite; a failed write of metrics or of a checkpoint ends
+the run with :class:`RunFailed`, leaving the checkpoints saved before it intact.
 
 Several processes (see :mod:`opd_jax.distributed`) each feed their rows of the same global
 batch (:meth:`~opd_jax.train.session.Batches.process_rows`); all of them save and restore
@@ -12,8 +19,12 @@ checkpoints, and only process 0 writes ``config.yaml``, metrics and the progress
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,15 +32,45 @@ from typing import Any
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+import yaml
 
-from opd_jax import data
-from opd_jax.config import Config, dump_config
+from opd_jax import data, models
+from opd_jax.config import HORIZON, Config, ConfigError, dump_config, trajectory_changes, validate
+from opd_jax.data.loader import Source
 from opd_jax.distributed import any_process, is_primary, primary_first
 from opd_jax.files import atomic_write_text
-from opd_jax.train.checkpoint import Checkpointer, on_sigterm
+from opd_jax.train.checkpoint import Checkpointer, PreemptionFlag, on_sigterm
 from opd_jax.train.metrics import MetricsWriter
 from opd_jax.train.session import Session
 from opd_jax.train.state import RunState, abstract_like
+
+CONFIG_FILE = "config.yaml"
+RESUME_FIX = "free space (or fix the cause) and run the same command again to resume"
+
+
+class Status(enum.Enum):
+    """How :func:`train` ended."""
+
+    FINISHED = "finished"  # the run reached train.steps
+    STOPPED = "stopped"  # SIGTERM or stop_after: saved; running again resumes
+    UP_TO_DATE = "up_to_date"  # the run was already at train.steps: nothing ran
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` did: ``step`` counts the run's completed steps, ``metrics`` holds
+    the last step's scalars (empty when no step ran), ``skipped_steps`` the run's steps
+    skipped as non-finite (``train.on_nonfinite: skip``)."""
+
+    status: Status
+    step: int
+    metrics: dict[str, float]
+    skipped_steps: int = 0
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on: a non-finite step (``train.on_nonfinite: stop``) or a failed
+    write. The message names the step, the cause, the last checkpoint (intact) and the fix."""
 
 
 def train(
@@ -37,89 +78,318 @@ def train(
     *,
     stop_after: int | None = None,
     on_step: Callable[[int, Session], None] | None = None,
-) -> dict[str, Any]:
-    """Runs (or resumes) the configured OPD run; returns the last step's scalar metrics.
+) -> TrainResult:
+    """Runs (or resumes) the configured OPD run.
+
+    Before any model is loaded: the config is validated; ``run.dir`` must be writable; when
+    it holds a checkpoint, the keys that decide the training trajectory
+    (:func:`opd_jax.config.trajectory`) must equal that checkpoint's (``run.allow_changes``
+    lets them differ, with a warning, recorded in later checkpoints' meta); the model
+    directories must hold tokenizers, the same one; the data source must open with records.
+    ``config.yaml`` is written (atomically) once the models are loaded.
 
     ``stop_after`` ends this invocation (with a checkpoint) after that many steps, as a
-    preemption would: running again resumes. ``on_step(step, session)`` is called after each
-    step (``step`` counts completed steps, from 0 before the first) with the live session,
-    e.g. to evaluate the student as it trains; it runs on every process.
+    preemption (SIGTERM) would: running again resumes. ``on_step(step, session)`` is called
+    after each step (``step`` counts completed steps, from 0 before the first) with the live
+    session, e.g. to evaluate the student as it trains; it runs on every process.
+
+    Raises:
+      ConfigError: an invalid config, an unwritable ``run.dir`` or a refused change.
+      FileNotFoundError, ValueError: a model or data source that cannot be used.
+      RunFailed: a non-finite step or a failed write; nothing after the last checkpoint.
     """
+    config = validate(config)
     run_dir = Path(config.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_primary():
-        atomic_write_text(run_dir / "config.yaml", dump_config(config))
-    session = Session.build(config)
-    tfds.disable_progress_bar()
-    source = primary_first(
-        lambda: data.load_source(
-            config.data.source, config.data.split, config.data.data_dir, **config.data.arithmetic
+    _check_writable(run_dir)
+    with Checkpointer(
+        run_dir, keep=config.run.keep_checkpoints, async_save=config.run.async_checkpoint
+    ) as checkpointer:
+        changes = _check_resume(config, checkpointer.read_meta(), run_dir)
+        _check_models(config)
+        source = _open_data(config)
+        session = Session.build(config)
+        if is_primary():
+            atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
+        with (
+            MetricsWriter(run_dir, tensorboard=config.run.tensorboard) as writer,
+            on_sigterm() as preemption,
+            jax.set_mesh(session.mesh),
+        ):
+            prompts, shards = _prompts(config, session, source)
+            run = _Run(config, session, checkpointer, writer, prompts, shards)
+            start = run.restore(changes)
+            return run.loop(start, preemption, stop_after, on_step)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One invocation's live objects and counters; :meth:`loop` runs the steps."""
+
+    config: Config
+    session: Session
+    checkpointer: Checkpointer
+    writer: MetricsWriter
+    prompts: Any
+    shards: int  # processes feeding rows of the global batch
+    skipped: int = 0
+    config_changes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def restore(self, changes: dict[str, list[Any]]) -> int:
+        """Loads the last good checkpoint into the session and positions the data iterator and
+        the metrics file; returns the step to start at (0 without a checkpoint). ``changes``
+        (allowed on this resume) are added to the run's recorded config changes."""
+        restored = self.checkpointer.restore(abstract_like(self.session.state._asdict()))
+        if restored is None:
+            self.writer.truncate_after(0)
+            return 0
+        step, state, meta = restored
+        self.session.state = RunState(**state)
+        self.prompts.set_state(meta["data"])
+        self.writer.truncate_after(step)
+        self.skipped = meta.get("skipped_steps", 0)
+        self.config_changes = meta.get("config_changes", [])
+        if changes:
+            self.config_changes = [*self.config_changes, {"step": step, "changes": changes}]
+            warnings.warn(
+                f"{self.config.run.dir} continues from step {step} with changed keys "
+                f"({_listed(changes)}), as run.allow_changes=true allows; the change is "
+                "recorded in its checkpoints' meta (config_changes).",
+                stacklevel=3,
+            )
+        if is_primary():
+            print(f"resumed from step {step} ({json.dumps(meta['data'])})", flush=True)
+        return step
+
+    def loop(
+        self,
+        start: int,
+        preemption: PreemptionFlag,
+        stop_after: int | None,
+        on_step: Callable[[int, Session], None] | None,
+    ) -> TrainResult:
+        """Runs steps ``start`` to ``train.steps`` (or until stopped)."""
+        steps, run = self.config.train.steps, self.config.run
+        if start >= steps:
+            return TrainResult(Status.UP_TO_DATE, start, {}, self.skipped)
+        if on_step is not None and start == 0:
+            on_step(0, self.session)
+        progress = _progress(self.config, start)
+        try:
+            for step in range(start, steps):
+                n = step + 1
+                scalars, arrays, finite = self.update(step)
+                if n % run.log_every == 0 or n == steps or not finite:
+                    self.log(n, scalars, arrays)
+                if not finite:
+                    self.nonfinite(n, scalars, progress)
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{scalars['loss']:.4f}",
+                    kept=f"{scalars['kept_fraction']:.2f}",
+                    tok_s=f"{scalars['tokens_per_s']:.0f}",
+                )
+                stopping = n < steps and (
+                    any_process(preemption.requested)
+                    or (stop_after is not None and n - start >= stop_after)
+                )
+                if n == steps or stopping or n % run.checkpoint_every == 0:
+                    self.save(n)
+                if on_step is not None:
+                    on_step(n, self.session)
+                if stopping:
+                    if is_primary():
+                        progress.write(
+                            f"stopped: saved step {n} in {run.dir}; run again to resume."
+                        )
+                    break
+            self.wait(n)
+        finally:
+            progress.close()
+        status = Status.FINISHED if n == steps else Status.STOPPED
+        return TrainResult(status, n, scalars, self.skipped)
+
+    def update(self, step: int) -> tuple[dict[str, float], dict[str, list[float]], bool]:
+        """Step ``step`` (0-based): rollouts, segments and the jitted update; returns its
+        scalar and array metrics and whether it was finite."""
+        key = jax.random.fold_in(jax.random.key(self.config.seed), step)
+        key_sample, key_rule = jax.random.split(key)
+        session = self.session
+        t0 = time.perf_counter()
+        rollout = session.rollout(*session.encode(next(self.prompts)["prompt"]), key_sample)
+        t1 = time.perf_counter()
+        seg, _ = session.segments(rollout)
+        t2 = time.perf_counter()
+        metrics = jax.device_get(session.update(session.device_batch(rollout, seg), key_rule))
+        t3 = time.perf_counter()
+        scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+        finite = not scalars.pop("nonfinite")
+        if self.config.train.on_nonfinite == "skip":
+            self.skipped += not finite
+            scalars["skipped_steps"] = float(self.skipped)
+        scalars |= {"time/sample_s": t1 - t0, "time/segment_s": t2 - t1, "time/step_s": t3 - t2}
+        scalars["tokens_per_s"] = float(rollout[1].sum()) * self.shards / (t3 - t0)
+        arrays = {k: np.asarray(v).tolist() for k, v in metrics.items() if np.ndim(v) > 0}
+        return scalars, arrays, finite
+
+    def nonfinite(self, n: int, scalars: dict[str, float], progress: Any) -> None:
+        """Step ``n`` was not finite: raises :class:`RunFailed` (``stop``) or reports the
+        skip (``skip``: the step already left the state as it was)."""
+        values = f"loss {scalars['loss']}, grad_norm {scalars['grad_norm']}"
+        if self.config.train.on_nonfinite == "skip":
+            if is_primary():
+                progress.write(
+                    f"step {n}: not finite ({values}); skipped, the parameters and optimizer "
+                    f"state are unchanged ({self.skipped} skipped so far)."
+                )
+            return
+        raise self.failure(
+            n,
+            f"the loss, the gradient or the updated parameters are not finite ({values}); "
+            "nothing of this step was saved",
+            "lower optim.learning_rate (add run.allow_changes=true to continue this run from "
+            "that checkpoint, or choose a new run.dir), or set train.on_nonfinite=skip to skip "
+            "such steps",
         )
+
+    def log(self, n: int, scalars: dict[str, float], arrays: dict[str, list[float]]) -> None:
+        try:
+            self.writer.write(n, scalars, arrays)
+        except OSError as error:
+            raise self.failure(
+                n, f"writing {self.writer.path} failed ({error})", RESUME_FIX
+            ) from error
+
+    def save(self, n: int) -> None:
+        """Starts saving step ``n`` with its meta: data position, seed, config, counters."""
+        meta = {
+            "step": n,
+            "data": self.prompts.get_state(),
+            "seed": self.config.seed,
+            "config": json.loads(json.dumps(self.config.to_dict(), default=str)),
+            "skipped_steps": self.skipped,
+            "config_changes": self.config_changes,
+        }
+        try:
+            self.checkpointer.save(n, self.session.state._asdict(), meta, force=True)
+        except Exception as error:  # Orbax reports a failed write with many exception types.
+            raise self.failure(n, f"saving its checkpoint failed ({error})", RESUME_FIX) from error
+
+    def wait(self, n: int) -> None:
+        """Waits for the last checkpoint (step ``n``) to be written."""
+        try:
+            self.checkpointer.wait()
+        except Exception as error:
+            raise self.failure(n, f"saving its checkpoint failed ({error})", RESUME_FIX) from error
+
+    def failure(self, n: int, cause: str, fix: str) -> RunFailed:
+        """The :class:`RunFailed` of step ``n``, naming the last checkpoint on disk."""
+        saved = self.checkpointer.saved_steps()
+        directory = self.checkpointer.directory
+        last = (
+            f"the last checkpoint, step {saved[-1]} in {directory}, is intact"
+            if saved
+            else f"no checkpoint was saved in {directory}"
+        )
+        return RunFailed(f"step {n}: {cause}; {last}: {fix}.")
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Creates ``run_dir`` and a file in it, or raises :class:`ConfigError`."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"run.dir={run_dir} is not writable ({error.strerror or error}): choose a "
+            "directory you can write to."
+        ) from None
+
+
+def _check_resume(
+    config: Config, latest: tuple[int, dict[str, Any]] | None, run_dir: Path
+) -> dict[str, list[Any]]:
+    """The trajectory keys of ``config`` that differ from the latest checkpoint's run,
+    ``{key: [old, new]}``, when ``run.allow_changes`` allows them.
+
+    The checkpoint's meta holds its run's config; older checkpoints, without it, are compared
+    with ``config.yaml``.
+
+    Raises:
+      ConfigError: keys differ and ``run.allow_changes`` is false.
+    """
+    if latest is None:
+        return {}
+    step, meta = latest
+    old = meta.get("config") or _read_yaml(run_dir / CONFIG_FILE)
+    changes = trajectory_changes(old, config.to_dict()) if old else {}
+    if not changes:
+        return {}
+    if config.run.allow_changes:
+        return {key: list(pair) for key, pair in changes.items()}
+    horizon = ""
+    if HORIZON in changes and changes[HORIZON][0]:
+        horizon = (
+            f" To change train.steps and keep the schedule, set {HORIZON}="
+            f"{changes[HORIZON][0]}, the cosine's horizon so far."
+        )
+    raise ConfigError(
+        f"{run_dir} holds a run at step {step} made with other values of keys that change "
+        f"the training trajectory ({_listed(changes)}).{horizon} Choose a new run.dir for the new "
+        "values, or set run.allow_changes=true to continue this run with them (recorded in "
+        "its checkpoints)."
     )
+
+
+def _listed(changes: dict[str, Any]) -> str:
+    """``key: old -> new; ...``"""
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def _check_models(config: Config) -> None:
+    """Each model path exists, and the checkpoint directories hold one and the same tokenizer
+    (read before any weights are)."""
+    tokenizers = []
+    for role in ("student", "teacher"):
+        spec = getattr(config, role)
+        path = models.resolve_path(spec.path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{role}.path={spec.path}: nothing there; point it at a local Hugging Face "
+                "checkpoint directory or a .gguf file."
+            )
+        if path.is_dir():
+            try:
+                tokenizers.append(models.load_tokenizer(path))
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{role}.path: {error}") from None
+    if len(tokenizers) == 2:
+        models.check_same_tokenizer(*tokenizers)
+
+
+def _open_data(config: Config) -> Source:
+    """The configured split's source, built first if needed (process 0 first)."""
+    tfds.disable_progress_bar()
+    c = config.data
+    return primary_first(lambda: data.load_source(c.source, c.split, c.data_dir, **c.arithmetic))
+
+
+def _prompts(config: Config, session: Session, source: Source) -> tuple[Any, int]:
+    """This process's prompt iterator over ``source``, and the number of processes feeding
+    rows of the batch."""
     shard, shards = session.batches.process_rows(config.data.batch_size)
-    prompts = data.make_prompt_iterator(
+    iterator = data.make_prompt_iterator(
         source,
         batch_size=config.data.batch_size // shards,
         seed=config.seed,
         shard_index=shard,
         shard_count=shards,
     )
-    base_key = jax.random.key(config.seed)
-    last: dict[str, Any] = {}
-
-    with (
-        Checkpointer(
-            run_dir,
-            keep=config.run.keep_checkpoints,
-            async_save=config.run.async_checkpoint,
-        ) as checkpointer,
-        MetricsWriter(run_dir, tensorboard=config.run.tensorboard) as writer,
-        on_sigterm() as preemption,
-        jax.set_mesh(session.mesh),
-    ):
-        start = _restore(checkpointer, session, prompts, writer)
-        progress = _progress(config, start)
-        if on_step is not None and start == 0:
-            on_step(0, session)
-        for step in range(start, config.train.steps):
-            key_sample, key_rule = jax.random.split(jax.random.fold_in(base_key, step))
-            t0 = time.perf_counter()
-            rollout = session.rollout(*session.encode(next(prompts)["prompt"]), key_sample)
-            t1 = time.perf_counter()
-            seg, _ = session.segments(rollout)
-            t2 = time.perf_counter()
-            metrics = jax.device_get(session.update(session.device_batch(rollout, seg), key_rule))
-            t3 = time.perf_counter()
-            scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-            scalars |= {"time/sample_s": t1 - t0, "time/segment_s": t2 - t1, "time/step_s": t3 - t2}
-            scalars["tokens_per_s"] = float(rollout[1].sum()) * shards / (t3 - t0)
-            arrays = {k: np.asarray(v).tolist() for k, v in metrics.items() if np.ndim(v) > 0}
-            if (step + 1) % config.run.log_every == 0 or step + 1 == config.train.steps:
-                writer.write(step + 1, scalars, arrays)
-            last = scalars
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{scalars['loss']:.4f}",
-                kept=f"{scalars['kept_fraction']:.2f}",
-                tok_s=f"{scalars['tokens_per_s']:.0f}",
-            )
-            done = step + 1 == config.train.steps
-            stopping = any_process(preemption.requested) or (
-                stop_after is not None and step + 1 - start >= stop_after
-            )
-            if done or stopping or (step + 1) % config.run.checkpoint_every == 0:
-                meta = {"step": step + 1, "data": prompts.get_state(), "seed": config.seed}
-                checkpointer.save(step + 1, session.state._asdict(), meta, force=True)
-            if on_step is not None:
-                on_step(step + 1, session)
-            if stopping:
-                if is_primary():
-                    progress.write(
-                        f"stopped: saved step {step + 1} in {run_dir}; run again to resume."
-                    )
-                break
-        progress.close()
-    return last
+    return iterator, shards
 
 
 def _progress(config: Config, start: int):
@@ -132,19 +402,3 @@ def _progress(config: Config, start: int):
         disable=not config.run.progress or not is_primary(),
         dynamic_ncols=True,
     )
-
-
-def _restore(checkpointer: Checkpointer, session: Session, prompts, writer: MetricsWriter) -> int:
-    """Loads the last good checkpoint into ``session`` and positions the data iterator and
-    the metrics file; returns the step to start at (0 without a checkpoint)."""
-    restored = checkpointer.restore(abstract_like(session.state._asdict()))
-    if restored is None:
-        writer.truncate_after(0)
-        return 0
-    step, state, meta = restored
-    session.state = RunState(**state)
-    prompts.set_state(meta["data"])
-    writer.truncate_after(step)
-    if is_primary():
-        print(f"resumed from step {step} ({json.dumps(meta['data'])})", flush=True)
-    return step

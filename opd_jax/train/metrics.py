@@ -10,7 +10,11 @@ Each line is flushed and fsynced, so it is the record of truth; a line cut short
 
 TensorBoard events go to ``<run dir>/tensorboard``: scalars under their names, and each array
 as per-bin scalars ``<name>/00``, ``<name>/01``, ... (a profile is a set of values over
-positions, not a sample of one quantity, so a histogram would misrepresent it).
+positions, not a sample of one quantity, so a histogram would misrepresent it). They are
+written synchronously, without tensorboardX's writer thread and queue (whose thread dies on a
+full disk and leaves the queue to block the loop forever), and never stop a run: on any
+failure the writer warns once and goes on without TensorBoard; ``metrics.jsonl`` is complete.
+A failure to write ``metrics.jsonl`` raises (``OSError``), for the loop to end the run.
 """
 
 from __future__ import annotations
@@ -18,14 +22,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.summary import scalar
 
 from opd_jax.files import atomic_write_text
 
@@ -71,7 +79,7 @@ class MetricsWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         if self._tb is not None:
-            _write_tensorboard(self._tb, step, scalars, arrays or {})
+            self._tensorboard_call(self._tb.write, step, scalars, arrays or {})
 
     def truncate_after(self, step: int) -> None:
         """Drops logged lines for steps ``> step`` (on resume from ``step``).
@@ -104,15 +112,65 @@ class MetricsWriter:
     def _open(self, purge_step: int | None = None) -> None:
         self._file = self.path.open("a")
         if self._tensorboard:
-            self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge_step)
+            self._tb = self._tensorboard_call(
+                EventFile, self.run_dir / TENSORBOARD_DIR, purge_step=purge_step
+            )
 
     def _close_files(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
+            self._tensorboard_call(self._tb.close)
             self._tb = None
+
+    def _tensorboard_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``; on any error, warns once and turns TensorBoard off."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:  # TensorBoard is a convenience: nothing of it stops a run.
+            self._tensorboard, self._tb = False, None
+            warnings.warn(
+                f"TensorBoard events in {self.run_dir / TENSORBOARD_DIR} could not be written "
+                f"({type(error).__name__}: {error}); going on without TensorBoard "
+                f"({self.path} holds every metric).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+
+
+class EventFile:
+    """One TensorBoard event file under ``logdir``, written and flushed synchronously.
+
+    ``purge_step``: TensorBoard hides the events of earlier files from this step on (a resumed
+    run's restart point), as tensorboardX's ``SummaryWriter(purge_step=)`` marks it.
+    """
+
+    def __init__(self, logdir: Path, *, purge_step: int | None = None):
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(logdir / "events"))
+        if purge_step is not None:
+            start = SessionLog(status=SessionLog.START)
+            self._writer.write_event(
+                Event(wall_time=time.time(), step=purge_step, session_log=start)
+            )
+        self._writer.flush()
+
+    def write(
+        self, step: int, scalars: Mapping[str, float], arrays: Mapping[str, np.ndarray]
+    ) -> None:
+        """One event of ``step``: scalars, and each array as per-bin scalars ``<name>/<bin>``."""
+        values = [
+            value for name, x in _flat_scalars(scalars, arrays) for value in scalar(name, x).value
+        ]
+        self._writer.write_event(
+            Event(wall_time=time.time(), step=step, summary=Summary(value=values))
+        )
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -136,20 +194,18 @@ def _record(
     return record
 
 
-def _write_tensorboard(
-    tb: SummaryWriter,
-    step: int,
-    scalars: Mapping[str, float],
-    arrays: Mapping[str, np.ndarray],
-) -> None:
-    """Writes scalars, and each array as per-bin scalars ``<name>/<bin>``, then flushes."""
-    for name, value in scalars.items():
-        tb.add_scalar(name, float(value), step)
+def _flat_scalars(
+    scalars: Mapping[str, float], arrays: Mapping[str, np.ndarray]
+) -> list[tuple[str, float]]:
+    """``(tag, value)`` of each scalar, then of each bin ``<name>/<bin>`` of each array."""
+    flat = [(name, float(value)) for name, value in scalars.items()]
     for name, values in arrays.items():
         width = len(str(len(values) - 1))
-        for i, value in enumerate(np.asarray(values, np.float64)):
-            tb.add_scalar(f"{name}/{i:0{width}d}", float(value), step)
-    tb.flush()
+        flat += [
+            (f"{name}/{i:0{width}d}", float(value))
+            for i, value in enumerate(np.asarray(values, np.float64))
+        ]
+    return flat
 
 
 def _complete_lines(path: Path) -> list[str]:

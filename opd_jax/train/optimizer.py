@@ -8,12 +8,14 @@ from opd_jax.config import OptimConfig
 
 
 def learning_rate_schedule(c: OptimConfig, steps: int) -> optax.Schedule:
-    """Linear warmup to ``learning_rate``, then constant or cosine decay to 10% at ``steps``."""
+    """Linear warmup to ``learning_rate``, then constant, or a cosine decay to 10% at
+    ``c.decay_steps`` (0: at ``steps``, the run's length) that stays at 10% after it."""
     if c.schedule == "constant":
         decay = optax.constant_schedule(c.learning_rate)
     else:
+        horizon = c.decay_steps or steps
         decay = optax.cosine_decay_schedule(
-            c.learning_rate, max(steps - c.warmup_steps, 1), alpha=0.1
+            c.learning_rate, max(horizon - c.warmup_steps, 1), alpha=0.1
         )
     if c.warmup_steps == 0:
         return decay

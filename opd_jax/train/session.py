@@ -43,6 +43,7 @@ def mesh_from_config(config: Config) -> jax.sharding.Mesh:
 
 
 def step_settings(config: Config) -> StepSettings:
+    """The jitted step's static settings from ``config``."""
     return StepSettings(
         prompt_len=config.data.max_prompt_tokens,
         objective=core.ObjectiveSettings(
@@ -62,6 +63,7 @@ def step_settings(config: Config) -> StepSettings:
             (config.student.dtype, config.teacher.dtype),
             config.train.attention_chunk,
         ),
+        skip_nonfinite=config.train.on_nonfinite == "skip",
     )
 
 

@@ -102,17 +102,22 @@ def abstract_like(tree: PyTree) -> PyTree:
 
 
 def restore_student(run_dir: str | Path) -> tuple[Decoder, Tokenizer]:
-    """A run's student at its last good checkpoint, and its tokenizer (the run is only read).
+    """A run's student at its last good checkpoint, and its tokenizer.
+
+    The run is only read, so this is safe while it trains: its checkpoints are opened
+    read-only (no removal of the temporary directory of a save in progress, no move of a
+    corrupt step).
 
     Raises:
       FileNotFoundError: the run has no checkpoint yet.
+      CheckpointRestoreError: it has checkpoints, none of them readable.
     """
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
     model, tokenizer = load_model(config.student)
     params = nnx.state(model, nnx.Param)
     target = abstract_state(make_optimizer(config.optim, config.train.steps), params)
-    with Checkpointer(run_dir, keep=config.run.keep_checkpoints) as checkpointer:
+    with Checkpointer(run_dir, read_only=True) as checkpointer:
         restored = checkpointer.restore(target._asdict())
     if restored is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet: train first, then convert.")

@@ -32,6 +32,7 @@ class StepSettings:
     remat: bool = False  # rematerialise the student's blocks in the backward pass
     attention_chunk: int = 0  # xla: queries attended at a time (0: all); flash: block (0: 512)
     attention: str = "xla"  # both models' kernel: xla | cudnn | flash (models.resolve_attention)
+    skip_nonfinite: bool = False  # a non-finite step leaves the parameters and optimizer state
 
 
 def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
@@ -52,6 +53,12 @@ def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
         s.objective,
     )
     return loss, aux.diagnostics
+
+
+def _all_finite(loss: jax.Array, grad_norm: jax.Array, params: Any) -> jax.Array:
+    """Whether the loss, the gradient (its global norm) and every updated parameter are finite."""
+    leaves = [jnp.isfinite(p).all() for p in jax.tree.leaves(params)]
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.stack(leaves).all()
 
 
 def _split_micro(batch: dict[str, jax.Array], accumulate: int) -> dict[str, jax.Array]:
@@ -75,8 +82,9 @@ def make_train_step(
       shardings: ``(param_shardings, opt_shardings)``: the step keeps the state in them.
 
     The batch holds ``tokens``, ``attention_mask``, ``response_mask`` ``[B, S]`` and
-    ``seg [B, N]``; metrics are scalars (loss, gradient norm, diagnostics) and ``[bins]``
-    position profiles.
+    ``seg [B, N]``; metrics are scalars (loss, gradient norm, diagnostics, ``nonfinite``: 1
+    when the loss, the gradient or an updated parameter is not finite) and ``[bins]`` position
+    profiles. With ``settings.skip_nonfinite`` such a step returns the state it was given.
     """
 
     def step(params, opt_state, teacher_params, batch, key):
@@ -93,14 +101,22 @@ def make_train_step(
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, (losses, diags) = jax.lax.scan(accumulate, zeros, (micro, keys))
         grads = jax.tree.map(lambda g: g / settings.accumulate, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         metrics = {
             name: x.sum(0) if name in core.COUNTS else x.mean(0) for name, x in diags.items()
         }
         metrics["loss"] = losses.mean()
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return params, opt_state, metrics
+        finite = _all_finite(metrics["loss"], metrics["grad_norm"], new_params)
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        if settings.skip_nonfinite:
+            new_params, new_opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (new_params, new_opt_state),
+                (params, opt_state),
+            )
+        return new_params, new_opt_state, metrics
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
