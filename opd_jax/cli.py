@@ -140,8 +140,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
     config = load_experiment_config(args.config, args.overrides, full=args.full)
     use_compilation_cache(config.run.compilation_cache)
-    run_experiment(config)
-    return 0
+    return 0 if run_experiment(config) is not None else EXIT_STOPPED
 
 
 def _profile(args: argparse.Namespace) -> int:

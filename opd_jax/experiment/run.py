@@ -168,14 +168,15 @@ def opd_config(config: Config, rule: str, seed: int, run_dir: Path) -> Config:
     )
 
 
-def run_experiment(config: Config) -> dict[str, Any]:
+def run_experiment(config: Config) -> dict[str, Any] | None:
     """Runs every stage (see the module doc); returns the report of
-    :func:`opd_jax.experiment.report.write_report`."""
+    :func:`opd_jax.experiment.report.write_report`, or None when an OPD run was stopped
+    early (SIGTERM): its last checkpoint is kept and running again resumes it."""
     import tensorflow_datasets as tfds
     from absl import logging as absl_logging
 
     from opd_jax.experiment.report import write_report
-    from opd_jax.train.loop import train
+    from opd_jax.train.loop import Status, train
     from opd_jax.train.state import restore_student
 
     tfds.disable_progress_bar()
@@ -198,7 +199,10 @@ def run_experiment(config: Config) -> dict[str, Any]:
         run_config = opd_config(config, rule, seed, run_dir)
         print(f"[{index + 1}/{len(runs)}] OPD rule={rule} seed={seed} -> {run_dir}", flush=True)
         with clock(f"opd {rule} seed {seed}"):
-            train(run_config, on_step=Curve(run_config, curve_problems, teacher))
+            result = train(run_config, on_step=Curve(run_config, curve_problems, teacher))
+            if result.status is Status.STOPPED:
+                print(f"stopped in {run_dir}: run the same command again to resume", flush=True)
+                return None
             if not (run_dir / EVAL_FILE).is_file():  # finished earlier, evaluation cut short
                 student, _ = restore_student(run_dir)
                 evaluate_model(student, teacher, tokenizer, run_config, run_dir / EVAL_FILE)
