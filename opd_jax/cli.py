@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="run (or resume) on-policy distillation from a YAML config",
         description="Run on-policy distillation from a YAML config. Running again with the "
-        "same run.dir resumes from its last good checkpoint. Keys: " + ", ".join(all_keys()),
+        "same run.dir resumes from its last good checkpoint. Keys: " + ", ".join(all_keys(Config)),
     )
     _add_config(train)
     train.set_defaults(run=_train)

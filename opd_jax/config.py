@@ -1,9 +1,10 @@
-"""Run configuration: typed dataclasses loaded from YAML, with dotted command-line overrides.
+"""Run configuration: the typed sections of a run, their checks, and what a resume compares.
 
 ``load_config("configs/smollm2_layers.yaml", ["rule.kind=full", "train.steps=10"])`` returns a
 :class:`Config`. Every key is checked before any compute: an unknown or mistyped key fails
-with the nearest valid key, a value of the wrong type names the key and the expected type.
-Rule options (``rule.options.*``) are checked against the chosen rule's signature.
+with the nearest valid key, a value of the wrong type names the key and the expected type
+(:mod:`opd_jax.typed_yaml`). Rule options (``rule.options.*``) are checked against the chosen
+rule's options and their defaults' types.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,7 @@ from typing import Any
 import yaml
 
 from opd_jax.core import LOSS_KINDS, REDUCTIONS, RULES, rule_options
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, with the key at fault and the fix."""
+from opd_jax.typed_yaml import ConfigError, all_keys, coerce, load_tree  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass
@@ -228,154 +224,6 @@ NON_NEGATIVE = {  # key: what 0 means
 }
 
 
-def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
-    """Every dotted key of the config tree, e.g. ``run.dir``."""
-    cls = cls or Config
-    keys = []
-    for field in dataclasses.fields(cls):
-        key = prefix + field.name
-        sub = typing.get_type_hints(cls)[field.name]
-        keys.extend(all_keys(sub, key + ".") if dataclasses.is_dataclass(sub) else [key])
-    return keys
-
-
-_LISTED_KEYS = 20  # an unknown key's error lists the valid keys when there are at most this many
-
-
-def _unknown(key: str, keys: Sequence[str]) -> ConfigError:
-    """The error of an unknown ``key``, naming the nearest of the valid ``keys``."""
-    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    if near:
-        hint = f" Did you mean {near[0]!r}?"
-    elif len(keys) <= _LISTED_KEYS:
-        hint = f" The keys: {', '.join(keys)}."
-    else:
-        hint = " `opd-jax train --help` lists the keys."
-    return ConfigError(f"Unknown config key {key!r}.{hint}")
-
-
-def _as_float(value: Any) -> float | None:
-    """``value`` as a float when it is an int or a string that reads as one (``"1e-4"``, which
-    YAML leaves a string), else None."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Checks ``value`` against the field type ``hint``; for floats, ints and strings that read
-    as floats (``1e-4``: YAML reads it as a string) are accepted."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        hint = next(t for t in options if t is not type(None))
-        origin = typing.get_origin(hint)
-    expected = origin or hint
-    if expected is float and (number := _as_float(value)) is not None:
-        return number
-    if expected is Any or (
-        isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-    ):
-        return value
-    raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}.")
-
-
-def _named_section(hint: Any) -> type | None:
-    """``S`` when ``hint`` is ``dict[str, S]`` with ``S`` a config dataclass, else ``None``."""
-    if typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
-        return typing.get_args(hint)[1]
-    return None
-
-
-def _build_named(section: type, data: Any, key: str) -> dict[Any, Any]:
-    """``{name: section}`` of a ``dict[str, section]`` field: each value is built like a
-    nested section, its keys named ``key.<name>.<field>``; a bare (non-mapping) value sets
-    the section's first field (``benchmarks: {aime: aime.jsonl}`` is ``{source: aime.jsonl}``).
-    """
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{key} must be a mapping of names to {section.__name__}, got {data!r}.")
-    first = dataclasses.fields(section)[0].name
-    built = {}
-    for name, value in data.items():
-        fields = value if isinstance(value, Mapping) else {first: value}
-        built[name] = _build(section, fields, f"{key}.{name}.")
-    return built
-
-
-def _build(cls: type, data: Any, prefix: str = "", keys: Sequence[str] | None = None) -> Any:
-    """``cls(**data)``, every value checked against its field's type: a dataclass field is
-    built as a nested section, a ``dict[str, Section]`` field by :func:`_build_named`.
-
-    An unknown key fails naming the nearest of ``keys`` (default: every key of ``cls`` under
-    ``prefix``; nested sections get their parent's, so a hint may name any section's key).
-    """
-    keys = all_keys(cls, prefix) if keys is None else keys
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in data.items():
-        key = prefix + str(name)
-        if name not in names:
-            raise _unknown(key, keys)
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, key + ".", keys)
-        elif section := _named_section(hint):
-            kwargs[name] = _build_named(section, value, key)
-        else:
-            kwargs[name] = _coerce(key, value, hint)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any, cls: type) -> None:
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise _unknown(key, all_keys(cls))
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"rule.kind=full"`` -> ``("rule.kind", "full")``; values are parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"Override {text!r} must look like KEY=VALUE, e.g. train.steps=10.")
-    return key.strip(), _read_yaml(raw, f"the value of --set {text}") if raw.strip() else ""
-
-
-def _read_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load(text)``; a syntax error names ``source`` and the line and column."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(
-            f"{source}: invalid YAML, {_yaml_problem(error)}; fix it there."
-        ) from None
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """``line L, column C: <problem> (<context> at line L', column C')`` of a YAML error."""
-    mark, context = getattr(error, "problem_mark", None), getattr(error, "context", None)
-    if mark is None:
-        return str(error)
-    text = f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
-    if context and (start := getattr(error, "context_mark", None)):
-        text += f" ({context} at line {start.line + 1}, column {start.column + 1})"
-    return text
-
-
 def validate(config: Config) -> Config:
     """Cross-field checks: choices, sizes and ranges, the data section, and the chosen rule's
     options (returned with floats coerced, e.g. ``eps: 1e-8`` read as a string by YAML)."""
@@ -443,7 +291,7 @@ def _checked_rule_options(kind: str, options: Mapping[str, Any], k: int) -> dict
             )
         default = valid[option]
         hint = Any if default is None else type(default)
-        checked[option] = _coerce(f"rule.options.{option}", value, hint)
+        checked[option] = coerce(f"rule.options.{option}", value, hint)
     for option in ("k", "margin_k"):
         value = {**valid, **checked}.get(option)
         if value is not None and value > k:
@@ -502,27 +350,6 @@ def trajectory_changes(
     return {
         key: (before.get(key), value) for key, value in after.items() if before.get(key) != value
     }
-
-
-def load_tree(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
-    """Any config dataclass ``cls`` from a YAML file (or its defaults) plus ``KEY=VALUE``
-    overrides; unknown keys and wrong types raise :class:`ConfigError` naming the fix."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"No config file at {path}: pass a YAML file, e.g. configs/smollm2_layers.yaml."
-            )
-        tree = _read_yaml(path.read_text(), str(path)) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path} must hold a YAML mapping of config sections.")
-    for text in overrides:
-        key, value = parse_override(text)
-        if key.split(".")[0] not in {f.name for f in dataclasses.fields(cls)}:
-            raise _unknown(key, all_keys(cls))
-        _set_dotted(tree, key, value, cls)
-    return _build(cls, tree)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

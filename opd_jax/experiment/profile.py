@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from opd_jax import data
 from opd_jax.config import Config
 from opd_jax.experiment.plots import margin_advantage, margin_by_sentence
 from opd_jax.experiment.profiles import by_sentence
@@ -85,14 +84,13 @@ def _markdown(summary: dict[str, Any], label: str) -> str:
 def profile(config: Config, batches: int, label: str = "the student and teacher") -> dict:
     """Measures the pair of ``config`` on ``batches`` batches (module doc); returns the
     summary and writes the files."""
+    from opd_jax.train.preflight import open_data
     from opd_jax.train.session import Session, step_settings
     from opd_jax.train.step import make_score_step
 
+    source = open_data(config)
     session = Session.build(config)
-    source = data.load_source(
-        config.data.source, config.data.split, config.data.data_dir, **config.data.arithmetic
-    )
-    prompts = data.make_prompt_iterator(source, batch_size=config.data.batch_size, seed=config.seed)
+    prompts, _ = session.prompt_iterator(source)
     score = make_score_step(session.graphdef, session.teacher_graphdef, step_settings(config))
     base = jax.random.key(config.seed)
     records = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -31,20 +30,23 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
-import yaml
 
-from opd_jax import data, models
-from opd_jax.config import HORIZON, Config, ConfigError, dump_config, trajectory_changes, validate
-from opd_jax.data.loader import Source
-from opd_jax.distributed import any_process, is_primary, primary_first
+from opd_jax.config import Config, dump_config, validate
+from opd_jax.distributed import any_process, is_primary
 from opd_jax.files import atomic_write_text
 from opd_jax.train.checkpoint import Checkpointer, PreemptionFlag, on_sigterm
 from opd_jax.train.metrics import MetricsWriter
+from opd_jax.train.preflight import (
+    CONFIG_FILE,
+    check_models,
+    check_resume,
+    check_writable,
+    listed_changes,
+    open_data,
+)
 from opd_jax.train.session import Session
 from opd_jax.train.state import RunState, abstract_like
 
-CONFIG_FILE = "config.yaml"
 RESUME_FIX = "free space (or fix the cause) and run the same command again to resume"
 
 
@@ -100,13 +102,13 @@ def train(
     """
     config = validate(config)
     run_dir = Path(config.run.dir)
-    _check_writable(run_dir)
+    check_writable(run_dir)
     with Checkpointer(
         run_dir, keep=config.run.keep_checkpoints, async_save=config.run.async_checkpoint
     ) as checkpointer:
-        changes = _check_resume(config, checkpointer.read_meta(), run_dir)
-        _check_models(config)
-        source = _open_data(config)
+        changes = check_resume(config, checkpointer.read_meta(), run_dir)
+        check_models(config)
+        source = open_data(config)
         session = Session.build(config)
         if is_primary():
             atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
@@ -115,7 +117,7 @@ def train(
             on_sigterm() as preemption,
             jax.set_mesh(session.mesh),
         ):
-            prompts, shards = _prompts(config, session, source)
+            prompts, shards = session.prompt_iterator(source)
             run = _Run(config, session, checkpointer, writer, prompts, shards)
             start = run.restore(changes)
             return run.loop(start, preemption, stop_after, on_step)
@@ -152,7 +154,7 @@ class _Run:
             self.config_changes = [*self.config_changes, {"step": step, "changes": changes}]
             warnings.warn(
                 f"{self.config.run.dir} continues from step {step} with changed keys "
-                f"({_listed(changes)}), as run.allow_changes=true allows; the change is "
+                f"({listed_changes(changes)}), as run.allow_changes=true allows; the change is "
                 "recorded in its checkpoints' meta (config_changes).",
                 stacklevel=3,
             )
@@ -291,105 +293,6 @@ class _Run:
             else f"no checkpoint was saved in {directory}"
         )
         return RunFailed(f"step {n}: {cause}; {last}: {fix}.")
-
-
-def _check_writable(run_dir: Path) -> None:
-    """Creates ``run_dir`` and a file in it, or raises :class:`ConfigError`."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as error:
-        raise ConfigError(
-            f"run.dir={run_dir} is not writable ({error.strerror or error}): choose a "
-            "directory you can write to."
-        ) from None
-
-
-def _check_resume(
-    config: Config, latest: tuple[int, dict[str, Any]] | None, run_dir: Path
-) -> dict[str, list[Any]]:
-    """The trajectory keys of ``config`` that differ from the latest checkpoint's run,
-    ``{key: [old, new]}``, when ``run.allow_changes`` allows them.
-
-    The checkpoint's meta holds its run's config; older checkpoints, without it, are compared
-    with ``config.yaml``.
-
-    Raises:
-      ConfigError: keys differ and ``run.allow_changes`` is false.
-    """
-    if latest is None:
-        return {}
-    step, meta = latest
-    old = meta.get("config") or _read_yaml(run_dir / CONFIG_FILE)
-    changes = trajectory_changes(old, config.to_dict()) if old else {}
-    if not changes:
-        return {}
-    if config.run.allow_changes:
-        return {key: list(pair) for key, pair in changes.items()}
-    horizon = ""
-    if HORIZON in changes and changes[HORIZON][0]:
-        horizon = (
-            f" To change train.steps and keep the schedule, set {HORIZON}="
-            f"{changes[HORIZON][0]}, the cosine's horizon so far."
-        )
-    raise ConfigError(
-        f"{run_dir} holds a run at step {step} made with other values of keys that change "
-        f"the training trajectory ({_listed(changes)}).{horizon} Choose a new run.dir for the new "
-        "values, or set run.allow_changes=true to continue this run with them (recorded in "
-        "its checkpoints)."
-    )
-
-
-def _listed(changes: dict[str, Any]) -> str:
-    """``key: old -> new; ...``"""
-    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
-
-
-def _read_yaml(path: Path) -> dict[str, Any] | None:
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
-
-
-def _check_models(config: Config) -> None:
-    """Each model path exists, and the checkpoint directories hold one and the same tokenizer
-    (read before any weights are)."""
-    tokenizers = []
-    for role in ("student", "teacher"):
-        spec = getattr(config, role)
-        path = models.resolve_path(spec.path)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{role}.path={spec.path}: nothing there; point it at a local Hugging Face "
-                "checkpoint directory or a .gguf file."
-            )
-        if path.is_dir():
-            try:
-                tokenizers.append(models.load_tokenizer(path))
-            except FileNotFoundError as error:
-                raise FileNotFoundError(f"{role}.path: {error}") from None
-    if len(tokenizers) == 2:
-        models.check_same_tokenizer(*tokenizers)
-
-
-def _open_data(config: Config) -> Source:
-    """The configured split's source, built first if needed (process 0 first)."""
-    tfds.disable_progress_bar()
-    c = config.data
-    return primary_first(lambda: data.load_source(c.source, c.split, c.data_dir, **c.arithmetic))
-
-
-def _prompts(config: Config, session: Session, source: Source) -> tuple[Any, int]:
-    """This process's prompt iterator over ``source``, and the number of processes feeding
-    rows of the batch."""
-    shard, shards = session.batches.process_rows(config.data.batch_size)
-    iterator = data.make_prompt_iterator(
-        source,
-        batch_size=config.data.batch_size // shards,
-        seed=config.seed,
-        shard_index=shard,
-        shard_count=shards,
-    )
-    return iterator, shards
 
 
 def _progress(config: Config, start: int):

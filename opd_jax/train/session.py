@@ -17,7 +17,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from opd_jax import core, models, sampling
+from opd_jax import core, data, models, sampling
 from opd_jax.config import Config
 from opd_jax.models import Tokenizer, encode_prompts, eos_ids, pad_id
 from opd_jax.sharding import DEFAULT_RULES, make_mesh
@@ -153,6 +153,20 @@ class Session:
     @property
     def prompt_len(self) -> int:
         return self.config.data.max_prompt_tokens
+
+    def prompt_iterator(self, source: Any) -> tuple[Any, int]:
+        """This process's checkpointable iterator of prompt batches over ``source``
+        (:func:`opd_jax.data.make_prompt_iterator`), and the number of processes feeding rows
+        of each global batch."""
+        shard, shards = self.batches.process_rows(self.config.data.batch_size)
+        iterator = data.make_prompt_iterator(
+            source,
+            batch_size=self.config.data.batch_size // shards,
+            seed=self.config.seed,
+            shard_index=shard,
+            shard_count=shards,
+        )
+        return iterator, shards
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Host: this process's prompts -> ``tokens, mask [B, P]``."""
