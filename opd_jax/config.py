@@ -167,7 +167,7 @@ class ExperimentConfig:
     teacher: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     student: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     curve_every: int = 10  # OPD steps between accuracy points (accuracy against step)
-    curve_problems: int = 64  # in-domain problems of each accuracy point (greedy)
+    curve_problems: int = 64  # in-domain problems of each accuracy point (eval_k samples each)
     eval_splits: list[str] = dataclasses.field(
         default_factory=lambda: ["test", "test_long", "test_unseen_op"]
     )  # arithmetic splits of the final table: in-domain first, then out-of-domain

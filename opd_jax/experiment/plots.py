@@ -7,9 +7,9 @@
   release rule's change point reads), each step's rows reaching an index weighted equally.
 - ``boundary_histogram.png``: where the release rule puts its boundary ``t* / L`` on the
   student's rollouts, summed over steps and seeds (computed every step whatever rule trains).
-- ``accuracy_vs_step.png``: in-domain greedy accuracy on ``experiment.curve_problems`` against
-  OPD step per rule (step 0: the student before OPD), the mean over seeds with their range
-  shaded.
+- ``accuracy_vs_step.png``: in-domain accuracy (the table's measure) on
+  ``experiment.curve_problems`` against OPD step per rule (step 0: the student before OPD),
+  the mean over seeds with their range shaded.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def accuracy_vs_step(curves: dict[str, list[dict[str, float]]], path: Path) -> P
         line = ax.plot(steps, values.mean(0), marker="o", markersize=3, label=rule)[0]
         if len(seeds) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15, color=line.get_color())
-    ax.set(title="in-domain accuracy during OPD (greedy)", xlabel="OPD step", ylabel="accuracy (%)")
+    ax.set(title="in-domain accuracy during OPD", xlabel="OPD step", ylabel="accuracy (%)")
     return _finish(fig, (ax,), path)
 
 

@@ -8,7 +8,7 @@ checkpoint):
 2. evaluation of the teacher and the student before OPD on ``experiment.eval_splits``
    (:mod:`opd_jax.experiment.evaluation`; ``eval.json`` per model);
 3. OPD of the same student under each rule of ``experiment.rules`` and each seed of
-   ``experiment.seeds`` (``opd/<rule>/seed<seed>/``, ordinary run directories), with greedy
+   ``experiment.seeds`` (``opd/<rule>/seed<seed>/``, ordinary run directories), with
    in-domain accuracy every ``experiment.curve_every`` steps (``curve.json``) and the
    evaluation of the trained student at the last step;
 4. the report (:mod:`opd_jax.experiment.report`): ``table.md``/``table.json``, diagnostics,
@@ -111,7 +111,8 @@ def load_experiment_config(
 
 
 class Curve:
-    """Greedy in-domain accuracy every ``curve_every`` steps, kept in ``curve.json``; at the
+    """In-domain accuracy (``eval_k`` samples per problem at ``eval_temperature``, as in the
+    table) on ``curve_problems`` every ``curve_every`` steps, kept in ``curve.json``; at the
     last step, the run's evaluation (``eval.json``) on the live student."""
 
     def __init__(
@@ -128,8 +129,15 @@ class Curve:
             return
         model = nnx.merge(session.graphdef, session.params)
         if due:
+            e = self.config.experiment
             scored = evaluate_problems(
-                model, None, session.tokenizer, self.config, self.problems, k=1, temperature=0.0
+                model,
+                None,
+                session.tokenizer,
+                self.config,
+                self.problems,
+                k=e.eval_k,
+                temperature=e.eval_temperature,
             )
             self.points[str(step)] = float(np.mean(scored["correct"]))
             atomic_write_text(self.path, json.dumps(self.points, indent=1) + "\n")
