@@ -239,7 +239,7 @@ def validate(config: Config) -> Config:
     for key, zero in NON_NEGATIVE.items():
         if flat[key] < 0:
             raise ConfigError(f"{key} must be >= 0 ({zero}), got {flat[key]}.")
-    _check_sampling(config.sampling)
+    check_sampling(config.sampling)
     options = _checked_rule_options(config.rule.kind, config.rule.options, config.score.k)
     if config.train.attention == "cudnn" and config.train.attention_chunk:
         raise ConfigError(
@@ -265,8 +265,11 @@ def validate(config: Config) -> Config:
     return dataclasses.replace(config, rule=dataclasses.replace(config.rule, options=options))
 
 
-def _check_sampling(c: SamplingConfig, section: str = "sampling") -> None:
-    """``temperature >= 0``, ``top_k >= 0``, ``0 < top_p <= 1``, not both top-k and top-p."""
+def check_sampling(c: SamplingConfig, section: str = "sampling") -> None:
+    """``max_new_tokens >= 1``, ``temperature >= 0``, ``top_k >= 0``, ``0 < top_p <= 1``,
+    not both top-k and top-p."""
+    if c.max_new_tokens < 1:
+        raise ConfigError(f"{section}.max_new_tokens must be >= 1, got {c.max_new_tokens}.")
     if c.temperature < 0:
         raise ConfigError(f"{section}.temperature must be >= 0 (0 is greedy), got {c.temperature}.")
     if c.top_k < 0:

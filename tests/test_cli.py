@@ -50,7 +50,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("train", "eval", "sample", "convert", "plan"):
+    for command in ("train", "eval", "sample", "convert", "plan", "experiment", "profile"):
         assert command in out
 
 
@@ -135,6 +135,26 @@ def test_convert_round_trips_hf_and_orbax_and_exports_a_trained_run(tiny_config,
     with torch.no_grad():
         want = torch_model(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(trained(tokens)), want, atol=1e-4)
+
+
+def test_profile_measures_the_pair_by_position_and_sentence_without_training(
+    tiny_config, tmp_path, capsys
+):
+    import json
+
+    run = tmp_path / "profile"
+    args = ["profile", str(tiny_config), "--batches", "2", "--set", f"run.dir={run}"]
+    assert cli.main(args) == 0
+    summary = json.loads((run / "profile.json").read_text())["summary"]
+    assert len(summary["margin_by_position"]) == 20 and len(summary["margin_by_sentence"]) == 16
+    assert summary["rows_by_sentence"][0] == 4  # two batches of two rollouts
+    assert 0 <= summary["released_fraction"] <= 1
+    assert sorted(p.name for p in (run / "plots").iterdir()) == [
+        "margin_advantage.png",
+        "margin_by_sentence.png",
+    ]
+    assert not (run / "checkpoints").exists()  # nothing trained, nothing saved
+    assert "By sentence index" in capsys.readouterr().out
 
 
 def test_sample_prints_completions(tiny_config, capsys):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from opd_jax.config import ConfigError, SamplingConfig, load_tree
+from opd_jax.config import ConfigError, SamplingConfig, check_sampling, load_tree
 from opd_jax.data.prompts import PROMPT_SUFFIXES
 from opd_jax.models import DTYPES
 
@@ -79,10 +79,7 @@ def validate_eval_config(config: EvalConfig) -> EvalConfig:
     for key in ("k", "batch_size", "max_prompt_tokens"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}.")
-    if config.sampling.max_new_tokens < 1 or config.sampling.temperature < 0:
-        raise ConfigError("need sampling.max_new_tokens >= 1 and sampling.temperature >= 0.")
-    if config.sampling.top_k > 0 and config.sampling.top_p < 1.0:
-        raise ConfigError("set sampling.top_k or sampling.top_p, not both.")
+    check_sampling(config.sampling)
     if config.dtype not in DTYPES:
         raise ConfigError(f"dtype={config.dtype!r} is not one of {list(DTYPES)}.")
     if not config.models or not config.benchmarks:
