@@ -4,7 +4,8 @@
   advantage ``log p_T - log p_S``, averaged over steps and seeds, against relative position in
   the response (20 bins), one line per rule: the paper's central picture.
 - ``margin_by_sentence.png``: the same two quantities by sentence index (the series the
-  release rule's change point reads), each step's rows reaching an index weighted equally.
+  release rule's change point reads), each step's rows reaching an index weighted equally;
+  indices reached by fewer than 2% of the rollouts are left out.
 - ``boundary_histogram.png``: where the release rule puts its boundary ``t* / L`` on the
   student's rollouts, summed over steps and seeds (computed every step whatever rule trains).
 - ``accuracy_vs_step.png``: in-domain accuracy (the table's measure) on
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from opd_jax.experiment.profiles import by_sentence, mean_profile
+
+MIN_SHARE = 0.02  # sentence indices reached by fewer of the rollouts are not drawn
 
 
 def _pyplot():
@@ -74,7 +77,7 @@ def margin_by_sentence(records: dict[str, list[list[dict[str, Any]]]], path: Pat
     for rule, runs in records.items():
         flat = [r for run in runs for r in run]
         for ax, name in ((ax_m, "margin_by_sentence"), (ax_a, "advantage_by_sentence")):
-            values = by_sentence(flat, name)
+            values = by_sentence(flat, name, min_share=MIN_SHARE)
             if values is not None:
                 x = np.arange(1, len(values) + 1)
                 ax.plot(x, values, marker="o", markersize=3, label=rule)
