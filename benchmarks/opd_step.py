@@ -18,6 +18,9 @@ Parts (``--part``):
 - ``rule``: opd_jax's step with rule ``release`` against ``full``, and the jitted rule
   (``core.apply_rule("release", ...)`` on the scored statistics) and the step's diagnostics
   alone, as fractions of the step (target: the rule < 2%).
+- ``profile``: opd_jax only: the update's parts (teacher forward, student forward and
+  backward, chunked scoring and its backward, rule and diagnostics, optimizer) jitted and
+  timed alone beside the whole step, with GFLOP/s and XLA's memory (``step_profile.py``).
 - ``scaling``: the update against response length (``--only length``) and batch size
   (``--only batch``).
 
@@ -55,7 +58,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -67,64 +69,27 @@ from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-import torch_opd  # noqa: E402
+import step_profile  # noqa: E402
+from opd_sides import (  # noqa: E402
+    PAIRS,
+    SEGMENT_TOKENS,
+    SHAPES,
+    JaxSide,
+    K,
+    TorchSide,
+    build_checkpoints,
+    free_memory,
+    make_batch,
+    peak_flops,
+    step_flops,
+)
 
-from opd_jax import core, models, sampling  # noqa: E402
-from opd_jax.config import OptimConfig  # noqa: E402
-from opd_jax.train import step as train_step  # noqa: E402
-from opd_jax.train.optimizer import make_optimizer  # noqa: E402
-from opd_jax.train.state import init_state  # noqa: E402
-
-TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SEGMENT_TOKENS = 32
-K = 16  # top-K of opd_jax's scored statistics (its default)
-# bfloat16 dense peak FLOP/s by device kind (NVIDIA datasheets; SXM unless "PCIe").
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def _shape(family: str, V: int, D: int, F: int, L: int, Nh: int, Kv: int, H: int) -> dict:
-    """A HF ``config.json`` dict: Qwen3 or Llama (SmolLM2), tied embeddings."""
-    common_keys = dict(
-        vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
-        num_attention_heads=Nh, num_key_value_heads=Kv, head_dim=H, hidden_act="silu",
-        tie_word_embeddings=True, attention_bias=False,
-    )  # fmt: skip
-    ids = dict(bos_token_id=1, eos_token_id=2)
-    if family == "qwen3":
-        if V > 151_645:
-            ids = dict(bos_token_id=151_643, eos_token_id=151_645)
-        return common_keys | ids | dict(
-            model_type="qwen3", architectures=["Qwen3ForCausalLM"], rms_norm_eps=1e-6,
-            rope_theta=1_000_000.0, max_position_embeddings=40_960,
-        )  # fmt: skip
-    return common_keys | ids | dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
-        rope_theta=100_000.0, max_position_embeddings=32_768, mlp_bias=False,
-    )  # fmt: skip
-
-
-SHAPES = {
-    "qwen3-0.6b": _shape("qwen3", 151_936, 1024, 3072, 28, 16, 8, 128),
-    "qwen3-1.7b": _shape("qwen3", 151_936, 2048, 6144, 28, 16, 8, 128),
-    "smollm2-135m": _shape("llama", 49_152, 576, 1536, 30, 9, 3, 64),
-    "tiny-llama": _shape("llama", 2048, 64, 128, 2, 4, 2, 16),
-    "tiny-qwen3": _shape("qwen3", 1024, 64, 128, 2, 4, 2, 16),
-}
-# pair -> (student shape, teacher shape)
-PAIRS = {
-    "smollm2": ("smollm2-135m", "smollm2-135m"),
-    "tiny": ("tiny-llama", "tiny-llama"),
-    "0.6b": ("qwen3-0.6b", "qwen3-0.6b"),
-    "0.6b-1.7b": ("qwen3-0.6b", "qwen3-1.7b"),
-    "1.7b": ("qwen3-1.7b", "qwen3-1.7b"),
-    "tiny-qwen3": ("tiny-qwen3", "tiny-qwen3"),
-}
+from opd_jax import core, models  # noqa: E402
 
 
 def _fixed(pairs: tuple[str, ...], batch: int, prompt: int, response: int) -> dict[str, Any]:
@@ -142,8 +107,10 @@ PRESETS = {
         dtype="float32",
         interleave=True,
         repeats=3,
-        throughput=_fixed(("smollm2",), 2, 32, 64),
+        # the shape OPD runs at on 2 cores, and the small one where per-operation costs show
+        throughput=_fixed(("smollm2",), 4, 32, 256) | dict(small=(2, 32, 64)),
         rule=_fixed(("smollm2",), 2, 32, 64),
+        profile=_fixed(("smollm2",), 4, 32, 256),
         scaling=_ladders("tiny", 32, (256, 512, 1024, 2048, 4096), (1, 2, 4, 8, 16), 256),
     ),
     "gpu": dict(
@@ -153,6 +120,7 @@ PRESETS = {
         # B=4 leaves room for the [B, heads, S, S] attention opd_jax stores without --remat
         throughput=_fixed(("0.6b-1.7b", "1.7b"), 4, 128, 1024),
         rule=_fixed(("0.6b",), 4, 128, 1024),
+        profile=_fixed(("0.6b-1.7b",), 4, 128, 1024),
         scaling=_ladders("0.6b", 128, (1024, 2048, 4096, 8192, 16384), (1, 2, 4, 8, 16), 1024),
     ),
 }
@@ -160,78 +128,9 @@ SMOKE = dict(
     repeats=1,
     throughput=_fixed(("tiny-qwen3",), 2, 8, 16),
     rule=_fixed(("tiny-qwen3",), 2, 8, 16),
+    profile=_fixed(("tiny-qwen3",), 2, 8, 16),
     scaling=_ladders("tiny-qwen3", 8, (16, 32), (1, 2), 16),
 )
-
-
-def build_checkpoints(root: str, pair: str, dtype: str) -> dict[str, str]:
-    """Random transformers models of the pair's shapes saved as HF directories (with a tiny
-    tokenizer, which ``opd_jax.models.load`` reads); ``{"student": dir, "teacher": dir}``."""
-    import transformers
-
-    from opd_jax.models.testing import train_tiny_tokenizer
-
-    tokenizer, dirs = train_tiny_tokenizer(), {}
-    for seed, (role, shape) in enumerate(zip(("student", "teacher"), PAIRS[pair], strict=True)):
-        torch.manual_seed(seed)
-        with torch.device(TORCH_DEVICE):
-            model = transformers.AutoModelForCausalLM.from_config(
-                transformers.AutoConfig.for_model(**SHAPES[shape]), dtype=getattr(torch, dtype)
-            )
-        dirs[role] = os.path.join(root, f"{role}-{shape}")
-        model.save_pretrained(dirs[role])
-        tokenizer.save_pretrained(dirs[role])
-        del model
-    _free()
-    return dirs
-
-
-def make_batch(batch: int, prompt: int, response: int, vocab: int) -> dict[str, np.ndarray]:
-    """Host arrays ``tokens, attention_mask, response_mask [B, P+N]`` and ``seg [B, N]``."""
-    tokens = np.random.default_rng(0).integers(100, vocab - 100, (batch, prompt + response))
-    response_mask = np.zeros_like(tokens, np.int32)
-    response_mask[:, prompt:] = 1
-    seg = np.broadcast_to(np.arange(response, dtype=np.int32) // SEGMENT_TOKENS, (batch, response))
-    return {
-        "tokens": tokens.astype(np.int32),
-        "attention_mask": np.ones_like(response_mask),
-        "response_mask": response_mask,
-        "seg": np.ascontiguousarray(seg),
-    }
-
-
-def forward_flops(hf: dict[str, Any], B: int, S: int, N: int) -> float:
-    """Matmul FLOPs of one forward over ``[B, S]``, the vocabulary projected on the ``N``
-    response positions: ``2 L P_layer B S`` + causal attention ``2 L B Nh H S^2`` (QK^T and
-    PV over the visible half) + ``2 D V B N``."""
-    D, F, L = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
-    Nh, Kv, H = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
-    layer_params = 2 * D * Nh * H + 2 * D * Kv * H + 3 * D * F
-    return (
-        2.0 * L * layer_params * B * S
-        + 2.0 * L * B * Nh * H * S * S
-        + 2.0 * D * hf["vocab_size"] * B * N
-    )
-
-
-def step_flops(pair: str, B: int, P: int, N: int) -> float:
-    """Model FLOPs of one update: student forward and backward (3 forwards) + teacher forward."""
-    student, teacher = (SHAPES[s] for s in PAIRS[pair])
-    return 3 * forward_flops(student, B, P + N, N) + forward_flops(teacher, B, P + N, N)
-
-
-def peak_flops(dtype: str) -> float | None:
-    """The device's bfloat16 dense peak (None on CPU, in float32 or for an unknown card)."""
-    if jax.default_backend() != "gpu" or dtype != "bfloat16":
-        return None
-    kind = jax.devices()[0].device_kind
-    return next((p for n, p in PEAK_BF16.items() if all(w in kind for w in n.split())), None)
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _failure(error: BaseException) -> dict[str, Any]:
@@ -240,133 +139,6 @@ def _failure(error: BaseException) -> dict[str, Any]:
         s in text.lower() for s in ("resource_exhausted", "out of memory", "can't allocate")
     )
     return {"status": "oom" if oom else "failed", "error": text[:400]}
-
-
-class JaxSide:
-    """opd_jax's models (loaded from the HF directories) and its jitted, donating step."""
-
-    name = "opd_jax"
-
-    def __init__(self, dirs: dict[str, str], dtype: str, chunk: int, remat: bool, attention: str):
-        student, _ = models.load(dirs["student"], getattr(jnp, dtype))
-        teacher, _ = models.load(dirs["teacher"], getattr(jnp, dtype))
-        self.graphdef, params = nnx.split(student, nnx.Param)
-        self.teacher_graphdef, self.teacher_params = nnx.split(teacher, nnx.Param)
-        self.master = jax.device_get(params)  # every case starts from these weights
-        hyper = torch_opd.Hyper()  # the peer's hyper-parameters, in opd_jax's optimizer
-        optim = OptimConfig(
-            learning_rate=hyper.learning_rate, schedule="constant", b1=hyper.b1, b2=hyper.b2,
-            weight_decay=hyper.weight_decay, clip_norm=hyper.clip_norm,
-        )  # fmt: skip
-        self.tx = make_optimizer(optim, steps=1)
-        self.chunk, self.remat, self.key = chunk, remat, jax.random.key(0)
-        self.attention = models.resolve_attention(attention, (getattr(jnp, dtype),))
-
-    def settings(self, prompt: int, rule: str):
-        objective = core.ObjectiveSettings(rule=rule, k=K, chunk_size=self.chunk)
-        return train_step.StepSettings(
-            prompt_len=prompt, objective=objective, accumulate=1, remat=self.remat,
-            attention=self.attention,
-        )  # fmt: skip
-
-    def _compiled(self, host: dict[str, np.ndarray], prompt: int, rule: str):
-        """``(run_step(batch) -> loss, batch, state, info)``: the step compiled ahead of time
-        on fresh weights and AdamW state, its compile seconds and XLA's temporary memory."""
-        state = list(init_state(self.tx, jax.device_put(self.master)))
-        batch = jax.device_put(host)
-        fn = train_step.make_train_step(
-            self.graphdef, self.teacher_graphdef, self.tx, self.settings(prompt, rule)
-        )
-        start = time.perf_counter()
-        compiled = fn.lower(*state, self.teacher_params, batch, self.key).compile()
-        info = {"compile_s": time.perf_counter() - start}
-        memory = compiled.memory_analysis()
-        if memory is not None:
-            info["xla_temp_gib"] = memory.temp_size_in_bytes / 2**30
-            needed = memory.temp_size_in_bytes + memory.argument_size_in_bytes
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            if jax.default_backend() == "cpu" and needed > 0.8 * free:  # spare the shared host
-                raise MemoryError(f"out of memory (predicted {needed / 2**30:.1f} GiB)")
-
-        def run_step(batch):
-            state[0], state[1], metrics = compiled(*state, self.teacher_params, batch, self.key)
-            return jax.block_until_ready(metrics["loss"])
-
-        return run_step, batch, state, info
-
-    def update(self, host, prompt: int, response: int, rule: str = "full"):
-        run_step, batch, _, info = self._compiled(host, prompt, rule)
-        return (lambda: run_step(batch)), info
-
-    def rollout_update(self, host, prompt: int, response: int):
-        run_step, _, state, info = self._compiled(host, prompt, "full")
-        prompts = jnp.asarray(host["tokens"][:, :prompt])
-
-        @jax.jit
-        def to_batch(result):
-            r = result.response_mask
-            seg = core.fixed_segments(r[:, prompt:], SEGMENT_TOKENS)
-            return dict(tokens=result.tokens, attention_mask=r | result.prompt_mask,
-                        response_mask=r, seg=seg)  # fmt: skip
-
-        def run():
-            result = sampling.sample(
-                nnx.merge(self.graphdef, state[0]), prompts, key=self.key,
-                max_new_tokens=response, method=sampling.Temperature(1.0), eos_ids=(),
-            )  # fmt: skip
-            return run_step(to_batch(result))
-
-        return run, info
-
-    def close(self) -> None:
-        del self.master, self.teacher_params
-
-
-class TorchSide:
-    """transformers' models (``from_pretrained`` of the same directories, SDPA attention) and
-    ``torch_opd.TorchOPD``; ``compile``: the backbones through ``torch.compile``."""
-
-    def __init__(self, dirs, dtype: str, chunk: int, remat: bool, compile: bool = False):
-        import transformers
-
-        self.name = "torch_compile" if compile else "torch"
-        self.models = [
-            transformers.AutoModelForCausalLM.from_pretrained(
-                dirs[role], dtype=getattr(torch, dtype), attn_implementation="sdpa"
-            ).to(TORCH_DEVICE)
-            for role in ("student", "teacher")
-        ]
-        self.chunk, self.remat, self.compile = chunk, remat, compile
-
-    def _opd(self, prompt: int) -> torch_opd.TorchOPD:
-        if TORCH_DEVICE == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        return torch_opd.TorchOPD(
-            *self.models, prompt, chunk_size=self.chunk, remat=self.remat, compile=self.compile
-        )
-
-    def _done(self, loss: torch.Tensor) -> float:
-        return float(loss)  # waits for the device
-
-    def update(self, host, prompt: int, response: int):
-        opd = self._opd(prompt)
-        names = ("tokens", "attention_mask", "response_mask")
-        batch = {n: torch.from_numpy(host[n].astype(np.int64)).to(TORCH_DEVICE) for n in names}
-        batch["padded"] = bool((host["attention_mask"] == 0).any())
-        return (lambda: self._done(opd.step(batch)[0])), {}
-
-    def rollout_update(self, host, prompt: int, response: int):
-        opd = self._opd(prompt)
-        prompts = torch.from_numpy(host["tokens"][:, :prompt].astype(np.int64)).to(TORCH_DEVICE)
-        return (lambda: self._done(opd.step(opd.generate(prompts, response))[0])), {}
-
-    def info(self) -> dict[str, float]:
-        if TORCH_DEVICE != "cuda":
-            return {}
-        return {"torch_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-
-    def close(self) -> None:
-        del self.models
 
 
 def _time(run: Callable[[], Any], repeats: int) -> list[float]:
@@ -392,7 +164,7 @@ def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: in
             return fn()
         except Exception as error:  # noqa: BLE001 - a size may not fit: recorded, not fatal
             results[case["name"]][side.name] = _failure(error)
-            _free()
+            free_memory()
             return None
 
     def prepare(side, case):
@@ -425,11 +197,11 @@ def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: in
             ready = [(side, prepared) for side in sides if (prepared := prepare(side, case))]
             timed(ready, case)
             del ready
-            _free()
+            free_memory()
         for side in sides:
             side.close()
         del sides
-        _free()
+        free_memory()
     return results
 
 
@@ -453,6 +225,7 @@ def _rows(results, cases, pair: str, frameworks: list[str], dtype: str) -> list[
             result = row[f"{name}_result"] = results[case["name"]][name]
             row[f"{name}_tok_s"] = B * N / result["seconds"] if "seconds" in result else None
             row[f"{name}_status"] = result["status"]
+            row[f"{name}_peak_gib"] = result.get("xla_peak_gib", result.get("torch_peak_gib"))
             if flops and "seconds" in result:
                 row[f"{name}_tflop_s"] = flops / result["seconds"] / 1e12
                 row[f"{name}_mfu"] = flops / result["seconds"] / peak if peak else None
@@ -468,17 +241,25 @@ def _columns(frameworks: list[str], gpu: bool) -> list[str]:
     columns = ["case", "B", "P", "N"] + [f"{name}_tok_s" for name in frameworks]
     columns += [f"{name}_status" for name in frameworks]
     columns += [f"ratio_vs_{name}" for name in frameworks[1:]]
+    columns += ["opd_jax_peak_gib"] + (["torch_peak_gib"] if gpu else [])
     return columns + ([f"{name}_mfu" for name in frameworks] if gpu else [])
 
 
 def part_throughput(pair, dirs, args, preset, settings, frameworks):
-    B, P, N = settings["batch"], settings["prompt"], settings["response"]
-    host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
+    """The update (``excluded``) and the update after its rollouts (``included``) at the
+    preset's shape, and the update at its ``small`` shape (``excluded_small``) if it has one."""
+    vocab, P = SHAPES[PAIRS[pair][0]]["vocab_size"], settings["prompt"]
+    host = make_batch(settings["batch"], P, settings["response"], vocab)
     cases = [
-        dict(name=name, kind=kind, host=host, prompt=P, response=N)
+        dict(name=name, kind=kind, host=host, prompt=P, response=settings["response"])
         for name, kind in (("excluded", "update"), ("included", "rollout_update"))
-        if not args.only or name in args.only
     ]
+    if "small" in settings:
+        B, P_small, N = settings["small"]
+        host = make_batch(B, P_small, N, vocab)
+        cases.append(dict(name="excluded_small", kind="update", host=host, prompt=P_small,
+                          response=N))  # fmt: skip
+    cases = [case for case in cases if not args.only or case["name"] in args.only]
     makers = _makers(dirs, args, preset["dtype"], frameworks)
     results = measure(makers, cases, preset["repeats"], preset["interleave"])
     return _rows(results, cases, pair, frameworks, preset["dtype"])
@@ -577,7 +358,24 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
     ]  # fmt: skip
 
 
-PARTS = {"throughput": part_throughput, "rule": part_rule, "scaling": part_scaling}
+def part_profile(pair, dirs, args, preset, settings, frameworks):
+    """opd_jax only: the update's parts timed alone beside the whole step
+    (``step_profile.profile``), and XLA's memory of the step."""
+    B, P, N = settings["batch"], settings["prompt"], settings["response"]
+    host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
+    side = JaxSide(dirs, preset["dtype"], args.chunk_size, args.remat, args.attention)
+    shapes = tuple(SHAPES[s] for s in PAIRS[pair])
+    rows = step_profile.profile(side, host, P, shapes, preset["repeats"], common.median_seconds)
+    side.close()
+    return [dict(row, case=row["part"], B=B, P=P, N=N) for row in rows]
+
+
+PARTS = {
+    "throughput": part_throughput,
+    "rule": part_rule,
+    "scaling": part_scaling,
+    "profile": part_profile,
+}
 RULE_COLUMNS = [
     "B", "P", "N", "step_full_s", "step_release_s", "release_minus_full_frac", "forwards_s",
     "score_s", "rule_s",
@@ -594,6 +392,8 @@ NOTES = {
     "backbones through torch.compile, generate() eager",
     "opd_jax": "make_train_step (rule full unless stated; top-16 statistics and the step's "
     "diagnostics included), compiled ahead of time",
+    "peak_gib": "opd_jax: XLA's compiled memory analysis of the step (temporaries + arguments "
+    "+ outputs - donated aliases); torch: torch.cuda.max_memory_allocated (GPU only)",
     "optimizer": "clip_by_global_norm(1.0) + AdamW(lr 1e-5, b1 0.9, b2 0.999, eps 1e-8, "
     "weight decay 0), constant rate",
     "segments": f"fixed {SEGMENT_TOKENS}-token blocks",
@@ -631,7 +431,7 @@ def _settings(args) -> dict[str, Any]:
     preset = PRESETS[args.preset] | (SMOKE if args.smoke else {})
     preset = {k: dict(v) if isinstance(v, dict) else v for k, v in preset.items()}
     for key in ("batch", "response"):
-        for part in ("throughput", "rule"):
+        for part in ("throughput", "rule", "profile"):
             preset[part][key] = getattr(args, key) or preset[part][key]
     for key in ("lengths", "batches"):
         preset["scaling"][key] = getattr(args, key) or preset["scaling"][key]
@@ -648,14 +448,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--pair", choices=sorted(PAIRS), help="instead of the preset's")
     parser.add_argument(
-        "--only", type=lambda s: s.split(","), help="excluded,included|length,batch"
+        "--only", type=lambda s: s.split(","), help="excluded,included,excluded_small|length,batch"
     )
     parser.add_argument("--torch-compile", action="store_true", help="also torch.compile")
     parser.add_argument("--no-torch", action="store_true", help="opd_jax alone")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
     parser.add_argument("--repeats", type=int)
-    parser.add_argument("--batch", type=int, help="throughput and rule batch size")
-    parser.add_argument("--response", type=int, help="throughput and rule response length")
+    parser.add_argument("--batch", type=int, help="throughput, rule and profile batch size")
+    parser.add_argument("--response", type=int, help="throughput, rule and profile length")
     parser.add_argument("--lengths", type=ints, help="scaling response lengths, e.g. 1024,2048")
     parser.add_argument("--batches", type=ints, help="scaling batch sizes, e.g. 1,2,4")
     parser.add_argument("--chunk-size", type=int, default=1024, help="vocabulary chunk (both)")
@@ -705,7 +505,8 @@ def main() -> None:
             dirs = build_checkpoints(root, pair, preset["dtype"])
             rows = PARTS[part](pair, dirs, args, preset, settings, frameworks)
         gpu = jax.default_backend() == "gpu"
-        common.print_table(rows, RULE_COLUMNS if part == "rule" else _columns(frameworks, gpu))
+        columns = {"rule": RULE_COLUMNS, "profile": step_profile.COLUMNS}
+        common.print_table(rows, columns.get(part) or _columns(frameworks, gpu))
         run = {
             "rows": rows,
             "machine": common.machine(),

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from opd_jax.core import checks
 from opd_jax.core.stats import canonical_zeros, check_logits_pair
 
 LOSS_KINDS = ("sampled_reverse_kl", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl")
 REDUCTIONS = ("token_mean", "sequence_mean")
+# The per-token advantage of ``sampled_reverse_kl``, by the name a checkpoint policy saves.
+SAVED_ADVANTAGE = "opd_sampled_advantage"
 
 
 def check_loss_options(kind: str, beta: float) -> None:
@@ -51,7 +54,9 @@ def loss_from_logits(
         q_y = (jnp.take_along_axis(z_t, y, axis=-1) - jax.nn.logsumexp(z_t, -1, keepdims=True))[
             ..., 0
         ]
-        return -jax.lax.stop_gradient(q_y - s_y) * s_y
+        # Named so that a rematerialised caller can keep it and not recompute the teacher.
+        advantage = checkpoint_name(jax.lax.stop_gradient(q_y - s_y), SAVED_ADVANTAGE)
+        return -advantage * s_y
     s = jax.nn.log_softmax(z_s, axis=-1)
     q = jax.nn.log_softmax(z_t, axis=-1)
     if kind == "reverse_kl":

@@ -82,6 +82,14 @@ class RMSNorm(nnx.Module):
         return (self.scale[...] * x.astype(x_BxTxD.dtype)).astype(self.dtype)
 
 
+def _dense(x_BxTxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+    """`x @ w` as one `[B T, I] @ [I, O]` matmul. With the rows flattened XLA:CPU's backward
+    needs no transposed copies of the activations: an MLP's gradient 1.3x faster, the
+    SmolLM2 OPD step 7% (benchmarks/step_profile.py)."""
+    B, T, width = x_BxTxI.shape
+    return (x_BxTxI.reshape(B * T, width) @ w_IxO).reshape(B, T, w_IxO.shape[1])
+
+
 def rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
     """Rotary embedding, half-split convention: `x*cos + concat(-x2, x1)*sin`."""
     x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
@@ -111,8 +119,9 @@ class Attention(nnx.Module):
         self.config = c
 
     def _project(self, x_BxTxD: jax.Array, name: str) -> jax.Array:
-        w = getattr(self, f"{name}_proj")[...].astype(self.config.dtype)
-        y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w)
+        w_DxNxH = getattr(self, f"{name}_proj")[...].astype(self.config.dtype)
+        y = _dense(x_BxTxD, w_DxNxH.reshape(w_DxNxH.shape[0], -1))
+        y = y.reshape(x_BxTxD.shape[:2] + w_DxNxH.shape[1:])
         if self.config.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(self.config.dtype)
         return y
@@ -168,7 +177,9 @@ class Attention(nnx.Module):
             query_chunk if kv is None else 0,
             c.dtype,
         )
-        y_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(c.dtype))
+        B, T = out_BxTxNxH.shape[:2]
+        o_NHxD = self.o_proj[...].astype(c.dtype).reshape(-1, c.hidden_size)
+        y_BxTxD = _dense(out_BxTxNxH.reshape(B, T, -1), o_NHxD)
         if c.out_bias:
             y_BxTxD = y_BxTxD + self.o_bias[...].astype(c.dtype)
         return y_BxTxD, new_kv
@@ -185,9 +196,9 @@ class MLP(nnx.Module):
         self.dtype = c.dtype
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        gate_BxTxF = x_BxTxD @ self.gate_proj[...].astype(self.dtype)
-        up_BxTxF = x_BxTxD @ self.up_proj[...].astype(self.dtype)
-        return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.down_proj[...].astype(self.dtype)
+        gate_BxTxF = _dense(x_BxTxD, self.gate_proj[...].astype(self.dtype))
+        up_BxTxF = _dense(x_BxTxD, self.up_proj[...].astype(self.dtype))
+        return _dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, self.down_proj[...].astype(self.dtype))
 
 
 class Block(nnx.Module):
