@@ -85,7 +85,8 @@ class RMSNorm(nnx.Module):
 def _dense(x_BxTxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
     """`x @ w` as one `[B T, I] @ [I, O]` matmul. With the rows flattened XLA:CPU's backward
     needs no transposed copies of the activations: an MLP's gradient 1.3x faster, the
-    SmolLM2 OPD step 7% (benchmarks/step_profile.py)."""
+    SmolLM2 OPD step 7% (benchmarks/step_profile.py). Batch-sharded rows stay sharded; a mesh
+    that shards the sequence alone may regather the rows here."""
     B, T, width = x_BxTxI.shape
     return (x_BxTxI.reshape(B * T, width) @ w_IxO).reshape(B, T, w_IxO.shape[1])
 
