@@ -17,18 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from opd_sides import forward_flops  # N = 0: the blocks alone, no vocabulary
 
 from opd_jax import core
 
 COLUMNS = ["part", "seconds", "step_frac", "gflop", "gflop_s", "xla_peak_gib"]
-
-
-def _body_flops(hf: dict[str, Any], B: int, S: int) -> float:
-    """Matmul FLOPs of one forward of the blocks over ``[B, S]`` (causal attention halved)."""
-    D, F, L = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
-    Nh, Kv, H = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
-    layer = 2 * D * Nh * H + 2 * D * Kv * H + 3 * D * F
-    return 2.0 * L * layer * B * S + 2.0 * L * B * Nh * H * S * S
 
 
 def profile(
@@ -101,8 +94,8 @@ def profile(
     matmul = jax.jit(lambda h, u: jnp.dot(h, u, preferred_element_type=jnp.float32))
     run_step, step_batch, _, memory = side.compile_step(host, prompt, "full")
 
-    teacher_body = _body_flops(teacher_hf, B, S)
-    body = _body_flops(student_hf, B, S)
+    teacher_body = forward_flops(teacher_hf, B, S, 0)
+    body = forward_flops(student_hf, B, S, 0)
     parts = [
         ("teacher forward", lambda: teacher_fwd(teacher_params, batch), teacher_body),
         ("student forward", lambda: student_fwd(params, batch), body),
