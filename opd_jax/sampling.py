@@ -274,7 +274,7 @@ def sample(
     if mesh is not None:
         batch = NamedSharding(mesh, rules.spec(("batch", None)))
         tokens_BxP, mask_BxP = jax.device_put((tokens_BxP, mask_BxP), batch)
-        kv = rules.sharding(mesh, ("layers", "batch", "sequence", "kv_heads", "head_dim"))
+        kv = rules.sharding(mesh, ("layers", "batch", "kv_heads", "sequence", "head_dim"))
         cache_init = jax.jit(
             cache_init,
             out_shardings=KVCache(

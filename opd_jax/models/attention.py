@@ -101,6 +101,29 @@ def masked_attention(
     return jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, values_BxSxKxH)
 
 
+def cached_attention(
+    q_BxTxNxH: jax.Array,
+    keys_BxKxSxH: jax.Array,
+    values_BxKxSxH: jax.Array,
+    visible_BxTxS: jax.Array,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """:func:`masked_attention` over a KV cache's slots, `[B, T, N, H]`; the keys and values
+    are laid out `[B, K, S, H]` as the dots read them (see `models.decoder.KVCache`)."""
+    B, T, N, H = q_BxTxNxH.shape
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, keys_BxKxSxH.shape[1], -1, H)
+    scores_BxKxGxTxS = (
+        jnp.einsum(
+            "btkgh,bksh->bkgts", q_BxTxKxGxH, keys_BxKxSxH, preferred_element_type=jnp.float32
+        )
+        * H**-0.5
+    )
+    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, NEG_INF)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
+    out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs_BxKxGxTxS, values_BxKxSxH)
+    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 def chunked_attention(
     q_BxTxKxGxH: jax.Array,
     keys_BxSxKxH: jax.Array,
