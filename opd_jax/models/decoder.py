@@ -22,8 +22,7 @@ from opd_jax.models import attention as kernels
 from opd_jax.models.config import ModelConfig
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 
-
-# A layer's view of the cache: every layer's keys and values `[L, B, S, K, H]`, the layer's
+# A layer's view of the cache: every layer's keys and values `[L, B, K, S, H]`, the layer's
 # index and the slot at which this call's keys/values are written.
 CacheSlot = tuple[jax.Array, jax.Array, int, jax.Array]
 
