@@ -64,6 +64,8 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0  # 1 disables
+    n: int = 1  # samples per prompt, sharing its prefill: a step has data.batch_size * n rows
+    compact_every: int = 16  # tokens between drops of finished rows (0: never drop them)
 
 
 @dataclasses.dataclass
@@ -267,7 +269,7 @@ def validate(config: Config) -> Config:
 
 def check_sampling(c: SamplingConfig, section: str = "sampling") -> None:
     """``max_new_tokens >= 1``, ``temperature >= 0``, ``top_k >= 0``, ``0 < top_p <= 1``,
-    not both top-k and top-p."""
+    not both top-k and top-p, ``n >= 1``, ``compact_every >= 0``."""
     if c.max_new_tokens < 1:
         raise ConfigError(f"{section}.max_new_tokens must be >= 1, got {c.max_new_tokens}.")
     if c.temperature < 0:
@@ -278,6 +280,13 @@ def check_sampling(c: SamplingConfig, section: str = "sampling") -> None:
         raise ConfigError(f"{section}.top_p must be in (0, 1] (1 disables it), got {c.top_p}.")
     if c.top_k > 0 and c.top_p < 1:
         raise ConfigError(f"set {section}.top_k or {section}.top_p, not both.")
+    if c.n < 1:
+        raise ConfigError(f"{section}.n (samples per prompt) must be >= 1, got {c.n}.")
+    if c.compact_every < 0:
+        raise ConfigError(
+            f"{section}.compact_every must be >= 0 (0 never drops finished rows), "
+            f"got {c.compact_every}."
+        )
 
 
 def _checked_rule_options(kind: str, options: Mapping[str, Any], k: int) -> dict[str, Any]:

@@ -1,11 +1,12 @@
-"""Jitted KV-cache generation: one prefill, then a `lax.while_loop` of one-token decodes.
+"""Jitted KV-cache generation: one prefill, then `lax.while_loop`s of one-token decodes.
 
 Prompts are left-aligned (any padding pattern is accepted and moved to the left), so every
 row's next token goes to the same cache slot and all shapes are static: the cache holds
-`P + N` slots for prompts of width `P` and `N` new tokens. The loop stops when every row
-has produced an EOS id or `N` tokens. Sampling methods are small frozen dataclasses
-(pytrees: a new temperature or nucleus mass does not recompile; a new `k` does).
-"""
+`P + N` slots for prompts of width `P` and `N` new tokens. A prompt's `n` samples share its
+prefill. Decoding stops when every row has produced an EOS id or `N` tokens; on the way,
+rows that have finished are dropped from the loop (see :func:`sample`). Sampling methods are
+small frozen dataclasses (pytrees: a new temperature or nucleus mass does not recompile; a
+new `k` does)"""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
 from opd_jax.models.decoder import Decoder, KVCache
-from opd_jax.sharding import ShardingRules
+from opd_jax.sharding import ShardingRules, constrain
 
 
 class _Categorical:
@@ -29,10 +31,13 @@ class _Categorical:
     def log_probs(self, logits_BxV: jax.Array) -> jax.Array:
         raise NotImplementedError
 
-    def sample(self, key: jax.Array, logits_BxV: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Returns sampled tokens `[B]` and their log-probabilities `[B]`."""
+    def sample(self, keys_B: jax.Array, logits_BxV: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns sampled tokens `[B]` and their log-probabilities `[B]`; row `b` draws with
+        its own key `keys_B[b]` (Gumbel-max), so a row's sample does not depend on the others."""
         logprobs_BxV = self.log_probs(logits_BxV)
-        tokens_B = jax.random.categorical(key, logprobs_BxV, axis=-1)
+        V = logprobs_BxV.shape[-1]
+        gumbel_BxV = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys_B)
+        tokens_B = jnp.argmax(logprobs_BxV + gumbel_BxV, axis=-1)
         return tokens_B, jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], -1)[:, 0]
 
 
@@ -44,8 +49,8 @@ class Greedy(_Categorical):
     def log_probs(self, logits_BxV: jax.Array) -> jax.Array:
         return jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
 
-    def sample(self, key: jax.Array, logits_BxV: jax.Array) -> tuple[jax.Array, jax.Array]:
-        del key
+    def sample(self, keys_B: jax.Array, logits_BxV: jax.Array) -> tuple[jax.Array, jax.Array]:
+        del keys_B
         tokens_B = jnp.argmax(logits_BxV, axis=-1)
         logprobs_BxV = self.log_probs(logits_BxV)
         return tokens_B, jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], -1)[:, 0]
@@ -130,13 +135,39 @@ class SampleResult:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _State:
-    tokens_BxS: jax.Array
-    logprobs_BxS: jax.Array
-    response_BxS: jax.Array
-    done_B: jax.Array
+    """The decode loop's carry over its `R` live rows (`rows_R`: each row's index in the
+    result; `lengths_R`: its prompt length)."""
+
+    tokens_RxS: jax.Array
+    logprobs_RxS: jax.Array
+    response_RxS: jax.Array
+    done_R: jax.Array
+    lengths_R: jax.Array
+    rows_R: jax.Array
     step: jax.Array  # tokens generated so far
     key: jax.Array
     cache: KVCache
+
+
+def _constrain(s: _State, rules: ShardingRules) -> _State:
+    """The rows over the mesh's batch axes (under an ambient mesh; identity without)."""
+    rows = ("batch", None)
+    kv = ("layers", "batch", "kv_heads", "sequence", "head_dim")
+    return dataclasses.replace(
+        s,
+        tokens_RxS=constrain(s.tokens_RxS, rows, rules),
+        logprobs_RxS=constrain(s.logprobs_RxS, rows, rules),
+        response_RxS=constrain(s.response_RxS, rows, rules),
+        done_R=constrain(s.done_R, ("batch",), rules),
+        lengths_R=constrain(s.lengths_R, ("batch",), rules),
+        rows_R=constrain(s.rows_R, ("batch",), rules),
+        cache=KVCache(
+            k=constrain(s.cache.k, kv, rules),
+            v=constrain(s.cache.v, kv, rules),
+            mask=constrain(s.cache.mask, rows, rules),
+            index=s.cache.index,
+        ),
+    )
 
 
 def left_align(tokens_BxP: jax.Array, mask_BxP: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -148,29 +179,38 @@ def left_align(tokens_BxP: jax.Array, mask_BxP: jax.Array) -> tuple[jax.Array, j
     )
 
 
-def _put_column(x_BxS: jax.Array, column_B: jax.Array, index: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice(x_BxS, column_B[:, None].astype(x_BxS.dtype), (0, index))
+def _put_column(x_RxS: jax.Array, column_R: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice(x_RxS, column_R[:, None].astype(x_RxS.dtype), (0, index))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens"), donate_argnames=("cache",)
-)
+def _row_keys(key: jax.Array, step: jax.Array, rows_R: jax.Array) -> jax.Array:
+    """Row `r`'s key for token `step`: a function of the result row alone, so compaction and
+    batch composition leave every row's samples unchanged."""
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows_R)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "n", "rules"))
 def _prefill(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     tokens_BxP: jax.Array,
     mask_BxP: jax.Array,
     key: jax.Array,
-    cache: KVCache,
     method: SamplingMethod,
     eos_E: jax.Array,
     pad_id: jax.Array,
     *,
     max_new_tokens: int,
+    n: int,
+    rules: ShardingRules,
 ) -> _State:
-    """Runs the left-aligned prompts through the model and samples the first token."""
+    """Runs the left-aligned prompts through the model once, repeats each row's cache `n`
+    times (rows `b n .. b n + n - 1` are prompt `b`'s samples) and samples the first tokens."""
     model: Decoder = nnx.merge(graphdef, state)
     B, P = tokens_BxP.shape
+    S = P + max_new_tokens
+    cache = KVCache.init(model.config, B, S)
     h_BxPxD, cache = model.hidden_cached(tokens_BxP, cache, attention_mask=mask_BxP)
     logits_BxV = jnp.einsum(
         "bd,dv->bv",
@@ -178,61 +218,120 @@ def _prefill(
         model.unembed_matrix().astype(h_BxPxD.dtype),
         preferred_element_type=jnp.float32,
     )
-    key, sub = jax.random.split(key)
-    token_B, logprob_B = method.sample(sub, logits_BxV)
-    S = P + max_new_tokens
-    tokens_BxS = jnp.full((B, S), pad_id, jnp.int32).at[:, :P].set(tokens_BxP)
-    return _State(
-        tokens_BxS=_put_column(tokens_BxS, token_B, P),
-        logprobs_BxS=_put_column(jnp.zeros((B, S), jnp.float32), logprob_B, P),
-        response_BxS=_put_column(jnp.zeros((B, S), jnp.int32), jnp.ones((B,), jnp.int32), P),
-        done_B=jnp.isin(token_B, eos_E),
+    if n > 1:
+        logits_BxV, tokens_BxP, mask_BxP = (
+            jnp.repeat(x, n, axis=0) for x in (logits_BxV, tokens_BxP, mask_BxP)
+        )
+        cache = KVCache(
+            k=jnp.repeat(cache.k, n, axis=1),
+            v=jnp.repeat(cache.v, n, axis=1),
+            mask=jnp.repeat(cache.mask, n, axis=0),
+            index=cache.index,
+        )
+    R = B * n
+    rows_R = jnp.arange(R, dtype=jnp.int32)
+    token_R, logprob_R = method.sample(_row_keys(key, jnp.int32(0), rows_R), logits_BxV)
+    tokens_RxS = jnp.full((R, S), pad_id, jnp.int32).at[:, :P].set(tokens_BxP)
+    s = _State(
+        tokens_RxS=_put_column(tokens_RxS, token_R, P),
+        logprobs_RxS=_put_column(jnp.zeros((R, S), jnp.float32), logprob_R, P),
+        response_RxS=_put_column(jnp.zeros((R, S), jnp.int32), jnp.ones((R,), jnp.int32), P),
+        done_R=jnp.isin(token_R, eos_E),
+        lengths_R=mask_BxP.sum(-1, dtype=jnp.int32),
+        rows_R=rows_R,
         step=jnp.ones((), jnp.int32),
         key=key,
         cache=cache,
     )
+    return _constrain(s, rules)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"), donate_argnames=("s",))
 def _decode(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    lengths_B: jax.Array,
     s: _State,
     method: SamplingMethod,
     eos_E: jax.Array,
     pad_id: jax.Array,
+    until: jax.Array,
     *,
     max_new_tokens: int,
 ) -> _State:
-    """Decodes one token per row per iteration until all rows are done or `N` are made."""
+    """Decodes one token per row per iteration until all rows are done or `until` tokens
+    are made."""
     model: Decoder = nnx.merge(graphdef, state)
-    P = s.tokens_BxS.shape[1] - max_new_tokens
+    P = s.tokens_RxS.shape[1] - max_new_tokens
 
     def cond(s: _State) -> jax.Array:
-        return (s.step < max_new_tokens) & ~jnp.all(s.done_B)
+        return (s.step < until) & ~jnp.all(s.done_R)
 
     def body(s: _State) -> _State:
         column = P + s.step
-        last_Bx1 = jax.lax.dynamic_slice_in_dim(s.tokens_BxS, column - 1, 1, axis=1)
-        positions_Bx1 = (lengths_B + s.step - 1)[:, None]
-        h_Bx1xD, cache = model.hidden_cached(last_Bx1, s.cache, positions=positions_Bx1)
-        logits_Bx1xV = model.logits(h_Bx1xD)
-        key, sub = jax.random.split(s.key)
-        token_B, logprob_B = method.sample(sub, logits_Bx1xV[:, 0])
-        live_B = ~s.done_B
-        token_B = jnp.where(live_B, token_B, pad_id)
-        return _State(
-            tokens_BxS=_put_column(s.tokens_BxS, token_B, column),
-            logprobs_BxS=_put_column(s.logprobs_BxS, jnp.where(live_B, logprob_B, 0.0), column),
-            response_BxS=_put_column(s.response_BxS, live_B, column),
-            done_B=s.done_B | jnp.isin(token_B, eos_E),
+        last_Rx1 = jax.lax.dynamic_slice_in_dim(s.tokens_RxS, column - 1, 1, axis=1)
+        positions_Rx1 = (s.lengths_R + s.step - 1)[:, None]
+        h_Rx1xD, cache = model.hidden_cached(last_Rx1, s.cache, positions=positions_Rx1)
+        logits_Rx1xV = model.logits(h_Rx1xD)
+        keys_R = _row_keys(s.key, s.step, s.rows_R)
+        token_R, logprob_R = method.sample(keys_R, logits_Rx1xV[:, 0])
+        live_R = ~s.done_R
+        token_R = jnp.where(live_R, token_R, pad_id)
+        return dataclasses.replace(
+            s,
+            tokens_RxS=_put_column(s.tokens_RxS, token_R, column),
+            logprobs_RxS=_put_column(s.logprobs_RxS, jnp.where(live_R, logprob_R, 0.0), column),
+            response_RxS=_put_column(s.response_RxS, live_R, column),
+            done_R=s.done_R | jnp.isin(token_R, eos_E),
             step=s.step + 1,
-            key=key,
             cache=cache,
         )
 
     return jax.lax.while_loop(cond, body, s)
+
+
+@functools.partial(jax.jit, static_argnames=("rules",))
+def _take_rows(s: _State, index_R: jax.Array, *, rules: ShardingRules) -> _State:
+    """The rows `index_R` of `s` (the cache's too): the live rows, gathered."""
+    take = functools.partial(jnp.take, indices=index_R, axis=0)
+    cache = s.cache
+    return _constrain(
+        dataclasses.replace(
+            s,
+            tokens_RxS=take(s.tokens_RxS),
+            logprobs_RxS=take(s.logprobs_RxS),
+            response_RxS=take(s.response_RxS),
+            done_R=take(s.done_R),
+            lengths_R=take(s.lengths_R),
+            rows_R=take(s.rows_R),
+            cache=KVCache(
+                k=jnp.take(cache.k, index_R, axis=1),
+                v=jnp.take(cache.v, index_R, axis=1),
+                mask=take(cache.mask),
+                index=cache.index,
+            ),
+        ),
+        rules,
+    )
+
+
+@functools.partial(jax.jit, donate_argnames=("out",))
+def _put_rows(out: tuple[jax.Array, ...], s: _State) -> tuple[jax.Array, ...]:
+    """Writes `s`'s rows into the result's `(tokens, logprobs, response) [R0, S]` at their
+    result rows (a row listed twice carries the same values both times)."""
+    return tuple(
+        x.at[s.rows_R].set(y)
+        for x, y in zip(out, (s.tokens_RxS, s.logprobs_RxS, s.response_RxS), strict=True)
+    )
+
+
+def compacted_width(live: int, width: int, multiple: int) -> int:
+    """The row count to decode `live` unfinished rows with, given `width` rows now: the
+    smallest power of two times `multiple` (the batch's shard count) that holds them, if
+    that halves the rows at least (each width compiles once), else `width`."""
+    target = multiple
+    while target < live:
+        target *= 2
+    return target if 2 * target <= width else width
 
 
 def sample(
@@ -245,10 +344,19 @@ def sample(
     method: SamplingMethod = Greedy(),
     eos_ids: Sequence[int] = (),
     pad_id: int = 0,
+    n: int = 1,
+    compact_every: int = 16,
     mesh: jax.sharding.Mesh | None = None,
     rules: ShardingRules | None = None,
 ) -> SampleResult:
-    """Generates up to `max_new_tokens` tokens after each prompt.
+    """Generates up to `max_new_tokens` tokens after each prompt, `n` samples per prompt.
+
+    Each prompt is run through the model once and its cache shared by its `n` samples
+    (result rows `b n .. b n + n - 1`). Every `compact_every` tokens the host looks at which
+    rows have finished; once the unfinished ones fit in half the rows (rounded up to a power
+    of two), decoding goes on with those alone, so finished rows stop costing compute. Row
+    `r`'s draws depend only on `key`, `r` and the token index: compaction never changes a
+    sample.
 
     Args:
       model: the decoder (sharded or not; see `opd_jax.sharding.shard_model`).
@@ -259,9 +367,20 @@ def sample(
       method: `Greedy()`, `Temperature(t)`, `TopK(k, t)` or `TopP(p, t)`.
       eos_ids: a row stops after sampling any of these ids.
       pad_id: written after a row's EOS.
+      n: samples per prompt; the result has `B n` rows.
+      compact_every: tokens between looks at the finished rows (0: decode all rows to the
+        end in one loop, the host never waits).
       mesh: if given, the batch and the cache are sharded over `rules.batch` (default rules:
         the model's) and the model's activation constraints apply.
+
+    Returns:
+      A :class:`SampleResult` of `B n` rows and `P + N` columns.
     """
+    if n < 1 or max_new_tokens < 1 or compact_every < 0:
+        raise ValueError(
+            f"need n >= 1, max_new_tokens >= 1 and compact_every >= 0, got n={n}, "
+            f"max_new_tokens={max_new_tokens}, compact_every={compact_every}"
+        )
     rules = model.rules if rules is None else rules
     tokens_BxP = jnp.asarray(prompt_tokens, jnp.int32)
     B, P = tokens_BxP.shape
@@ -269,49 +388,46 @@ def sample(
         jnp.ones((B, P), jnp.int32) if prompt_mask is None else jnp.asarray(prompt_mask, jnp.int32)
     )
     graphdef, state = nnx.split(model)
-    config = model.config
-    cache_init = functools.partial(KVCache.init, config, B, P + max_new_tokens)
+    shards = 1
     if mesh is not None:
         batch = NamedSharding(mesh, rules.spec(("batch", None)))
         tokens_BxP, mask_BxP = jax.device_put((tokens_BxP, mask_BxP), batch)
-        kv = rules.sharding(mesh, ("layers", "batch", "kv_heads", "sequence", "head_dim"))
-        cache_init = jax.jit(
-            cache_init,
-            out_shardings=KVCache(
-                k=kv, v=kv, mask=batch, index=NamedSharding(mesh, rules.spec(()))
-            ),
-        )
+        shards = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(rules.batch)]))
     tokens_BxP, mask_BxP = left_align(tokens_BxP, mask_BxP)
     eos_E = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)
     pad = jnp.asarray(pad_id, jnp.int32)
+    N = max_new_tokens
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-        state0 = _prefill(
-            graphdef,
-            state,
-            tokens_BxP,
-            mask_BxP,
-            key,
-            cache_init(),
-            method,
-            eos_E,
-            pad,
-            max_new_tokens=max_new_tokens,
+        s = _prefill(
+            graphdef, state, tokens_BxP, mask_BxP, key, method, eos_E, pad,
+            max_new_tokens=N, n=n, rules=rules,
+        )  # fmt: skip
+        out = None  # the result's rows, once rows have been dropped from the loop
+        made = 1
+        while True:
+            made = N if compact_every == 0 else min(made + compact_every, N)
+            s = _decode(graphdef, state, s, method, eos_E, pad, jnp.int32(made), max_new_tokens=N)
+            if made >= N:
+                break
+            done_R = np.asarray(s.done_R)
+            if done_R.all():
+                break
+            live_L = np.flatnonzero(~done_R)
+            width = compacted_width(len(live_L), len(done_R), shards)
+            if width < len(done_R):
+                rows = (s.tokens_RxS, s.logprobs_RxS, s.response_RxS)
+                out = tuple(map(jnp.copy, rows)) if out is None else _put_rows(out, s)
+                # padded with a finished row: it stays finished and writes back its own values
+                index = np.concatenate([live_L, np.full(width - len(live_L), np.argmax(done_R))])
+                s = _take_rows(s, jnp.asarray(index, jnp.int32), rules=rules)
+        tokens, logprobs, response = (
+            (s.tokens_RxS, s.logprobs_RxS, s.response_RxS) if out is None else _put_rows(out, s)
         )
-        final = _decode(
-            graphdef,
-            state,
-            mask_BxP.sum(-1),
-            state0,
-            method,
-            eos_E,
-            pad,
-            max_new_tokens=max_new_tokens,
-        )
-    prompt_mask_BxS = jnp.zeros_like(final.response_BxS).at[:, :P].set(mask_BxP)
+    prompt_mask_RxS = jnp.zeros_like(response).at[:, :P].set(jnp.repeat(mask_BxP, n, axis=0))
     return SampleResult(
-        tokens=final.tokens_BxS,
-        prompt_mask=prompt_mask_BxS,
-        response_mask=final.response_BxS,
-        logprobs=final.logprobs_BxS,
-        lengths=final.response_BxS.sum(-1),
+        tokens=tokens,
+        prompt_mask=prompt_mask_RxS,
+        response_mask=response,
+        logprobs=logprobs,
+        lengths=response.sum(-1),
     )

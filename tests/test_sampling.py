@@ -176,3 +176,53 @@ def test_new_temperature_or_mass_does_not_recompile(model):
     compiled = sampling._decode._cache_size()
     sampling.sample(model, tokens, mask, method=sampling.TopP(0.5, 0.7), **kwargs)
     assert sampling._decode._cache_size() == compiled
+
+
+def test_n_samples_share_a_prefill_and_equal_the_repeated_prompts(model):
+    tokens, mask = _prompts(seed=2)
+    method = sampling.Temperature(1.3)
+    kwargs = dict(key=jax.random.key(5), max_new_tokens=N, method=method, eos_ids=(7,))
+    shared = sampling.sample(model, tokens, mask, n=4, **kwargs)
+    repeated = sampling.sample(model, np.repeat(tokens, 4, 0), np.repeat(mask, 4, 0), **kwargs)
+    assert shared.tokens.shape == (12, P + N)
+    np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+    np.testing.assert_array_equal(shared.response_mask, repeated.response_mask)
+    np.testing.assert_array_equal(shared.prompt_mask, repeated.prompt_mask)
+    np.testing.assert_allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
+    # the 4 samples of a prompt are 4 draws, not one
+    assert len({tuple(np.asarray(r)) for r in shared.tokens[:4]}) > 1
+
+
+@pytest.mark.parametrize("method", [sampling.Greedy(), sampling.TopP(0.9, 1.2)])
+def test_dropping_finished_rows_changes_no_sample(model, method, monkeypatch):
+    rng = np.random.RandomState(3)
+    tokens, mask = rng.randint(2, 64, (16, P)).astype(np.int32), np.ones((16, P), np.int32)
+    widths = []
+    take = sampling._take_rows
+    monkeypatch.setattr(
+        sampling, "_take_rows", lambda s, i, **k: widths.append(len(i)) or take(s, i, **k)
+    )
+    kwargs = dict(key=jax.random.key(1), max_new_tokens=N, method=method, eos_ids=range(2, 40))
+    every = sampling.sample(model, tokens, mask, compact_every=0, **kwargs)
+    assert widths == [] and len(set(np.asarray(every.lengths))) > 2  # rows end at many lengths
+    compacted = sampling.sample(model, tokens, mask, compact_every=1, **kwargs)
+    assert widths and all(w < 16 for w in widths)  # the loop went on with fewer rows
+    for field in ("tokens", "response_mask", "prompt_mask", "lengths"):
+        np.testing.assert_array_equal(getattr(compacted, field), getattr(every, field))
+    np.testing.assert_allclose(compacted.logprobs, every.logprobs, atol=1e-5)
+
+
+def test_compacted_width_halves_in_powers_of_two_of_the_shard_count():
+    assert sampling.compacted_width(live=3, width=16, multiple=1) == 4
+    assert sampling.compacted_width(live=5, width=16, multiple=1) == 8
+    assert sampling.compacted_width(live=9, width=16, multiple=1) == 16  # would not halve
+    assert sampling.compacted_width(live=1, width=16, multiple=4) == 4
+    assert sampling.compacted_width(live=5, width=16, multiple=4) == 8
+    assert sampling.compacted_width(live=5, width=8, multiple=4) == 8
+    assert sampling.compacted_width(live=0, width=8, multiple=2) == 2
+
+
+def test_bad_counts_are_refused(model):
+    tokens, mask = _prompts()
+    with pytest.raises(ValueError, match="n >= 1"):
+        sampling.sample(model, tokens, mask, key=jax.random.key(0), max_new_tokens=N, n=0)

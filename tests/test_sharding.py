@@ -105,6 +105,17 @@ def _sharded_checks() -> None:
         np.testing.assert_allclose(got.logprobs, want.logprobs, atol=5e-4)
         assert len(got.tokens.sharding.device_set) == 8
 
+    # finished rows dropped from the sharded loop (16 rows -> 8 -> 4 over 4 batch shards)
+    rows = np.random.RandomState(1).randint(0, 320, (16, 8)).astype(np.int32)
+    kwargs = dict(key=jax.random.key(2), max_new_tokens=8, eos_ids=tuple(range(0, 320, 2)))
+    kwargs["method"] = sampling.Temperature(1.0)
+    got = sampling.sample(sharded, rows, mesh=mesh, compact_every=1, **kwargs)
+    want = sampling.sample(single, rows, compact_every=0, **kwargs)
+    assert 1 < len(set(np.asarray(want.lengths).tolist())), want.lengths
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.response_mask, want.response_mask)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=5e-4)
+
     model = sharding.shard_model(Decoder(single.config, rngs=nnx.Rngs(1)), mesh)
     assert model.lm_head[...].sharding.spec == PartitionSpec("fsdp", "tensor")
     print("SHARDED OK")

@@ -169,14 +169,20 @@ def test_packed_attention_trains_like_the_masked_scores(pair, tmp_path, monkeypa
 
     monkeypatch.setattr(attention, "_PACKED_IMPLEMENTATION", "xla")
     monkeypatch.setattr(models, "resolve_attention", lambda kind, dtypes, chunk=0: kind)
-    plain = train(
-        load_config(None, overrides(pair, tmp_path / "plain", "train.attention=xla"))
-    ).metrics
-    packed = train(
-        load_config(None, overrides(pair, tmp_path / kind, f"train.attention={kind}"))
-    ).metrics
+    train(load_config(None, overrides(pair, tmp_path / "plain", "train.attention=xla")))
+    train(load_config(None, overrides(pair, tmp_path / kind, f"train.attention={kind}")))
+    plain, packed = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / kind)
+    assert [line["step"] for line in packed] == [line["step"] for line in plain] == [1, 2, 3]
+    # Step 1: the same parameters and rollouts; the kernels differ in float32 summation order
+    # alone (~1e-7 relative per logit), so the loss (a mean of O(1) terms) agrees to 1e-5.
     for name in ("loss", "grad_norm", "kept_fraction"):
-        np.testing.assert_allclose(packed[name], plain[name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(packed[0][name], plain[0][name], rtol=1e-5, atol=1e-5)
+    # Later steps compare training, not arithmetic: Adam turns a rounding-level difference in
+    # a near-zero gradient component into a step of up to the learning rate (0.01), so the
+    # losses drift apart by ~1e-5 per step; 1e-3 is a tenth of the learning rate.
+    for p, q in zip(plain[1:], packed[1:], strict=True):
+        np.testing.assert_allclose(q["loss"], p["loss"], atol=1e-3)
+        np.testing.assert_allclose(q["grad_norm"], p["grad_norm"], rtol=1e-2)
 
 
 def test_a_negative_attention_chunk_is_refused(pair, tmp_path):
@@ -196,3 +202,21 @@ def test_cudnn_attention_off_gpu_is_refused_before_loading(pair, tmp_path):
     config = load_config(None, overrides(pair, tmp_path, "train.attention=cudnn"))
     with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU"):
         train(config)
+
+
+def test_several_samples_per_prompt_train(pair, tmp_path):
+    extra = ("sampling.n=3", "optim.accumulate=2", "sampling.compact_every=2")
+    metrics = train(load_config(None, overrides(pair, tmp_path, *extra))).metrics
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("sampling.n=0", r"sampling.n \(samples per prompt\) must be >= 1"),
+        ("sampling.compact_every=-1", "sampling.compact_every must be >= 0"),
+    ],
+)
+def test_bad_sample_counts_are_refused(pair, tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides(pair, tmp_path, setting))

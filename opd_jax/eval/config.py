@@ -43,7 +43,7 @@ class EvalConfig:
     data_dir: str = "runs/data"  # where TFDS builds of the arithmetic task are written
     dtype: str = "float32"  # float32 or bfloat16
     k: int = 4  # samples per problem (avg@k, pass@1..k)
-    batch_size: int = 32  # sequences per sampling call (prompts are repeated k times)
+    batch_size: int = 32  # sequences per sampling call (k per prompt, sharing its prefill)
     max_prompt_tokens: int = 256  # prompts are left-padded or cut (from the left) to this
     chat_template: bool = True
     system_prompt: str = ""
@@ -80,6 +80,11 @@ def validate_eval_config(config: EvalConfig) -> EvalConfig:
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}.")
     check_sampling(config.sampling)
+    if config.sampling.n != 1:
+        raise ConfigError(
+            f"sampling.n={config.sampling.n} does not apply to evaluation: set k, the samples "
+            "per problem (they share the prompt's prefill)."
+        )
     if config.dtype not in DTYPES:
         raise ConfigError(f"dtype={config.dtype!r} is not one of {list(DTYPES)}.")
     if not config.models or not config.benchmarks:

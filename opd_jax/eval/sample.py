@@ -40,10 +40,12 @@ def sample_prompts(
     seed: int,
     chat_template: bool = True,
     system_prompt: str = "",
+    n: int = 1,
 ) -> Samples:
-    """One sample per prompt, in order. Batch ``b`` samples with key ``fold_in(key(seed),
-    b)``; the last batch is padded to the same shape (one compile)."""
-    batch_size = min(batch_size, len(prompts))
+    """``n`` samples per prompt (sharing its prefill), in order: rows ``i n .. i n + n - 1``
+    are prompt ``i``'s. A call samples ``batch_size // n`` prompts (at least one); call ``b``
+    uses key ``fold_in(key(seed), b)``; the last is padded to the same shape (one compile)."""
+    batch_size = min(max(batch_size // n, 1), len(prompts))
     key = jax.random.key(seed)
     eos, pad = eos_ids(tokenizer, model.config.eos_token_id), pad_id(tokenizer)
     parts: list[tuple[np.ndarray, ...]] = []
@@ -68,9 +70,10 @@ def sample_prompts(
             method=method,
             eos_ids=eos,
             pad_id=pad,
+            n=n,
         )
         tokens, response, prompt = (
-            np.asarray(x)[: len(chunk)]
+            np.asarray(x)[: len(chunk) * n]
             for x in (result.tokens, result.response_mask, result.prompt_mask)
         )
         parts.append((tokens, response | prompt, response))
@@ -86,7 +89,8 @@ def generate(
     prompts: Sequence[str],
     **options: Any,
 ) -> list[str]:
-    """One decoded response per prompt, in order; ``options`` as in :func:`sample_prompts`."""
+    """The decoded responses (``n`` per prompt), in order; ``options`` as in
+    :func:`sample_prompts`."""
     return sample_prompts(model, tokenizer, prompts, **options).texts
 
 
@@ -120,9 +124,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Samples ``k`` responses per problem (``{"prompt", "answer"}``) and scores them.
 
-    Each prompt is repeated ``k`` times and the ``P * k`` rows are sampled in batches of
-    ``batch_size``; at ``temperature == 0`` (greedy) one response is sampled and repeated.
-    The same ``seed`` (and ``batch_size``) gives the same responses.
+    A prompt's ``k`` samples share its prefill, ``batch_size`` rows per sampling call; at
+    ``temperature == 0`` (greedy) one response is sampled and repeated. The same ``seed``
+    (and ``batch_size``) gives the same responses.
 
     Returns ``{"metrics": summarize(correct [P, k]), "records": [score(...) per problem]}``
     (see :func:`opd_jax.eval.metrics.summarize` and :func:`score`).
@@ -133,7 +137,8 @@ def evaluate(
     texts = generate(
         model,
         tokenizer,
-        [p["prompt"] for p in problems for _ in range(draws)],
+        [p["prompt"] for p in problems],
+        n=draws,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,

@@ -80,12 +80,12 @@ def evaluate_problems(
     """``[P, k]`` arrays of ``k`` samples per problem at ``temperature``: ``correct``,
     ``steps`` and, with a teacher, the three KLs; and an example response."""
     P = config.data.max_prompt_tokens
-    prompts = [p["prompt"] for p in problems for _ in range(k)]
     samples = sample_prompts(
         model,
         tokenizer,
-        prompts,
-        batch_size=min(EVAL_BATCH, len(prompts)),
+        [p["prompt"] for p in problems],
+        n=k,
+        batch_size=min(EVAL_BATCH, len(problems) * k),
         max_new_tokens=config.experiment.eval_max_new_tokens,
         max_prompt_tokens=P,
         method=sampling.method_from(temperature),

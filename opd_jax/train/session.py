@@ -183,7 +183,7 @@ class Session:
         self, tokens: np.ndarray, mask: np.ndarray, key: jax.Array
     ) -> tuple[np.ndarray, ...]:
         """The student's samples, back on the host: ``tokens, response_mask, prompt_mask``
-        ``[B, S]`` (this process's rows)."""
+        ``[B n, S]`` (this process's rows; ``sampling.n`` consecutive rows per prompt)."""
         c = self.config.sampling
         result = sampling.sample(
             nnx.merge(self.graphdef, self.params),
@@ -193,6 +193,8 @@ class Session:
             method=sampling.method_from(c.temperature, c.top_k, c.top_p),
             eos_ids=self.eos,
             pad_id=pad_id(self.tokenizer),
+            n=c.n,
+            compact_every=c.compact_every,
             mesh=self.mesh,
         )
         return self.batches.to_host((result.tokens, result.response_mask, result.prompt_mask))
