@@ -14,6 +14,14 @@ randomly initialised model of Qwen3-0.6B's shape, built in torch and copied into
 use float32 on this machine's default device. Also recorded: the max |logit difference| on the
 prompts and the fraction of generated tokens on which the two greedy outputs agree.
 
+Memory bandwidth: a decode step reads every parameter once and the cache's `P + N` slots of every
+row; `opd_decode_gb_s` is those bytes times steps/s, `bandwidth_pct` its share of the device's
+peak (the vendor's HBM figure on a known GPU, a jitted sum over 1 GiB measured on CPU).
+
+Mixed lengths (`mixed_lengths`): B temperature-1 rows whose EOS set makes their lengths vary (half
+stop before N / 4), decoded with finished rows dropped from the loop (`compact_every=16`) and kept
+(`compact_every=0`); the samples are asserted identical, tokens/s counts the tokens made.
+
 Usage: `python benchmarks/sampler.py [--quick] [--model smollm2|qwen3-0.6b]`; prints a table and
 updates `benchmarks/results/sampler_<device>.json` (one entry per model, written atomically).
 """
@@ -48,9 +56,11 @@ TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cuda.matmul.allow_tf32 = True
 
 SETTINGS = {
-    "full": dict(prompt_len=128, new_tokens=64, batch_sizes=(1, 8), repeats=3),
-    "quick": dict(prompt_len=32, new_tokens=8, batch_sizes=(1, 8), repeats=3),
+    "full": dict(prompt_len=128, new_tokens=64, batch_sizes=(1, 8), repeats=3, mixed=(32, 128)),
+    "quick": dict(prompt_len=32, new_tokens=8, batch_sizes=(1, 8), repeats=3, mixed=(8, 16)),
 }
+# Peak memory bandwidth by device kind (bytes/s, the vendors' figures); elsewhere measured.
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "B200": 8.0e12}
 QWEN3_0_6B = dict(
     model_type="qwen3",
     architectures=["Qwen3ForCausalLM"],
@@ -193,6 +203,69 @@ def throughputs(
     return stats, {name: run() for name, run in full.items()}
 
 
+def peak_bandwidth() -> tuple[float, str]:
+    """The device's memory bandwidth in bytes/s and where the figure comes from: the vendor's
+    HBM figure for a known GPU, else a jitted sum over 1 GiB (median of 5) measured here."""
+    kind = jax.devices()[0].device_kind
+    for name, rate in HBM_BYTES_PER_S.items():
+        if name in kind:
+            return rate, f"{name} HBM, vendor figure"
+    x = jax.numpy.ones((1 << 28,), jax.numpy.float32)
+    total = jax.jit(jax.numpy.sum)
+    seconds = common.median_seconds(lambda: total(x).block_until_ready(), repeats=5)
+    return x.nbytes / seconds, "measured: jitted sum over 1 GiB"
+
+
+def decode_bytes(model: Any, batch: int, slots: int) -> int:
+    """Bytes a decode step reads: every parameter once, and the KV cache's `slots` slots of
+    every row (the masked scores read them all)."""
+    from flax import nnx
+
+    c = model.config
+    params = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    cache = 2 * c.num_layers * batch * slots * c.num_kv_heads * c.head_dim * 4
+    return params + cache
+
+
+def mixed_lengths(ours: Any, settings: dict[str, Any], vocab: int) -> dict[str, Any]:
+    """Temperature-1 samples of `B` rows whose lengths vary, decoded with finished rows dropped
+    (`compact_every=16`) and kept (`compact_every=0`): the same tokens either way.
+
+    The EOS set is the `k` most frequent tokens of a free run (no EOS), the smallest `k` at
+    which half the rows would stop before `N / 4`; lengths are the first EOS in each row."""
+    B, N = settings["mixed"]
+    P = settings["prompt_len"]
+    prompts_BxP = np.random.default_rng(1).integers(100, vocab - 100, size=(B, P), dtype=np.int32)
+    kwargs = dict(key=jax.random.key(0), max_new_tokens=N, method=sampling.Temperature(1.0))
+    free = np.asarray(sampling.sample(ours, prompts_BxP, compact_every=0, **kwargs).tokens)[:, P:]
+    ids, counts = np.unique(free, return_counts=True)
+    by_count = ids[np.argsort(-counts, kind="stable")]
+    for k in range(1, len(by_count) + 1):
+        hit_BxN = np.isin(free, by_count[:k])
+        lengths = np.where(hit_BxN.any(1), hit_BxN.argmax(1) + 1, N)
+        if np.median(lengths) <= N / 4:
+            break
+    eos = tuple(int(i) for i in by_count[:k])
+
+    def run(every: int) -> Callable[[], Any]:
+        return lambda: np.asarray(
+            sampling.sample(ours, prompts_BxP, eos_ids=eos, compact_every=every, **kwargs).tokens
+        )
+
+    seconds = interleaved_medians({"drop": run(16), "keep": run(0)}, settings["repeats"])
+    assert np.array_equal(run(16)(), run(0)()), "dropping finished rows changed the samples"
+    made = int(lengths.sum())
+    return {
+        "model": "mixed", "B": B, "P": P, "N": N, "eos_ids": len(eos),
+        "lengths_min_median_max": [int(lengths.min()), float(np.median(lengths)),
+                                   int(lengths.max())],
+        "tokens": made,
+        "drop_s": seconds["drop"], "keep_s": seconds["keep"],
+        "drop_tok_s": made / seconds["drop"], "keep_tok_s": made / seconds["keep"],
+        "drop_speedup": seconds["keep"] / seconds["drop"],
+    }  # fmt: skip
+
+
 def logits_max_abs_diff(ours: Any, reference: Any, prompts_BxP: np.ndarray) -> float:
     """max |logits_opd - logits_torch| over the prompts [B, P, V], float32."""
     from flax import nnx
@@ -209,6 +282,7 @@ def bench(model_name: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per batch size: both frameworks' throughputs, their ratio and agreement."""
     ours, reference, hf_config = load_models(model_name)
     rng = np.random.default_rng(0)
+    peak, peak_source = peak_bandwidth()
     rows = []
     for B in settings["batch_sizes"]:
         # ordinary (non-special) ids, the same prompts for both sides
@@ -219,13 +293,20 @@ def bench(model_name: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
         stats, tokens = throughputs(
             {"opd": ours, "hf": reference}, prompts_BxP, settings["new_tokens"], settings["repeats"]
         )
+        P, N = settings["prompt_len"], settings["new_tokens"]
+        # the mean step's cache: P + N / 2 slots filled, P + N read
+        gb_s = decode_bytes(ours, B, P + N) * stats["opd_decode_tok_s"] / B / 1e9
         rows.append(
             {
                 "model": model_name,
                 "B": B,
-                "P": settings["prompt_len"],
-                "N": settings["new_tokens"],
+                "P": P,
+                "N": N,
                 **stats,
+                "opd_decode_gb_s": gb_s,
+                "bandwidth_pct": 100 * gb_s * 1e9 / peak,
+                "bandwidth_peak_gb_s": peak / 1e9,
+                "bandwidth_peak_source": peak_source,
                 "decode_ratio": stats["opd_decode_tok_s"] / stats["hf_decode_tok_s"],
                 "prefill_ratio": stats["opd_prefill_tok_s"] / stats["hf_prefill_tok_s"],
                 "tokens_agree": float((tokens["opd"] == tokens["hf"]).mean()),
@@ -235,7 +316,7 @@ def bench(model_name: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
         print(f"done B={B}", flush=True)
-    return rows
+    return rows, mixed_lengths(ours, settings, hf_config["vocab_size"])
 
 
 def main() -> None:
@@ -251,7 +332,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = dict(SETTINGS["quick" if args.quick else "full"])
     settings["repeats"] = max(3, args.repeats or settings["repeats"])
-    rows = bench(args.model, settings)
+    rows, mixed = bench(args.model, settings)
     common.print_table(
         rows,
         [
@@ -265,9 +346,15 @@ def main() -> None:
             "opd_decode_tok_s",
             "hf_decode_tok_s",
             "decode_ratio",
+            "opd_decode_gb_s",
+            "bandwidth_pct",
             "tokens_agree",
             "logits_max_abs_diff",
         ],
+    )
+    common.print_table(
+        [mixed],
+        ["model", "B", "N", "lengths_min_median_max", "drop_tok_s", "keep_tok_s", "drop_speedup"],
     )
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"sampler_{common.device_tag()}.json"
@@ -288,6 +375,7 @@ def main() -> None:
             "timing": "median of repeats after 1 warm-up, frameworks alternating",
         },
         "rows": rows,
+        "mixed_lengths": mixed,
     }
     common.write_json(out, payload)
     print(f"wrote {out}")
