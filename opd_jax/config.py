@@ -113,6 +113,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1  # -1: all remaining devices
     tensor: int = 1
+    # devices set apart for train.async_rollouts' sampling (the last ones; rows over all of
+    # them, the student's weights copied there each step); 0: rollouts on the training mesh
+    rollout: int = 0
 
 
 @dataclasses.dataclass
@@ -127,6 +130,9 @@ class TrainConfig:
     # a step whose loss, gradient or updated parameters are not finite: stop (the run ends
     # before saving it) or skip (parameters and optimizer state stay as they were; counted)
     on_nonfinite: str = "stop"
+    # one-step off-policy rollouts: step t+1's rollouts are sampled from the parameters of
+    # step t while step t's update runs (off: every step samples from its own parameters)
+    async_rollouts: bool = False
 
 
 @dataclasses.dataclass
@@ -223,6 +229,7 @@ NON_NEGATIVE = {  # key: what 0 means
     "optim.decay_steps": "0: train.steps",
     "optim.weight_decay": "0: none",
     "optim.learning_rate": "0: no update",
+    "mesh.rollout": "0: rollouts on the training devices",
 }
 
 
@@ -242,6 +249,11 @@ def validate(config: Config) -> Config:
         if flat[key] < 0:
             raise ConfigError(f"{key} must be >= 0 ({zero}), got {flat[key]}.")
     check_sampling(config.sampling)
+    if config.mesh.rollout and not config.train.async_rollouts:
+        raise ConfigError(
+            f"mesh.rollout={config.mesh.rollout} sets devices apart for asynchronous "
+            "rollouts: set train.async_rollouts=true, or mesh.rollout=0."
+        )
     options = _checked_rule_options(config.rule.kind, config.rule.options, config.score.k)
     if config.train.attention == "cudnn" and config.train.attention_chunk:
         raise ConfigError(
@@ -332,6 +344,7 @@ FREE_SECTIONS = ("run.", "mesh.", "experiment.")
 FREE_KEYS = (
     "train.steps", "train.attention", "train.attention_chunk", "train.remat",
     "train.on_nonfinite", "score.chunk_size", "optim.accumulate", "data.data_dir",
+    "sampling.compact_every",
 )  # fmt: skip
 HORIZON = "optim.decay_steps"
 

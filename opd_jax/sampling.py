@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.sharding import ShardingRules, constrain
@@ -324,6 +325,13 @@ def _put_rows(out: tuple[jax.Array, ...], s: _State) -> tuple[jax.Array, ...]:
     )
 
 
+def _global_host(x: jax.Array) -> np.ndarray:
+    """The whole of `x` on the host, also where its rows are spread over processes."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def compacted_width(live: int, width: int, multiple: int) -> int:
     """The row count to decode `live` unfinished rows with, given `width` rows now: the
     smallest power of two times `multiple` (the batch's shard count) that holds them, if
@@ -392,12 +400,14 @@ def sample(
     if mesh is not None:
         batch = NamedSharding(mesh, rules.spec(("batch", None)))
         tokens_BxP, mask_BxP = jax.device_put((tokens_BxP, mask_BxP), batch)
+        key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))  # made on another mesh?
         shards = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(rules.batch)]))
-    tokens_BxP, mask_BxP = left_align(tokens_BxP, mask_BxP)
-    eos_E = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)
-    pad = jnp.asarray(pad_id, jnp.int32)
     N = max_new_tokens
+    # everything made under this mesh: a caller's ambient mesh may be another one
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        eos_E = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)
+        pad = jnp.asarray(pad_id, jnp.int32)
+        tokens_BxP, mask_BxP = left_align(tokens_BxP, mask_BxP)
         s = _prefill(
             graphdef, state, tokens_BxP, mask_BxP, key, method, eos_E, pad,
             max_new_tokens=N, n=n, rules=rules,
@@ -406,10 +416,10 @@ def sample(
         made = 1
         while True:
             made = N if compact_every == 0 else min(made + compact_every, N)
-            s = _decode(graphdef, state, s, method, eos_E, pad, jnp.int32(made), max_new_tokens=N)
+            s = _decode(graphdef, state, s, method, eos_E, pad, np.int32(made), max_new_tokens=N)
             if made >= N:
                 break
-            done_R = np.asarray(s.done_R)
+            done_R = _global_host(s.done_R)  # every process decides alike
             if done_R.all():
                 break
             live_L = np.flatnonzero(~done_R)
@@ -419,15 +429,16 @@ def sample(
                 out = tuple(map(jnp.copy, rows)) if out is None else _put_rows(out, s)
                 # padded with a finished row: it stays finished and writes back its own values
                 index = np.concatenate([live_L, np.full(width - len(live_L), np.argmax(done_R))])
-                s = _take_rows(s, jnp.asarray(index, jnp.int32), rules=rules)
+                s = _take_rows(s, index.astype(np.int32), rules=rules)
         tokens, logprobs, response = (
             (s.tokens_RxS, s.logprobs_RxS, s.response_RxS) if out is None else _put_rows(out, s)
         )
-    prompt_mask_RxS = jnp.zeros_like(response).at[:, :P].set(jnp.repeat(mask_BxP, n, axis=0))
+        prompt_mask_RxS = jnp.zeros_like(response).at[:, :P].set(jnp.repeat(mask_BxP, n, 0))
+        lengths_R = response.sum(-1)
     return SampleResult(
         tokens=tokens,
         prompt_mask=prompt_mask_RxS,
         response_mask=response,
         logprobs=logprobs,
-        lengths=response.sum(-1),
+        lengths=lengths_R,
     )

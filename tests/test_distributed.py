@@ -176,7 +176,7 @@ student: {{path: {pair}/student}}
 teacher: {{path: {pair}/teacher}}
 data: {{batch_size: 4, max_prompt_tokens: 96,
         arithmetic: {{train_size: 16, test_size: 4, test_long_size: 4, test_unseen_op_size: 4}}}}
-sampling: {{max_new_tokens: 8, temperature: 1.0}}
+sampling: {{max_new_tokens: 8, temperature: 1.0, n: 2, compact_every: 2}}
 score: {{chunk_size: 8}}
 optim: {{learning_rate: 0.01}}
 mesh: {{data: 1, fsdp: 2, tensor: 1}}

@@ -3,7 +3,9 @@
 :func:`train` runs a :class:`~opd_jax.config.Config` from its first step or, when
 ``run.dir`` holds a checkpoint, from the last good one: parameters, optimizer state, step
 and data position are restored and every PRNG key derives from ``(seed, step)``, so a
-resumed run continues exactly as an uninterrupted one. It returns a :class:`TrainResult`:
+resumed run continues exactly as an uninterrupted one (with ``train.async_rollouts``, where
+step t+1's rollouts are sampled from step t's parameters during step t's update, a resumed
+run samples its first step from its own parameters). It returns a :class:`TrainResult`:
 finished, stopped early (SIGTERM or ``stop_after``: saved, run again to resume) or already
 up to date.
 
@@ -19,6 +21,7 @@ checkpoints, and only process 0 writes ``config.yaml``, metrics and the progress
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
 import json
@@ -135,6 +138,9 @@ class _Run:
     shards: int  # processes feeding rows of the global batch
     skipped: int = 0
     config_changes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    data_state: Any = None  # the prompt iterator after the last updated step's prompts
+    pending: concurrent.futures.Future | None = None  # the next step's rollouts (async)
+    sampler: concurrent.futures.ThreadPoolExecutor | None = None  # where they are sampled
 
     def restore(self, changes: dict[str, list[Any]]) -> int:
         """Loads the last good checkpoint into the session and positions the data iterator and
@@ -176,6 +182,7 @@ class _Run:
         if on_step is not None and start == 0:
             on_step(0, self.session)
         progress = _progress(self.config, start)
+        self.sampler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollouts")
         try:
             for step in range(start, steps):
                 n = step + 1
@@ -207,28 +214,61 @@ class _Run:
             self.wait(n)
         finally:
             progress.close()
+            self.sampler.shutdown(wait=True)  # a rollout in flight finishes, unused
+            self.pending = None
         status = Status.FINISHED if n == steps else Status.STOPPED
         return TrainResult(status, n, scalars, self.skipped)
 
-    def update(self, step: int) -> tuple[dict[str, float], dict[str, list[float]], bool]:
-        """Step ``step`` (0-based): rollouts, segments and the jitted update; returns its
-        scalar and array metrics and whether it was finite."""
-        key = jax.random.fold_in(jax.random.key(self.config.seed), step)
-        key_sample, key_rule = jax.random.split(key)
+    def keys(self, step: int) -> tuple[jax.Array, jax.Array]:
+        """Step ``step``'s sampling and rule keys, from ``(seed, step)`` alone."""
+        key_sample, key_rule = jax.random.split(
+            jax.random.fold_in(jax.random.key(self.config.seed), step)
+        )
+        return key_sample, key_rule
+
+    def sample(
+        self, step: int, prompts: list[str], params: Any = None
+    ) -> tuple[tuple[np.ndarray, ...], np.ndarray, float, float]:
+        """Step ``step``'s rollouts of ``prompts`` from ``params`` (default: the live ones) and
+        their segments, with the seconds each took."""
         session = self.session
         t0 = time.perf_counter()
-        rollout = session.rollout(*session.encode(next(self.prompts)["prompt"]), key_sample)
+        rollout = session.rollout(*session.encode(prompts), self.keys(step)[0], params)
         t1 = time.perf_counter()
         seg, _ = session.segments(rollout)
+        return rollout, seg, t1 - t0, time.perf_counter() - t1
+
+    def update(self, step: int) -> tuple[dict[str, float], dict[str, list[float]], bool]:
+        """Step ``step`` (0-based): rollouts, segments and the jitted update; returns its
+        scalar and array metrics and whether it was finite.
+
+        With ``train.async_rollouts`` the next step's rollouts start, from a copy of this
+        step's parameters (on the rollout mesh), before this step's update runs."""
+        session = self.session
+        t0 = time.perf_counter()
+        if self.pending is None:
+            staleness = 0
+            rollout, seg, sample_s, segment_s = self.sample(step, next(self.prompts)["prompt"])
+        else:  # sampled from the previous step's parameters during its update
+            staleness = 1
+            rollout, seg, sample_s, segment_s = self.pending.result()
+            self.pending = None
+        self.data_state = self.prompts.get_state()
         t2 = time.perf_counter()
-        metrics = jax.device_get(session.update(session.device_batch(rollout, seg), key_rule))
+        if self.config.train.async_rollouts and step + 1 < self.config.train.steps:
+            prompts = next(self.prompts)["prompt"]
+            params = session.rollout_params()  # before the update donates the live ones
+            self.pending = self.sampler.submit(self.sample, step + 1, prompts, params)
+        batch = session.device_batch(rollout, seg)
+        metrics = jax.device_get(session.update(batch, self.keys(step)[1]))
         t3 = time.perf_counter()
         scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         finite = not scalars.pop("nonfinite")
         if self.config.train.on_nonfinite == "skip":
             self.skipped += not finite
             scalars["skipped_steps"] = float(self.skipped)
-        scalars |= {"time/sample_s": t1 - t0, "time/segment_s": t2 - t1, "time/step_s": t3 - t2}
+        scalars |= {"time/sample_s": sample_s, "time/segment_s": segment_s, "time/step_s": t3 - t2}
+        scalars["rollout_staleness"] = float(staleness)  # steps between sampling and update
         scalars["tokens_per_s"] = float(rollout[1].sum()) * self.shards / (t3 - t0)
         arrays = {k: np.asarray(v).tolist() for k, v in metrics.items() if np.ndim(v) > 0}
         return scalars, arrays, finite
@@ -265,7 +305,7 @@ class _Run:
         """Starts saving step ``n`` with its meta: data position, seed, config, counters."""
         meta = {
             "step": n,
-            "data": self.prompts.get_state(),
+            "data": self.data_state,
             "seed": self.config.seed,
             "config": json.loads(json.dumps(self.config.to_dict(), default=str)),
             "skipped_steps": self.skipped,

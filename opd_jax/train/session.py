@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -29,17 +30,39 @@ from opd_jax.train.step import StepSettings, make_train_step
 
 
 def mesh_from_config(config: Config) -> jax.sharding.Mesh:
-    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh``; -1 takes the remaining devices."""
-    shape = dataclasses.asdict(config.mesh)
+    """The ``(data, fsdp, tensor)`` training mesh of ``config.mesh`` over every device but the
+    ``mesh.rollout`` set apart for rollouts; -1 takes the remaining devices."""
+    apart = config.mesh.rollout
+    shape = {k: v for k, v in dataclasses.asdict(config.mesh).items() if k != "rollout"}
+    count = jax.device_count() - apart
+    if count < 1:
+        raise ValueError(
+            f"mesh.rollout={apart} sets apart all {jax.device_count()} devices: leave some for "
+            "training (lower mesh.rollout, or 0 to sample on the training devices)."
+        )
     fixed = int(np.prod([v for v in shape.values() if v != -1]))
-    count = jax.device_count()
     shape = {k: (count // fixed if v == -1 else v) for k, v in shape.items()}
     if int(np.prod(list(shape.values()))) != count:
         raise ValueError(
-            f"mesh {shape} does not use the {count} devices: set mesh.data * mesh.fsdp * "
-            "mesh.tensor to the device count (or one of them to -1)."
+            f"mesh {shape} does not use the {count} training devices: set mesh.data * "
+            "mesh.fsdp * mesh.tensor to the device count less mesh.rollout (or one of them "
+            "to -1)."
         )
-    return make_mesh(shape)
+    return make_mesh(shape, jax.devices()[:count] if apart else None)
+
+
+def rollout_mesh_from_config(config: Config, mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """Where rollouts are sampled: ``mesh`` (the training mesh), or the last ``mesh.rollout``
+    devices with the rows over all of them (``data``) and the weights replicated."""
+    apart = config.mesh.rollout
+    if not apart:
+        return mesh
+    if jax.process_count() > 1:
+        raise ValueError(
+            "mesh.rollout (devices set apart for rollouts) runs in a single process: set "
+            "mesh.rollout=0 to sample on the training mesh."
+        )
+    return make_mesh({"data": apart}, jax.devices()[-apart:])
 
 
 def step_settings(config: Config) -> StepSettings:
@@ -126,6 +149,7 @@ class Session:
     step_fn: Any
     batches: Batches
     eos: tuple[int, ...]
+    rollout_batches: Batches  # rows on the rollout mesh (the training mesh unless set apart)
 
     @classmethod
     def build(cls, config: Config) -> Session:
@@ -140,9 +164,10 @@ class Session:
         shardings = jax.tree.map(lambda x: x.sharding, tuple(state))
         step_fn = make_train_step(graphdef, teacher_graphdef, tx, settings, shardings)
         eos = eos_ids(tokenizer, student.config.eos_token_id)
+        rollout_mesh = rollout_mesh_from_config(config, mesh)
         return cls(
             config, mesh, tokenizer, graphdef, teacher_graphdef, state, teacher_params,
-            step_fn, Batches(mesh), eos,
+            step_fn, Batches(mesh), eos, Batches(rollout_mesh),
         )  # fmt: skip
 
     @property
@@ -179,15 +204,32 @@ class Session:
             system_prompt=c.system_prompt,
         )
 
+    def rollout_params(self) -> nnx.State:
+        """A copy of the live parameters on the rollout mesh (replicated there when it is
+        apart), which the next update's donation of the live ones leaves intact."""
+        mesh = self.rollout_batches.mesh
+        if mesh is self.mesh:
+            return jax.tree.map(jnp.copy, self.params)
+        return jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
+
     def rollout(
-        self, tokens: np.ndarray, mask: np.ndarray, key: jax.Array
+        self,
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        key: jax.Array,
+        params: nnx.State | None = None,
     ) -> tuple[np.ndarray, ...]:
         """The student's samples, back on the host: ``tokens, response_mask, prompt_mask``
-        ``[B n, S]`` (this process's rows; ``sampling.n`` consecutive rows per prompt)."""
+        ``[B n, S]`` (this process's rows; ``sampling.n`` consecutive rows per prompt), from
+        ``params`` (default: the live parameters, copied to the rollout mesh when it is apart;
+        :meth:`rollout_params`)."""
         c = self.config.sampling
+        batches = self.rollout_batches
+        if params is None:
+            params = self.params if batches.mesh is self.mesh else self.rollout_params()
         result = sampling.sample(
-            nnx.merge(self.graphdef, self.params),
-            *self.batches.to_device((tokens, mask)),
+            nnx.merge(self.graphdef, params),
+            *batches.to_device((tokens, mask)),
             key=key,
             max_new_tokens=c.max_new_tokens,
             method=sampling.method_from(c.temperature, c.top_k, c.top_p),
@@ -195,9 +237,9 @@ class Session:
             pad_id=pad_id(self.tokenizer),
             n=c.n,
             compact_every=c.compact_every,
-            mesh=self.mesh,
+            mesh=batches.mesh,
         )
-        return self.batches.to_host((result.tokens, result.response_mask, result.prompt_mask))
+        return batches.to_host((result.tokens, result.response_mask, result.prompt_mask))
 
     def segments(self, rollout: tuple[np.ndarray, ...]) -> tuple[np.ndarray, list[str]]:
         """Host: segment ids ``[B, N]`` of the responses, and their decoded texts."""
