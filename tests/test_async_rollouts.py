@@ -10,6 +10,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from test_train import overrides as train_overrides
 
 from opd_jax.config import ConfigError, load_config
 from opd_jax.train import loop
@@ -25,22 +26,8 @@ def pair(tiny_pair):
 
 
 def overrides(pair, run_dir, *extra):
-    return [
-        f"student.path={pair / 'student'}",
-        f"teacher.path={pair / 'teacher'}",
-        f"run.dir={run_dir}",
-        "run.progress=false",
-        "run.tensorboard=false",
-        f"data.data_dir={pair / 'data'}",
-        "data.batch_size=2",
-        "data.max_prompt_tokens=96",
-        "data.arithmetic={train_size: 32, test_size: 4, test_long_size: 4, test_unseen_op_size: 4}",
-        "sampling.max_new_tokens=12",
-        "score.chunk_size=8",
-        "optim.learning_rate=0.01",
-        "train.steps=4",
-        *extra,
-    ]
+    """test_train's tiny run, four steps long."""
+    return train_overrides(pair, run_dir, "train.steps=4", *extra)
 
 
 def fingerprint(params) -> float:

@@ -24,19 +24,20 @@ def bytes_per_device(tree) -> int:
     return max(per_device.values())
 
 
+def tiny_args(pair) -> list[str]:
+    return [
+        f"student.path={pair / 'student'}",
+        f"teacher.path={pair / 'teacher'}",
+        f"data.batch_size={B}",
+        f"data.max_prompt_tokens={P}",
+        f"sampling.max_new_tokens={N}",
+        "score.chunk_size=8",
+    ]
+
+
 @pytest.fixture(scope="module")
 def planned(tiny_pair):
-    config = load_config(
-        None,
-        [
-            f"student.path={tiny_pair / 'student'}",
-            f"teacher.path={tiny_pair / 'teacher'}",
-            f"data.batch_size={B}",
-            f"data.max_prompt_tokens={P}",
-            f"sampling.max_new_tokens={N}",
-            "score.chunk_size=8",
-        ],
-    )
+    config = load_config(None, tiny_args(tiny_pair))
     return config, plan(config), Session.build(config)
 
 
@@ -70,3 +71,12 @@ def test_step_temporaries_are_positive_and_finite(planned):
     total = result["gib_per_device"]["total"]
     rows = sum(v for k, v in result["gib_per_device"].items() if k != "total")
     assert total == pytest.approx(rows)
+
+
+def test_samples_per_prompt_and_async_rollouts_add_what_they_hold(planned, tiny_pair):
+    extra = ["sampling.n=3", "train.async_rollouts=true"]
+    more = plan(load_config(None, tiny_args(tiny_pair) + extra))["gib_per_device"]
+    before = planned[1]["gib_per_device"]
+    assert more["sampler_kv_cache"] == pytest.approx(3 * before["sampler_kv_cache"])  # 3x rows
+    assert before["rollout_params"] == 0
+    assert more["rollout_params"] == before["student_params"]  # the rollouts' own copy

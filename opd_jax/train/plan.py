@@ -45,7 +45,8 @@ def plan(config: Config) -> dict[str, Any]:
     params, opt_state = abstract_state(tx, params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec(DEFAULT_RULES.batch))
-    b, p, n = config.data.batch_size, config.data.max_prompt_tokens, config.sampling.max_new_tokens
+    b = config.data.batch_size * config.sampling.n  # rows per step
+    p, n = config.data.max_prompt_tokens, config.sampling.max_new_tokens
     sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)  # noqa: E731
     batch = {
         "tokens": sds((b, p + n)),
@@ -70,7 +71,12 @@ def plan(config: Config) -> dict[str, Any]:
         "optimizer_state": device_bytes(opt_state),
         "teacher_params": device_bytes(teacher_params),
         "step_temporaries": analysis.temp_size_in_bytes,
-        "sampler_kv_cache": kv_cache,
+        # sampled on the training devices, or on the mesh.rollout devices set apart
+        "sampler_kv_cache": 0 if config.mesh.rollout else kv_cache,
+        # train.async_rollouts on the training devices: the copy the next rollouts sample from
+        "rollout_params": (
+            device_bytes(params) if config.train.async_rollouts and not config.mesh.rollout else 0
+        ),
     }
     rows["total"] = sum(rows.values())
     return {
