@@ -6,7 +6,8 @@ row's next token goes to the same cache slot and all shapes are static: the cach
 prefill. Decoding stops when every row has produced an EOS id or `N` tokens; on the way,
 rows that have finished are dropped from the loop (see :func:`sample`). Sampling methods are
 small frozen dataclasses (pytrees: a new temperature or nucleus mass does not recompile; a
-new `k` does)"""
+new `k` does).
+"""
 
 from __future__ import annotations
 

@@ -89,16 +89,26 @@ def masked_attention(
     dtype: jnp.dtype,
 ) -> jax.Array:
     """Masked softmax attention of grouped queries over all `S` keys, `[B, T, K, G, H]`."""
+    probs_BxKxGxTxS = _masked_probs(q_BxTxKxGxH, keys_BxSxKxH, "bskh", visible_BxTxS, dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, values_BxSxKxH)
+
+
+def _masked_probs(
+    q_BxTxKxGxH: jax.Array,
+    keys: jax.Array,
+    layout: str,
+    visible_BxTxS: jax.Array,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """`softmax(q k / sqrt(H))` over the visible keys, `[B, K, G, T, S]` in `dtype`; `keys`
+    are laid out as `layout` says (`"bskh"` or `"bksh"`)."""
     H = q_BxTxKxGxH.shape[-1]
     scores_BxKxGxTxS = (
-        jnp.einsum(
-            "btkgh,bskh->bkgts", q_BxTxKxGxH, keys_BxSxKxH, preferred_element_type=jnp.float32
-        )
+        jnp.einsum(f"btkgh,{layout}->bkgts", q_BxTxKxGxH, keys, preferred_element_type=jnp.float32)
         * H**-0.5
     )
     scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, NEG_INF)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, values_BxSxKxH)
+    return jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
 
 
 def cached_attention(
@@ -112,14 +122,8 @@ def cached_attention(
     are laid out `[B, K, S, H]` as the dots read them (see `models.decoder.KVCache`)."""
     B, T, N, H = q_BxTxNxH.shape
     q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, keys_BxKxSxH.shape[1], -1, H)
-    scores_BxKxGxTxS = (
-        jnp.einsum(
-            "btkgh,bksh->bkgts", q_BxTxKxGxH, keys_BxKxSxH, preferred_element_type=jnp.float32
-        )
-        * H**-0.5
-    )
-    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, NEG_INF)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
+    probs_BxKxGxTxS = _masked_probs(q_BxTxKxGxH, keys_BxKxSxH, "bksh", visible_BxTxS, dtype)
+    # [G T, S] @ [S, H] per (b, k): the cache read as it lies
     out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs_BxKxGxTxS, values_BxKxSxH)
     return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
