@@ -14,6 +14,10 @@ from typing import Any
 import jax
 
 from opd_jax.files import atomic_write_text
+from opd_jax.heap import keep_freed_memory
+
+# Both frameworks in a benchmark's process reuse freed memory (opd_jax.heap), as the CLI does.
+MALLOC = "kept (opd_jax.heap)" if keep_freed_memory() else "system"
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -44,6 +48,7 @@ def machine() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": [d.device_kind for d in devices],
         "versions": versions,
+        "malloc": MALLOC,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 

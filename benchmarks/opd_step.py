@@ -67,14 +67,13 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (first: it sets malloc up before any thread allocates)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import step_profile  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import step_profile  # noqa: E402
 from opd_sides import (  # noqa: E402
     PAIRS,
     SEGMENT_TOKENS,

@@ -38,12 +38,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # first: it sets malloc up before any thread allocates
 import jax
 import numpy as np
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
 
 from opd_jax import sampling  # noqa: E402
 from opd_jax.models.config import ModelConfig  # noqa: E402

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from opd_jax.config import Config, ConfigError, all_keys, load_config
 from opd_jax.distributed import initialize_from_env, is_primary
+from opd_jax.heap import keep_freed_memory
 
 # Exit statuses: 0 done (or nothing to do); 1 the run failed (a non-finite step, a failed
 # write, no readable checkpoint; the last checkpoint is intact); 2 bad input (config, paths,
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs a command; returns its exit status (see ``EXIT_*``)."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # before JAX starts: XLA:CPU's step buffers reused, not faulted anew
     try:
         return args.run(args)
     except (ConfigError, FileNotFoundError, ValueError) as error:

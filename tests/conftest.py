@@ -1,11 +1,17 @@
 """Test-wide settings and fixtures.
 
 float32 matmuls at full precision: accelerators otherwise use TF32 (or bf16 passes) for
-float32 dots, and the tests compare kernels against references to 1e-5.
+float32 dots, and the tests compare kernels against references to 1e-5. malloc as the system
+has it: the command line sets it up for its process (`opd_jax.heap`), and tests call the command
+line inside the test workers (tests/test_heap.py checks the setting in processes of its own).
 """
+
+import os
 
 import jax
 import pytest
+
+os.environ.setdefault("OPD_JAX_HEAP", "system")
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

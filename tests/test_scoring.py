@@ -36,18 +36,20 @@ def test_chunked_scoring_equals_full_logits(chunk_size, loss_kind):
     np.testing.assert_allclose(scored.token_loss, want_loss, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_gradients_equal_full_logit_gradients_and_skip_the_teacher():
+@pytest.mark.parametrize("chunk_size", [3, B * T])  # rematerialised chunks; one kept whole
+@pytest.mark.parametrize("loss_kind", core.LOSS_KINDS)
+def test_chunked_gradients_equal_full_logit_gradients_and_skip_the_teacher(chunk_size, loss_kind):
     h_s, w_s, h_t, w_t, y = _inputs(1)
     w = (jnp.arange(T) < 5).astype(jnp.float32)[None].repeat(B, 0)
 
     def chunked(h_s, w_s, h_t, w_t):
         scored = core.score_chunked(
-            h_s, w_s, h_t, w_t, y, k=K, loss_kind="reverse_kl", chunk_size=3
+            h_s, w_s, h_t, w_t, y, k=K, loss_kind=loss_kind, chunk_size=chunk_size
         )
         return core.reduce_loss(scored.token_loss, w)
 
     def full(h_s, w_s, h_t, w_t):
-        return core.reduce_loss(core.token_loss(h_s @ w_s, h_t @ w_t, y, "reverse_kl"), w)
+        return core.reduce_loss(core.token_loss(h_s @ w_s, h_t @ w_t, y, loss_kind, k=K), w)
 
     got = jax.grad(chunked, argnums=(0, 1, 2, 3))(h_s, w_s, h_t, w_t)
     want = jax.grad(full, argnums=(0, 1))(h_s, w_s, h_t, w_t)

@@ -2,14 +2,14 @@
 
 The ``B * T`` positions are cut into chunks of ``chunk_size`` rows; for each chunk the
 student and teacher logits (``[chunk, V]``) are formed, reduced to the K-sized
-:class:`~opd_jax.core.stats.TokenStats` and the per-token loss term, and dropped. The chunk
-body is rematerialised under differentiation, so the backward pass recomputes a chunk's
-logits instead of storing them: peak memory is ``O(chunk_size * V)`` whatever ``B * T``.
+:class:`~opd_jax.core.stats.TokenStats` and the per-token loss term, and dropped. With more
+than one chunk the chunk body is rematerialised under differentiation, so the backward pass
+recomputes a chunk's logits instead of storing them: peak memory is ``O(chunk_size * V)``
+whatever ``B * T``.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -103,16 +103,19 @@ def score_chunked(
     teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
     teacher_unembed = jax.lax.stop_gradient(teacher_unembed)
 
-    # Rematerialised: the backward recomputes a chunk's student logits instead of storing
-    # them; the per-row advantage of sampled_reverse_kl is kept, so the teacher's logits are
-    # not recomputed (they carry no gradient): with 4 chunks the backward is 1.2x faster.
-    @functools.partial(jax.checkpoint, policy=_KEEP_ADVANTAGE)
     def score_chunk(h_s_CxD, h_t_CxD, y_C):
         z_s_CxV = jnp.dot(h_s_CxD, student_unembed, preferred_element_type=jnp.float32)
         z_t_CxV = jnp.dot(h_t_CxD, teacher_unembed, preferred_element_type=jnp.float32)
         stats = jax.lax.stop_gradient(stats_from_logits(z_s_CxV, z_t_CxV, y_C, k))
         return stats, loss_from_logits(z_s_CxV, z_t_CxV, y_C, loss_kind, beta, k)
 
+    if n_chunks > 1:
+        # Rematerialised: the backward recomputes a chunk's student logits instead of storing
+        # them; the per-row advantage of sampled_reverse_kl is kept, so the teacher's logits
+        # are not recomputed (they carry no gradient): with 4 chunks the backward is 1.2x
+        # faster. One chunk is alive whole anyway: its backward keeps what it needs instead
+        # of recomputing the [chunk, V] matmul.
+        score_chunk = jax.checkpoint(score_chunk, policy=_KEEP_ADVANTAGE)
     chunks = (
         _to_chunks(student_hidden, n_chunks, chunk_size),
         _to_chunks(teacher_hidden, n_chunks, chunk_size),

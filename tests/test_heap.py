@@ -1,0 +1,61 @@
+"""opd_jax.heap: XLA:CPU's temporary buffers are reused from run to run, not faulted in anew."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from opd_jax import heap
+
+# A jitted sort of 16 Mi floats: a 64 MiB temporary buffer per run. Runs are spaced, as a
+# training step's host work spaces them; back to back, a run may allocate before XLA has freed
+# the last one's buffer, and the heap grows (faults) until it holds both.
+PROBE = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    from opd_jax.heap import keep_freed_memory
+    kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+    import jax, jax.numpy as jnp
+    run = jax.jit(lambda x: jnp.sort(jnp.outer(x, x).ravel())[::4096].sum())
+    x = jnp.arange(4096, dtype=jnp.float32)
+    faults = []
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        run(x).block_until_ready()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        time.sleep(0.2)  # XLA frees the buffer just after the result is ready: let it
+    print(json.dumps({"kept": kept, "faults": faults}))
+    """
+)
+BUFFER_PAGES = 64 * 2**20 // 4096
+
+
+def _probe(mode: str) -> dict:
+    env = {name: value for name, value in os.environ.items() if name != heap.OPT_OUT}
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_heap_stops_faulting_the_step_buffer_in_anew():
+    system, kept = _probe("system"), _probe("keep")
+    assert kept["kept"] and not system["kept"]
+    # glibc maps each run's buffer afresh: every run faults all its pages in.
+    assert min(system["faults"][2:]) >= BUFFER_PAGES
+    # Kept: once the heap has grown to the runs' pattern, they fault (almost) nothing.
+    assert sorted(kept["faults"][2:])[2] < BUFFER_PAGES // 10
+
+
+def test_opt_out_and_accelerators_leave_malloc_alone(monkeypatch):
+    monkeypatch.setenv(heap.OPT_OUT, "system")
+    assert heap.keep_freed_memory() is False
+    monkeypatch.delenv(heap.OPT_OUT)  # conftest's
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert heap._accelerator_present() and heap.keep_freed_memory() is False
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not heap._accelerator_present()
