@@ -7,10 +7,12 @@ page faults and 1.7 s of kernel time in a 9 s step on 2 cores, and more when ano
 framework shares the process. :func:`keep_freed_memory` makes glibc serve every thread from
 its main heap, never ``mmap`` and never return the heap's top to the system; the buffer is
 then reused from step to step: no faults, that update 8.9 -> 8.0 s alone and 83.8 -> 124.9
-tokens/s alternating with PyTorch in one process (PyTorch's own 108 -> 124). The price: the
-process keeps its peak heap until it exits (a training process reaches it in its first steps;
-the SmolLM2 update's stays at 5.8 GiB), a little more where a run allocates its buffer before
-XLA has freed the last run's.
+tokens/s alternating with PyTorch in one process (PyTorch's own 108 -> 124); at B=16 33 s
+against 43 s. The price: the process keeps its heap until it exits. One JAX program's steps
+reuse it (the SmolLM2 update's peak RSS 13.2 GiB at B=16, 13.5 with the system's malloc); a
+process that mixes programs of other shapes or another framework may hold more than its live
+peak (PyTorch and opd_jax alternating at B=16 in one process were killed at 24 GB on a 23 GiB
+machine): run such a process with ``OPD_JAX_HEAP=system``.
 
 The command line calls it before JAX starts (threads pick their heap at their first
 allocation); a script that imports opd_jax calls it the same way, before any array is made.
