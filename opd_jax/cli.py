@@ -3,7 +3,7 @@
 opd-jax train CONFIG.yaml [--set KEY=VALUE ...]   run or resume an OPD run
 opd-jax eval CONFIG.yaml [--set ...]              evaluate models on benchmark sets
 opd-jax sample MODEL --prompt TEXT                 sample completions from a checkpoint
-opd-jax convert SRC DST                            Hugging Face/GGUF <-> orbax
+opd-jax convert SRC DST [--overwrite]              Hugging Face/GGUF <-> orbax
 opd-jax plan CONFIG.yaml [--set ...]               memory per device, before allocating
 opd-jax experiment CONFIG.yaml [--full] [--set ...] the offline strong-to-weak experiment
 opd-jax profile CONFIG.yaml [--batches N] [--set ...] a pair's margin and advantage profiles
@@ -16,15 +16,17 @@ import os
 import sys
 from collections.abc import Sequence
 
-from opd_jax.config import Config, ConfigError, all_keys, load_config
+from opd_jax.config import Config, all_keys, load_config
 from opd_jax.distributed import initialize_from_env, is_primary
+from opd_jax.errors import InputError
 from opd_jax.heap import keep_freed_memory
 
 # Exit statuses: 0 done (or nothing to do); 1 the run failed (a non-finite step, a failed
-# write, no readable checkpoint; the last checkpoint is intact); 2 bad input (config, paths,
-# data, a refused change on resume); 75 (EX_TEMPFAIL) stopped early, e.g. by SIGTERM, after
-# saving: run the same command again to resume.
-EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 1, 2, 75
+# write, no readable checkpoint, a bug; the last checkpoint is intact); 2 bad input (config,
+# paths, data, a refused change on resume, a run directory in use); 75 (EX_TEMPFAIL) stopped
+# early by SIGTERM, after saving; 130 stopped by Ctrl-C (SIGINT: after saving the step in
+# flight; pressed twice, at once). After 75 or 130, run the same command again to resume.
+EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 75, 130
 CONFIG_HELP = "a YAML config (e.g. configs/smollm2_layers.yaml)"
 SET_HELP = "override a config key, e.g. --set rule.kind=full --set train.steps=10"
 
@@ -58,8 +60,8 @@ def _train(args: argparse.Namespace) -> int:
         raise  # Bad input (a model or data path): main reports it.
     except (RunFailed, CheckpointRestoreError, OSError) as error:
         return _error(args, error, EXIT_FAILED)
-    if result.status is Status.STOPPED:
-        return EXIT_STOPPED  # The loop said where it stopped and how to resume.
+    if result.status is Status.STOPPED:  # The loop said where it stopped and how to resume.
+        return EXIT_INTERRUPTED if result.interrupted else EXIT_STOPPED
     if not is_primary():
         return 0
     if result.status is Status.FINISHED:
@@ -102,7 +104,11 @@ def _sample(args: argparse.Namespace) -> int:
 
     model, tokenizer = models.load(args.model, jnp.float32)
     tokens, mask = models.encode_prompts(
-        tokenizer, args.prompt, args.max_prompt_tokens, chat_template=not args.raw
+        tokenizer,
+        args.prompt,
+        args.max_prompt_tokens,
+        chat_template=not args.raw,
+        length_key="--max-prompt-tokens",
     )
     method = sampling.Greedy() if args.temperature == 0 else sampling.Temperature(args.temperature)
     result = sampling.sample(
@@ -129,7 +135,7 @@ def _convert(args: argparse.Namespace) -> int:
     from opd_jax.train.convert import convert
 
     try:
-        convert(args.src, args.dst)
+        convert(args.src, args.dst, overwrite=args.overwrite)
     except CheckpointRestoreError as error:
         return _error(args, error, EXIT_FAILED)
     print(f"wrote {args.dst}")
@@ -149,7 +155,7 @@ def _profile(args: argparse.Namespace) -> int:
     use_compilation_cache(config.run.compilation_cache)
     from opd_jax.experiment.profile import profile
 
-    profile(config, args.batches, label=os.path.basename(args.config))
+    profile(config, args.batches, label=os.path.basename(args.config), ideal=args.ideal)
     return 0
 
 
@@ -204,7 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         "good checkpoint is written to DST as a Hugging Face directory.",
     )
     convert.add_argument("src")
-    convert.add_argument("dst")
+    convert.add_argument("dst", help="a new (or empty) directory; see --overwrite")
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty DST (never the source, a run's models or a run in use)",
+    )
     convert.set_defaults(run=_convert)
 
     plan = commands.add_parser(
@@ -237,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(measure)
     measure.add_argument("--batches", type=int, default=8, help="batches of data.batch_size")
+    measure.add_argument(
+        "--ideal",
+        action="store_true",
+        help="the arithmetic task only: also the generator's own next-token distribution, "
+        "the ideal teacher, on the same rollouts (opd_jax.experiment.ideal_teacher)",
+    )
     measure.set_defaults(run=_profile)
     return parser
 
@@ -247,16 +264,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # before JAX starts: XLA:CPU's step buffers reused, not faulted anew
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (InputError, FileNotFoundError, UnicodeDecodeError) as error:
         return _error(args, error, EXIT_USAGE)
+    except KeyboardInterrupt:
+        print(
+            f"opd-jax {args.command}: interrupted; what was saved before is intact (a run: "
+            "run the same command again to resume).",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except Exception as error:  # Not bad input: a failure or a bug, said as such.
+        return _error(args, error, EXIT_FAILED, bug=True)
 
 
-def _error(args: argparse.Namespace, error: Exception, status: int) -> int:
+def _error(args: argparse.Namespace, error: Exception, status: int, bug: bool = False) -> int:
     """Prints ``error`` as the command's error (or re-raises it, ``OPD_JAX_TRACEBACK=1``)."""
     if os.environ.get("OPD_JAX_TRACEBACK"):
         raise error
-    print(f"opd-jax {args.command}: error: {error}", file=sys.stderr)
-    print("(set OPD_JAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+    if bug:
+        message = (
+            f"failed: {type(error).__name__}: {error} (not a problem with the input as far as "
+            "opd_jax can tell: rerun with OPD_JAX_TRACEBACK=1 and report the traceback)"
+        )
+    else:
+        message = f"error: {error}"
+    print(f"opd-jax {args.command}: {message}", file=sys.stderr)
+    if not bug:
+        print("(set OPD_JAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
     return status
 
 

@@ -2,9 +2,10 @@
 
 ``load_config("configs/smollm2_layers.yaml", ["rule.kind=full", "train.steps=10"])`` returns a
 :class:`Config`. Every key is checked before any compute: an unknown or mistyped key fails
-with the nearest valid key, a value of the wrong type names the key and the expected type
-(:mod:`opd_jax.typed_yaml`). Rule options (``rule.options.*``) are checked against the chosen
-rule's options and their defaults' types.
+with the nearest valid key, a value of the wrong type or out of the range its field declares
+(``Positive``, ``Fraction``, ...: checked by pydantic, NaN and infinities refused) names the
+key, the value and what is allowed (:mod:`opd_jax.typed_yaml`). Rule options
+(``rule.options.*``) are checked against the chosen rule's options and their defaults' types.
 """
 
 from __future__ import annotations
@@ -12,22 +13,46 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Field
 
 from opd_jax.core import LOSS_KINDS, REDUCTIONS, RULES, rule_options
-from opd_jax.typed_yaml import ConfigError, all_keys, coerce, load_tree  # noqa: F401 (re-exported)
+from opd_jax.typed_yaml import (  # noqa: F401 (re-exported)
+    ConfigError,
+    all_keys,
+    build_tree,
+    coerce,
+    load_tree,
+)
+
+# Declared constraints: every field's type says its range, checked by pydantic as the config is
+# read (NaN and infinities refused everywhere), each error naming the key, the value and the range.
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Decay = Annotated[float, Field(ge=0, lt=1)]  # an exponential moving average's rate
+NonEmpty = Annotated[str, Field(min_length=1)]
+MeshSize = Annotated[int, Field(ge=-1, description="-1: the remaining devices")]
+
+
+def note(text: str) -> Any:
+    """What a field's special value means, said in its range errors: ``note("0 disables")``."""
+    return Field(description=text)
 
 
 @dataclasses.dataclass
 class RunConfig:
-    dir: str = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, plots, tables
-    log_every: int = 1  # steps between metric lines
-    checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 3  # the last k are kept
+    dir: NonEmpty = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, plots, tables
+    log_every: Positive = 1  # steps between metric lines
+    checkpoint_every: Positive = 50  # steps between checkpoints (and one at the end)
+    keep_checkpoints: Positive = 3  # the last k are kept
     async_checkpoint: bool = True  # write checkpoints in the background where orbax can
     tensorboard: bool = True  # also write TensorBoard event files
     progress: bool = True  # a progress bar on the terminal
@@ -48,11 +73,12 @@ class ModelSpec:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "arithmetic"  # "arithmetic" (built-in task) or a JSONL/Parquet file or folder
+    # "arithmetic" (the built-in task) or a JSONL/Parquet file or folder
+    source: NonEmpty = "arithmetic"
     split: str = "train"
-    data_dir: str = "runs/data"  # where TFDS builds are written
-    batch_size: int = 8  # prompts per optimizer step, over all processes
-    max_prompt_tokens: int = 96  # prompts are left-padded or truncated (from the left) to this
+    data_dir: NonEmpty = "runs/data"  # where TFDS builds are written
+    batch_size: Positive = 8  # prompts per optimizer step, over all processes
+    max_prompt_tokens: Positive = 96  # prompts are left-padded or truncated (from the left) to this
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template
     system_prompt: str = ""
     arithmetic: dict[str, Any] = dataclasses.field(default_factory=dict)  # ArithmeticConfig fields
@@ -60,24 +86,28 @@ class DataConfig:
 
 @dataclasses.dataclass
 class SamplingConfig:
-    max_new_tokens: int = 64  # response budget N
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1 disables
-    n: int = 1  # samples per prompt, sharing its prefill: a step has data.batch_size * n rows
-    compact_every: int = 16  # tokens between drops of finished rows (0: never drop them)
+    max_new_tokens: Positive = 64  # response budget N
+    temperature: Annotated[NonNegativeFloat, note("0 is greedy")] = 1.0
+    top_k: Annotated[NonNegative, note("0 disables it")] = 0
+    top_p: Annotated[float, Field(gt=0, le=1), note("1 disables it")] = 1.0
+    n: Positive = 1  # samples per prompt, sharing its prefill: a step has data.batch_size * n rows
+    # tokens between drops of finished rows
+    compact_every: Annotated[NonNegative, note("0 never drops finished rows")] = 16
 
 
 @dataclasses.dataclass
 class ScoreConfig:
-    k: int = 16  # top-K kept per position (margins, entropy, TA-OPD)
-    chunk_size: int = 1024  # positions whose [chunk, V] logits are alive at once
+    k: Positive = 16  # top-K kept per position (margins, entropy, TA-OPD)
+    chunk_size: Positive = 1024  # positions whose [chunk, V] logits are alive at once
 
 
 @dataclasses.dataclass
 class SegmentsConfig:
     kind: str = "sentence"  # sentence (NLTK Punkt), fixed, token
-    tokens: int = 32  # block size of kind=fixed
+    tokens: Positive = 32  # block size of kind=fixed
+    # rule.kind=oracle cuts each response after the first match of this regex in its text ("":
+    # the arithmetic task's "The answer is N.", opd_jax.data.oracle.ANSWER_PATTERN)
+    oracle_pattern: str = ""
 
 
 @dataclasses.dataclass
@@ -90,43 +120,43 @@ class RuleConfig:
 class LossConfig:
     kind: str = "sampled_reverse_kl"
     reduction: str = "token_mean"
-    beta: float = 0.5  # jsd only
+    beta: Fraction = 0.5  # jsd only
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    learning_rate: float = 1e-5
+    learning_rate: Annotated[NonNegativeFloat, note("0: no update")] = 1e-5
     schedule: str = "cosine"  # cosine (decays to 10%) or constant, after linear warmup
-    warmup_steps: int = 0
+    warmup_steps: Annotated[NonNegative, note("0: no warmup")] = 0
     # the cosine's horizon: it reaches 10% at this step and stays there (0: train.steps); fix it
     # to raise train.steps of a run without changing its schedule
-    decay_steps: int = 0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    clip_norm: float = 1.0  # global-norm clipping; 0 disables
-    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    decay_steps: Annotated[NonNegative, note("0: train.steps")] = 0
+    weight_decay: NonNegativeFloat = 0.0
+    b1: Decay = 0.9
+    b2: Decay = 0.999
+    clip_norm: Annotated[NonNegativeFloat, note("global-norm clipping; 0 disables it")] = 1.0
+    accumulate: Positive = 1  # micro-batches per optimizer step (gradient accumulation)
 
 
 @dataclasses.dataclass
 class MeshConfig:
-    data: int = 1
-    fsdp: int = -1  # -1: all remaining devices
-    tensor: int = 1
+    data: MeshSize = 1
+    fsdp: MeshSize = -1  # -1: all remaining devices
+    tensor: MeshSize = 1
     # devices set apart for train.async_rollouts' sampling (the last ones; rows over all of
     # them, the student's weights copied there each step); 0: rollouts on the training mesh
-    rollout: int = 0
+    rollout: Annotated[NonNegative, note("0: rollouts on the training devices")] = 0
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 100  # optimizer steps in the run
+    steps: Positive = 100  # optimizer steps in the run
     remat: bool = False  # recompute the student's blocks in the backward pass (long rollouts)
     # the step's attention kernel (opd_jax.models.attention): auto | xla | cudnn | flash; auto:
     # cudnn on a CUDA GPU in bfloat16, xla on other GPUs, flash on CPU and TPU
     attention: str = "auto"
     # xla: queries attended at a time (0: all; memory O(chunk*S)); flash: its block (0: 512)
-    attention_chunk: int = 0
+    attention_chunk: Annotated[NonNegative, note("0 attends all queries at once")] = 0
     # a step whose loss, gradient or updated parameters are not finite: stop (the run ends
     # before saving it) or skip (parameters and optimizer state stay as they were; counted)
     on_nonfinite: str = "stop"
@@ -139,12 +169,12 @@ class TrainConfig:
 class ModelShape:
     """The shape of a Qwen3-style decoder made from scratch (tied embeddings)."""
 
-    layers: int = 2
-    hidden: int = 64
-    heads: int = 2
-    kv_heads: int = 1
-    head_dim: int = 32
-    intermediate: int = 192
+    layers: Positive = 2
+    hidden: Positive = 64
+    heads: Positive = 2
+    kv_heads: Positive = 1
+    head_dim: Positive = 32
+    intermediate: Positive = 192
 
 
 @dataclasses.dataclass
@@ -152,10 +182,10 @@ class SFTConfig:
     """Supervised fine-tuning of one model of the experiment on the task's solutions."""
 
     shape: ModelShape = dataclasses.field(default_factory=ModelShape)
-    steps: int = 300
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
+    steps: Positive = 300
+    batch_size: Positive = 64
+    learning_rate: PositiveFloat = 3e-3
+    warmup_steps: NonNegative = 50
 
 
 @dataclasses.dataclass
@@ -170,19 +200,20 @@ class ExperimentConfig:
         default_factory=lambda: ["release", "full", "prefix_fraction", "ta_opd", "iw_opd"]
     )
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1])  # OPD seeds per rule
-    vocab_size: int = 300  # BPE tokenizer trained on the task (digits split)
-    tokenizer_examples: int = 2000  # train examples the tokenizer is trained on
+    vocab_size: Positive = 300  # BPE tokenizer trained on the task (digits split)
+    tokenizer_examples: Positive = 2000  # train examples the tokenizer is trained on
     teacher: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     student: SFTConfig = dataclasses.field(default_factory=SFTConfig)
-    curve_every: int = 10  # OPD steps between accuracy points (accuracy against step)
-    curve_problems: int = 64  # in-domain problems of each accuracy point (eval_k samples each)
+    # OPD steps between accuracy points (accuracy against step)
+    curve_every: Annotated[NonNegative, note("0: no curve")] = 10
+    curve_problems: Positive = 64  # in-domain problems of each accuracy point (eval_k samples each)
     eval_splits: list[str] = dataclasses.field(
         default_factory=lambda: ["test", "test_long", "test_unseen_op"]
     )  # arithmetic splits of the final table: in-domain first, then out-of-domain
-    eval_problems: int = 0  # problems per split (0 = all)
-    eval_k: int = 4  # samples per problem
-    eval_temperature: float = 1.0  # 0 = greedy
-    eval_max_new_tokens: int = 128  # room for test_long's longer solutions
+    eval_problems: Annotated[NonNegative, note("0: all")] = 0  # problems per split
+    eval_k: Positive = 4  # samples per problem
+    eval_temperature: Annotated[NonNegativeFloat, note("0 is greedy")] = 1.0
+    eval_max_new_tokens: Positive = 128  # room for test_long's longer solutions
     full: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of --full
 
 
@@ -218,19 +249,6 @@ CHOICES = {
     "train.attention": ("auto", "xla", "cudnn", "flash"),
     "train.on_nonfinite": ("stop", "skip"),
 }
-POSITIVE = (
-    "train.steps", "data.batch_size", "data.max_prompt_tokens", "sampling.max_new_tokens",
-    "score.k", "score.chunk_size", "segments.tokens", "optim.accumulate", "run.log_every",
-    "run.checkpoint_every", "run.keep_checkpoints",
-)  # fmt: skip
-NON_NEGATIVE = {  # key: what 0 means
-    "train.attention_chunk": "0 attends all queries at once",
-    "optim.warmup_steps": "0: no warmup",
-    "optim.decay_steps": "0: train.steps",
-    "optim.weight_decay": "0: none",
-    "optim.learning_rate": "0: no update",
-    "mesh.rollout": "0: rollouts on the training devices",
-}
 
 
 def validate(config: Config) -> Config:
@@ -242,13 +260,13 @@ def validate(config: Config) -> Config:
             near = difflib.get_close_matches(str(flat[key]), choices, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{key}={flat[key]!r} is not one of {list(choices)}.{hint}")
-    for key in POSITIVE:
-        if flat[key] < 1:
-            raise ConfigError(f"{key} must be >= 1, got {flat[key]}.")
-    for key, zero in NON_NEGATIVE.items():
-        if flat[key] < 0:
-            raise ConfigError(f"{key} must be >= 0 ({zero}), got {flat[key]}.")
     check_sampling(config.sampling)
+    check_mesh(config.mesh)
+    pattern = config.segments.oracle_pattern
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"segments.oracle_pattern={pattern!r} is no regex: {error}.") from None
     if config.mesh.rollout and not config.train.async_rollouts:
         raise ConfigError(
             f"mesh.rollout={config.mesh.rollout} sets devices apart for asynchronous "
@@ -280,24 +298,22 @@ def validate(config: Config) -> Config:
 
 
 def check_sampling(c: SamplingConfig, section: str = "sampling") -> None:
-    """``max_new_tokens >= 1``, ``temperature >= 0``, ``top_k >= 0``, ``0 < top_p <= 1``,
-    not both top-k and top-p, ``n >= 1``, ``compact_every >= 0``."""
-    if c.max_new_tokens < 1:
-        raise ConfigError(f"{section}.max_new_tokens must be >= 1, got {c.max_new_tokens}.")
-    if c.temperature < 0:
-        raise ConfigError(f"{section}.temperature must be >= 0 (0 is greedy), got {c.temperature}.")
-    if c.top_k < 0:
-        raise ConfigError(f"{section}.top_k must be >= 0 (0 disables it), got {c.top_k}.")
-    if not 0 < c.top_p <= 1:
-        raise ConfigError(f"{section}.top_p must be in (0, 1] (1 disables it), got {c.top_p}.")
+    """Not both top-k and top-p (each value's range is declared on its field)."""
     if c.top_k > 0 and c.top_p < 1:
         raise ConfigError(f"set {section}.top_k or {section}.top_p, not both.")
-    if c.n < 1:
-        raise ConfigError(f"{section}.n (samples per prompt) must be >= 1, got {c.n}.")
-    if c.compact_every < 0:
+
+
+def check_mesh(c: MeshConfig) -> None:
+    """Each training axis -1 or >= 1, at most one -1 (their product is checked against the
+    devices when the mesh is made, :func:`opd_jax.train.session.mesh_from_config`)."""
+    sizes = {"mesh.data": c.data, "mesh.fsdp": c.fsdp, "mesh.tensor": c.tensor}
+    for key, size in sizes.items():
+        if size == 0:
+            raise ConfigError(f"{key} must be >= 1, or -1 for the remaining devices; got 0.")
+    if list(sizes.values()).count(-1) > 1:
         raise ConfigError(
-            f"{section}.compact_every must be >= 0 (0 never drops finished rows), "
-            f"got {c.compact_every}."
+            f"at most one of {', '.join(sizes)} may be -1 (the remaining devices), got "
+            f"{', '.join(f'{k}={v}' for k, v in sizes.items())}."
         )
 
 
@@ -384,6 +400,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     as written, relative to the current directory.
     """
     return validate(load_tree(Config, path, overrides))
+
+
+def config_from_dict(tree: Mapping[str, Any]) -> Config:
+    """The :class:`Config` of a config tree (``Config.to_dict()``, e.g. a checkpoint's meta),
+    checked as a YAML file would be; keys an older run lacks take their defaults."""
+    return build_tree(Config, tree)
 
 
 def dump_config(config: Config) -> str:

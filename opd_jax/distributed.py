@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from opd_jax.errors import InputError
+
 T = TypeVar("T")
 
 MODE = "OPD_JAX_DISTRIBUTED"
@@ -49,7 +51,7 @@ EXPLICIT = tuple(ARGUMENT)
 MODES = ("auto", "off")
 
 
-class DistributedEnvError(ValueError):
+class DistributedEnvError(InputError):
     """The environment asks for a multi-process run but its settings are inconsistent."""
 
 

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
+from opd_jax.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration that cannot run, with the key at fault and the fix."""
 
 
@@ -50,37 +54,96 @@ def _unknown(key: str, keys: Sequence[str]) -> ConfigError:
     return ConfigError(f"Unknown config key {key!r}.{hint}")
 
 
-def _as_float(value: Any) -> float | None:
-    """``value`` as a float when it is an int or a string that reads as one (``"1e-4"``, which
-    YAML leaves a string), else None."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+def _as_float(value: Any) -> Any:
+    """``value`` as a float when it is a string that reads as one (``"1e-4"``, which YAML
+    leaves a string), else ``value`` unchanged."""
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
-            return None
-    return None
+            return value
+    return value
+
+
+_STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False)
+
+
+@functools.cache
+def _adapter(hint: Any) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(hint, config=_STRICT)
+
+
+def _base_and_constraints(hint: Any) -> tuple[Any, list[Any]]:
+    """``(int, [Ge(ge=1), FieldInfo(...)])`` of ``Annotated[int, Field(ge=1)]``; optional
+    types stand for their non-None member."""
+    metadata: list[Any] = []
+    while True:
+        if typing.get_origin(hint) is typing.Annotated:
+            hint, *extra = typing.get_args(hint)
+            for item in extra:
+                metadata.append(item)
+                metadata.extend(getattr(item, "metadata", ()))
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(t for t in typing.get_args(hint) if t is not type(None))
+        else:
+            return hint, metadata
+
+
+_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def allowed_range(hint: Any) -> str:
+    """The range an annotated number type declares: ``>= 1``, ``in (0, 1]``, ``> 0``; the
+    field's description (``Field(description=...)``) follows in parentheses."""
+    _, metadata = _base_and_constraints(hint)
+    bounds = {}
+    description = ""
+    for item in metadata:
+        for name in ("ge", "gt", "le", "lt"):
+            if getattr(item, name, None) is not None:
+                bounds[name] = getattr(item, name)
+        description = getattr(item, "description", None) or description
+    low = next(((n, bounds[n]) for n in ("ge", "gt") if n in bounds), None)
+    high = next(((n, bounds[n]) for n in ("le", "lt") if n in bounds), None)
+    if low and high:
+        opening, closing = "[("[low[0] == "gt"], "])"[high[0] == "lt"]
+        text = f"in {opening}{low[1]}, {high[1]}{closing}"
+    elif low or high:
+        name, bound = low or high
+        text = f"{_SYMBOLS[name]} {bound}"
+    else:
+        text = "valid"
+    return text + (f" ({description})" if description else "")
+
+
+_TYPE_ERRORS = ("_type", "_parsing", "int_from_float")
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
-    """Checks ``value`` against the field type ``hint``; for floats, ints and strings that read
-    as floats (``1e-4``: YAML reads it as a string) are accepted."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        hint = next(t for t in options if t is not type(None))
-        origin = typing.get_origin(hint)
-    expected = origin or hint
-    if expected is float and (number := _as_float(value)) is not None:
-        return number
-    if expected is Any or (
-        isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-    ):
-        return value
-    raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}.")
+    """``value`` checked against the field type ``hint`` by pydantic (strict types, NaN and
+    infinities refused, the ranges an ``Annotated`` hint declares), floats also read from
+    strings (YAML leaves ``1e-4`` a string). Raises :class:`ConfigError` naming ``key``, the
+    value and what is allowed."""
+    base, _ = _base_and_constraints(hint)
+    if base is float:
+        value = _as_float(value)
+    try:
+        return _adapter(hint).validate_python(value)
+    except pydantic.ValidationError as error:
+        problem = error.errors()[0]
+    kind = problem["type"]
+    got = problem.get("input", value)
+    if kind == "finite_number":
+        raise ConfigError(f"{key} must be a finite number, got {got!r}.") from None
+    if kind.startswith(("greater", "less")):
+        raise ConfigError(f"{key} must be {allowed_range(hint)}, got {got!r}.") from None
+    if kind == "string_too_short":
+        raise ConfigError(f"{key} must not be empty.") from None
+    if problem["loc"] or not kind.endswith(_TYPE_ERRORS):
+        where = "".join(f"[{part!r}]" for part in problem["loc"])
+        raise ConfigError(f"{key}{where}: {problem['msg']}, got {got!r}.") from None
+    name = getattr(base, "__name__", str(base))
+    raise ConfigError(f"{key} must be {name}, got {value!r}.") from None
 
 
 def _named_section(hint: Any) -> type | None:
@@ -101,11 +164,11 @@ def _build_named(section: type, data: Any, key: str) -> dict[Any, Any]:
     built = {}
     for name, value in data.items():
         fields = value if isinstance(value, Mapping) else {first: value}
-        built[name] = _build(section, fields, f"{key}.{name}.")
+        built[name] = build_tree(section, fields, f"{key}.{name}.")
     return built
 
 
-def _build(cls: type, data: Any, prefix: str = "", keys: Sequence[str] | None = None) -> Any:
+def build_tree(cls: type, data: Any, prefix: str = "", keys: Sequence[str] | None = None) -> Any:
     """``cls(**data)``, every value checked against its field's type: a dataclass field is
     built as a nested section, a ``dict[str, Section]`` field by :func:`_build_named`.
 
@@ -115,7 +178,7 @@ def _build(cls: type, data: Any, prefix: str = "", keys: Sequence[str] | None = 
     keys = all_keys(cls, prefix) if keys is None else keys
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
@@ -124,7 +187,7 @@ def _build(cls: type, data: Any, prefix: str = "", keys: Sequence[str] | None = 
             raise _unknown(key, keys)
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, key + ".", keys)
+            kwargs[name] = build_tree(hint, {} if value is None else value, key + ".", keys)
         elif section := _named_section(hint):
             kwargs[name] = _build_named(section, value, key)
         else:
@@ -135,10 +198,15 @@ def _build(cls: type, data: Any, prefix: str = "", keys: Sequence[str] | None = 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, cls: type) -> None:
     parts = key.split(".")
     node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:  # absent, or an empty section in the file
+            child = node[part] = {}
         if not isinstance(child, dict):
-            raise _unknown(key, all_keys(cls))
+            section = ".".join(parts[: depth + 1])
+            if section in all_keys(cls):  # a value, not a section: its key has no sub-keys
+                raise _unknown(key, all_keys(cls))
+            raise ConfigError(f"{section} must be a mapping, got {child!r}.")
         node = child
     node[parts[-1]] = value
 
@@ -151,10 +219,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), _read_yaml(raw, f"the value of --set {text}") if raw.strip() else ""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (YAML lets the last win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"the key {key!r} appears twice (first at line {seen[key] + 1}): keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load(text)``; a syntax error names ``source`` and the line and column."""
+    """``yaml.load(text)`` (safe, no repeated keys); an error names ``source`` and the line
+    and column."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
         raise ConfigError(
             f"{source}: invalid YAML, {_yaml_problem(error)}; fix it there."
@@ -190,4 +277,4 @@ def load_tree(cls: type, path: str | Path | None = None, overrides: Sequence[str
         if key.split(".")[0] not in {f.name for f in dataclasses.fields(cls)}:
             raise _unknown(key, all_keys(cls))
         _set_dotted(tree, key, value, cls)
-    return _build(cls, tree)
+    return build_tree(cls, tree)

@@ -19,7 +19,7 @@ from opd_jax.train.checkpoint import (
     Checkpointer,
     CheckpointRestoreError,
     fingerprint,
-    on_sigterm,
+    on_stop_signals,
 )
 
 # A failed orbax restore leaves pending array reads and loop callbacks behind; they complain
@@ -205,19 +205,39 @@ def test_every_checkpoint_corrupt_raises_and_moves_nothing(tmp_path):
     assert step_dir(tmp_path, 2).is_dir() and not (tmp_path / "checkpoints_corrupt").exists()
 
 
-def test_sigterm_sets_flag_and_restores_previous_handler():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_sets_the_flag_and_the_previous_handler_comes_back(signum):
     def previous(signum, frame):
         del signum, frame
 
-    original = signal.signal(signal.SIGTERM, previous)
+    original = signal.signal(signum, previous)
     try:
-        with on_sigterm() as flag:
+        with on_stop_signals() as flag:
             assert not flag.requested
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert flag.requested and flag.signum == signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) is previous
+            os.kill(os.getpid(), signum)
+            assert flag.requested and flag.signum == signum
+            assert flag.interrupted == (signum == signal.SIGINT)
+        assert signal.getsignal(signum) is previous
     finally:
-        signal.signal(signal.SIGTERM, original)
+        signal.signal(signum, original)
+
+
+def test_a_second_ctrl_c_abandons_the_step_in_flight():
+    with on_stop_signals() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_interrupted_save_leaves_no_temporary_directory(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with Checkpointer(tmp_path, keep=5, async_save=False) as ckpt:
+            ckpt.save(1, make_state(), {"data": 1})
+            partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-123"
+            partial.mkdir()
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
 
 
 def flip_bytes(path: Path, count: int = 64) -> None:

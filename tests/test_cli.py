@@ -1,4 +1,4 @@
-"""The ``opd-jax`` command line: help, plan, convert, sample, SIGTERM, and shipped configs."""
+"""The ``opd-jax`` command line: help, plan, convert, sample, stop signals, shipped configs."""
 
 import os
 import signal
@@ -164,9 +164,15 @@ def test_sample_prints_completions(tiny_config, capsys):
     assert "---" in capsys.readouterr().out
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_with_the_stopped_status(tiny_config, tmp_path):
-    """A launcher tells a preempted run (75, EX_TEMPFAIL) from a finished one (0). (In a fresh
-    process, which also fills `run.compilation_cache`.)"""
+@pytest.mark.parametrize(
+    "signum, status", [(signal.SIGTERM, cli.EXIT_STOPPED), (signal.SIGINT, cli.EXIT_INTERRUPTED)]
+)
+def test_a_stop_signal_saves_a_checkpoint_and_exits_with_its_status(
+    tiny_config, tmp_path, signum, status
+):
+    """A launcher tells a preempted run (SIGTERM: 75, EX_TEMPFAIL) from a finished one (0);
+    Ctrl-C (SIGINT) saves the same way and exits 130, with no traceback and no partial save
+    left. (In a fresh process, which also fills `run.compilation_cache`.)"""
     run = tmp_path / "run"
     args = ["train", str(tiny_config), "--set", f"run.dir={run}", "--set", "train.steps=500"]
     proc = subprocess.Popen(
@@ -180,10 +186,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_the_stopped_status(tiny_confi
     while not (run / "metrics.jsonl").exists() or not read_metrics(run):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == cli.EXIT_STOPPED == 75, out
-    assert "stopped: saved step" in out and "done:" not in out
+    assert proc.returncode == status, out
+    assert "stopped: saved step" in out and "done:" not in out and "Traceback" not in out
+    assert not list((run / "checkpoints").glob("*tmp*"))
     steps = [line["step"] for line in read_metrics(run)]
     assert 1 <= steps[-1] < 500
     saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())

@@ -206,6 +206,30 @@ def test_allowed_changes_warn_and_are_recorded(tiny_pair, run_copy):
     assert load_config(run_copy / "config.yaml").optim.learning_rate == 0.001
 
 
+def test_an_allowed_change_of_the_optimizer_structure_keeps_the_parameters(tiny_pair, run_copy):
+    """clip_norm 1 -> 0 drops the clipping stage from the optimizer state: the parameters,
+    step and data position are restored, the optimizer state starts fresh, said once."""
+    changed = ("train.steps=3", "optim.decay_steps=2", "optim.clip_norm=0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(config(tiny_pair, run_copy, *changed, "run.allow_changes=true"))
+    said = " ".join(str(w.message) for w in caught)
+    assert "optimizer state (moments, schedule count) starts fresh" in said
+    assert "unreadable" not in said
+    assert result.status is Status.FINISHED and result.step == 3
+    assert [line["step"] for line in read_metrics(run_copy)] == [1, 2, 3]
+
+
+def test_a_bug_is_reported_as_a_failure_not_as_bad_input(tiny_pair, tmp_path, monkeypatch, capsys):
+    def build(config):
+        raise KeyError("params")
+
+    monkeypatch.setattr(Session, "build", build)
+    assert cli_train(tiny_pair, tmp_path / "run") == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("opd-jax train: failed: KeyError: 'params' (not a problem with the input")
+
+
 def test_keys_that_keep_the_trajectory_may_change(tiny_pair, run_copy):
     free = (
         "train.steps=2", "run.log_every=2", "run.keep_checkpoints=5", "train.attention=xla",

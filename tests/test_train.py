@@ -213,7 +213,7 @@ def test_several_samples_per_prompt_train(pair, tmp_path):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("sampling.n=0", r"sampling.n \(samples per prompt\) must be >= 1"),
+        ("sampling.n=0", "sampling.n must be >= 1, got 0"),
         ("sampling.compact_every=-1", "sampling.compact_every must be >= 0"),
     ],
 )

@@ -10,12 +10,18 @@ so the global batch of a step is the same whatever the process count, and each p
 reads only its own records. A batch of size ``B`` is a dict: text features map to
 ``list[str]`` of length ``B``, numeric ones to NumPy arrays ``[B]`` (e.g. the arithmetic
 task's ``num_steps``, int32). Tokenisation happens downstream.
+
+A damaged build (an unreadable ``dataset_info.json``, a truncated or garbled
+``.array_record`` shard, e.g. after a crash or a full disk) raises :class:`DataBuildError`
+when the source is opened, naming the build directory to delete: the next load rebuilds it.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -23,13 +29,36 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from opd_jax.data.arithmetic import arithmetic_builder
-from opd_jax.data.prompts import PathLike, prompt_files_builder
+from opd_jax.data.arithmetic import Arithmetic, arithmetic_builder, arithmetic_config
+from opd_jax.data.prompts import PathLike, PromptFiles, prompt_files_builder, prompt_files_config
+from opd_jax.errors import InputError
 
 ARITHMETIC = "arithmetic"
 Record = dict[str, Any]
 Source = grain.sources.RandomAccessDataSource[Record]
 Batch = dict[str, list[str] | np.ndarray]
+
+
+class DataBuildError(InputError):
+    """A dataset build on disk that cannot be read; the message names the directory to delete."""
+
+
+def _damaged(directory: PathLike, error: Exception) -> DataBuildError:
+    return DataBuildError(
+        f"the dataset build in {directory} is damaged ({type(error).__name__}: {error}); "
+        f"delete {directory} and run again to rebuild it."
+    )
+
+
+def build_dir(
+    name_or_path: PathLike | Mapping[str, PathLike], data_dir: PathLike, **config: int
+) -> Path:
+    """Where :func:`build` writes a dataset: ``data_dir/<builder>/<config name>/<version>``."""
+    if isinstance(name_or_path, str) and name_or_path == ARITHMETIC:
+        cls, name = Arithmetic, arithmetic_config(**config).name
+    else:
+        cls, name = PromptFiles, prompt_files_config(name_or_path).name
+    return Path(data_dir) / cls.name / name / str(cls.VERSION)
 
 
 def build(
@@ -44,11 +73,19 @@ def build(
       **config: :class:`~opd_jax.data.arithmetic.ArithmeticConfig` fields (arithmetic only).
     """
     if isinstance(name_or_path, str) and name_or_path == ARITHMETIC:
-        builder = arithmetic_builder(data_dir, **config)
+        make = functools.partial(arithmetic_builder, data_dir, **config)
     elif config:
         raise TypeError(f"config fields {sorted(config)} apply only to {ARITHMETIC!r}")
     else:
-        builder = prompt_files_builder(name_or_path, data_dir)
+        make = functools.partial(prompt_files_builder, name_or_path, data_dir)
+    try:
+        builder = make()  # reads an existing build's dataset_info.json
+    except Exception as error:
+        # An error of the arguments (e.g. a bad prompt file) recurs in build_dir and is raised.
+        directory = build_dir(name_or_path, data_dir, **config)
+        if not (directory / "dataset_info.json").exists():
+            raise
+        raise _damaged(directory, error) from error
     builder.download_and_prepare(file_format="array_record")
     return builder
 
@@ -62,11 +99,29 @@ def load_source(
     :func:`prompt_dataset` turns the bytes into ``str``. Arguments as for :func:`build`.
     """
     builder = build(name_or_path, data_dir, **config)
+    if not builder.info.splits:
+        raise _damaged(builder.data_dir, ValueError("dataset_info.json lists no splits"))
     if split not in builder.info.splits:
-        raise ValueError(
+        raise InputError(
             f"no split {split!r} in {builder.info.full_name}; splits: {sorted(builder.info.splits)}"
         )
-    return builder.as_data_source(split=split)
+    source = builder.as_data_source(split=split)
+    _check_shards(source, builder.info.splits[split].shard_lengths, builder.data_dir)
+    return source
+
+
+def _check_shards(source: Source, shard_lengths: Sequence[int], directory: PathLike) -> None:
+    """Reads the first record of every shard and the last record (a truncated or garbled
+    ``.array_record`` file fails at any read, or yields empty features), or raises
+    :class:`DataBuildError`."""
+    firsts = [0, *itertools.accumulate(shard_lengths)][:-1]
+    for index in sorted(i for i in {*firsts, len(source) - 1} if 0 <= i < len(source)):
+        try:
+            record = source[index]
+            if any(value is None for value in record.values()):
+                raise ValueError(f"record {index} has empty features")
+        except (RuntimeError, ValueError, OSError) as error:
+            raise _damaged(directory, error) from None
 
 
 def _decode(record: Record) -> Record:
@@ -116,7 +171,7 @@ def prompt_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(source) < shard_count:
-        raise ValueError(f"{len(source)} records cannot fill {shard_count} shards")
+        raise InputError(f"{len(source)} records cannot fill {shard_count} shards")
     rows = slice(shard_index * batch_size, (shard_index + 1) * batch_size)
     return (
         grain.MapDataset.range(len(source))

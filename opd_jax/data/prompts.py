@@ -25,12 +25,14 @@ from typing import Any
 import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
+from opd_jax.errors import InputError
+
 PROMPT_SUFFIXES = (".jsonl", ".parquet")
 PathLike = str | os.PathLike
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(InputError):
     """A prompt file that cannot be read; the message names the file, record and field."""
 
 
@@ -45,15 +47,17 @@ def read_records(
     the file lacks are left out; ``None`` reads all); JSONL records are whole.
 
     Raises:
-      PromptFileError: an unsupported suffix, invalid JSON, or a record that is not an object.
+      PromptFileError: an unsupported suffix, a line not in UTF-8, invalid JSON, or a record
+        that is not an object.
     """
     path = Path(path)
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
+        with path.open("rb") as f:
+            for line_number, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
                 where = f"{path}, line {line_number}"
+                line = _utf8(raw, where, bom=line_number == 1)
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -70,6 +74,21 @@ def read_records(
             yield row_index, f"{path}, row {row_index}", row
     else:
         raise PromptFileError(f"{path}: unsupported suffix, expected one of {PROMPT_SUFFIXES}")
+
+
+def _utf8(raw: bytes, where: str, *, bom: bool = False) -> str:
+    """``raw`` decoded as UTF-8 (a leading byte-order mark dropped when ``bom``).
+
+    Raises:
+      PromptFileError: naming ``where``, the first bad byte and the fix.
+    """
+    try:
+        return raw.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(
+            f"{where}: not UTF-8 (byte {e.start + 1} of the line is {raw[e.start]:#04x}); save "
+            "the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
 
 
 def _answer(value: object, where: str) -> str:
@@ -155,7 +174,7 @@ def _has_records(path: Path) -> bool:
     """Whether ``path`` holds a record: a non-blank JSONL line, or a Parquet row."""
     if path.suffix == ".parquet":
         return pq.ParquetFile(path).metadata.num_rows > 0
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         return any(line.strip() for line in f)
 
 

@@ -1,7 +1,8 @@
 """The ``opd-jax eval`` config: :class:`EvalConfig` and its :class:`BenchmarkSpec` per benchmark.
 
-Loaded by :func:`opd_jax.config.load_tree` (unknown keys and wrong types fail naming the nearest
-key, ``benchmarks.<name>.<key>`` included), then checked by :func:`validate_eval_config`.
+Loaded by :func:`opd_jax.config.load_tree` (unknown keys, wrong types and values out of their
+declared range fail naming the key, ``benchmarks.<name>.<key>`` included), then checked across
+fields by :func:`validate_eval_config`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,18 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from opd_jax.config import ConfigError, SamplingConfig, check_sampling, load_tree
+from opd_jax.config import (
+    ConfigError,
+    NonEmpty,
+    NonNegative,
+    Positive,
+    SamplingConfig,
+    check_sampling,
+    load_tree,
+    note,
+)
 from opd_jax.data.prompts import PROMPT_SUFFIXES
 from opd_jax.models import DTYPES
 
@@ -27,7 +37,7 @@ class BenchmarkSpec:
 
     source: str = ARITHMETIC  # "arithmetic" or a local .jsonl/.parquet file
     split: str = "test"  # arithmetic split: train, test, test_long, test_unseen_op
-    limit: int = 0  # the first `limit` problems; 0 = all
+    limit: Annotated[NonNegative, note("0 = all")] = 0  # the first `limit` problems
     template: str = "{prompt}"  # the prompt sent to the model; "{prompt}" is the problem text
     prompt_field: str = ""  # file field of the problem; "" = first of prompt, problem, question
     answer_field: str = ""  # file field of the gold; "" = first of answer, final_answer, solution
@@ -39,12 +49,12 @@ class EvalConfig:
     """``opd-jax eval`` settings: every model of ``models`` on every benchmark of ``benchmarks``."""
 
     seed: int = 0  # the PRNG key of sampling (the same for every model: paired comparisons)
-    out_dir: str = "runs/eval"
+    out_dir: NonEmpty = "runs/eval"
     data_dir: str = "runs/data"  # where TFDS builds of the arithmetic task are written
     dtype: str = "float32"  # float32 or bfloat16
-    k: int = 4  # samples per problem (avg@k, pass@1..k)
-    batch_size: int = 32  # sequences per sampling call (k per prompt, sharing its prefill)
-    max_prompt_tokens: int = 256  # prompts are left-padded or cut (from the left) to this
+    k: Positive = 4  # samples per problem (avg@k, pass@1..k)
+    batch_size: Positive = 32  # sequences per sampling call (k per prompt, sharing its prefill)
+    max_prompt_tokens: Positive = 256  # prompts are left-padded or cut (from the left) to this
     chat_template: bool = True
     system_prompt: str = ""
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
@@ -59,8 +69,6 @@ def _check_name(kind: str, name: str) -> None:
 
 def _check_benchmark(name: str, spec: BenchmarkSpec) -> None:
     _check_name("benchmark", name)
-    if spec.limit < 0:
-        raise ConfigError(f"benchmarks.{name}.limit must be >= 0 (0 = all), got {spec.limit}.")
     if spec.source == ARITHMETIC:
         return
     if Path(spec.source).suffix not in PROMPT_SUFFIXES:
@@ -76,9 +84,6 @@ def _check_benchmark(name: str, spec: BenchmarkSpec) -> None:
 
 def validate_eval_config(config: EvalConfig) -> EvalConfig:
     """``config`` once its sizes, choices, names and paths are checked (else ConfigError)."""
-    for key in ("k", "batch_size", "max_prompt_tokens"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}.")
     check_sampling(config.sampling)
     if config.sampling.n != 1:
         raise ConfigError(

@@ -16,6 +16,7 @@ from typing import Any
 from opd_jax.config import ConfigError
 from opd_jax.data import load_source
 from opd_jax.data.prompts import read_records
+from opd_jax.errors import InputError
 from opd_jax.eval.config import ARITHMETIC, BenchmarkSpec
 
 PROMPT_FIELDS = ("prompt", "problem", "question")  # the first present is the prompt
@@ -44,7 +45,7 @@ def _field(row: Mapping[str, Any], chosen: str, candidates: Sequence[str], where
     name = next((n for n in names if n in row), None)
     text = _text(row[name]) if name else ""
     if not text:
-        raise ValueError(f"{where}: needs a non-empty string field, one of {list(names)}")
+        raise InputError(f"{where}: needs a non-empty string field, one of {list(names)}")
     return text
 
 
@@ -93,5 +94,5 @@ def load_problems(spec: BenchmarkSpec, data_dir: str) -> list[Problem]:
         problems = read_problem_file(spec.source, spec.prompt_field, spec.answer_field)
         problems = problems[: spec.limit or None]
     if not problems:
-        raise ValueError(f"benchmark {spec.source!r} has no problems")
+        raise InputError(f"benchmark {spec.source!r} has no problems")
     return [{**p, "prompt": spec.template.replace("{prompt}", p["prompt"])} for p in problems]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from opd_jax.errors import InputError
 from opd_jax.models.attention import ATTENTION_KINDS, resolve_attention
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.decoder import Decoder, KVCache
@@ -100,7 +101,7 @@ def load(
             f"No checkpoint at {path}: expected a local Hugging Face directory or a .gguf file."
         )
     if path.is_file() and path.suffix != ".gguf":
-        raise ValueError(
+        raise InputError(
             f"{path} is a file but not .gguf; pass a .gguf file or a Hugging Face "
             "checkpoint directory."
         )

@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from opd_jax.errors import InputError
+
 NEG_INF = -1e30  # finite, so rows with no visible key give a uniform, not NaN, softmax
 ATTENTION_KINDS = ("xla", "cudnn", "flash")
 PACKED_KINDS = ("cudnn", "flash")
@@ -42,15 +44,15 @@ def resolve_attention(kind: str, dtypes: tuple[jnp.dtype, ...], query_chunk: int
             return "cudnn"
         return "xla" if gpu else "flash"
     if kind not in ATTENTION_KINDS:
-        raise ValueError(f"attention must be 'auto' or one of {ATTENTION_KINDS}, got {kind!r}.")
+        raise InputError(f"attention must be 'auto' or one of {ATTENTION_KINDS}, got {kind!r}.")
     if kind == "cudnn" and not (cuda and half):
-        raise ValueError(
+        raise InputError(
             "attention 'cudnn' needs a CUDA GPU and bfloat16/float16 compute (this run: "
             f"backend {jax.default_backend()!r}, dtypes {[str(jnp.dtype(d)) for d in dtypes]}); "
             "use 'auto', 'flash' or 'xla'."
         )
     if kind == "cudnn" and query_chunk:
-        raise ValueError("query chunking applies to attention 'xla' and 'flash', not 'cudnn'.")
+        raise InputError("query chunking applies to attention 'xla' and 'flash', not 'cudnn'.")
     return kind
 
 

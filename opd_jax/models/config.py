@@ -16,6 +16,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax.errors import InputError
+
 # model_type -> (HF architecture name, q/k RMSNorm per head, q/k/v bias always (Qwen2)).
 # Elsewhere `attention_bias` adds biases to q/k/v *and* o (as in transformers).
 FAMILIES: dict[str, tuple[str, bool, bool]] = {
@@ -29,7 +31,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 def _dtype(name: Any) -> jnp.dtype:
     dtype = jnp.dtype(name)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}.")
+        raise InputError(f"dtype must be float32 or bfloat16, got {dtype}.")
     return dtype
 
 
@@ -66,16 +68,16 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in FAMILIES:
-            raise ValueError(
+            raise InputError(
                 f"Unknown model_type {self.model_type!r}; supported: {sorted(FAMILIES)} "
                 "(SmolLM2 checkpoints use model_type 'llama')."
             )
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"Unsupported rope scaling {self.rope_type!r}; supported: {ROPE_TYPES}."
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise InputError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}."
             )
@@ -89,29 +91,29 @@ class ModelConfig:
         """Builds the config from a HF `config.json` dict; `dtype` defaults to `param_dtype`."""
         model_type = hf.get("model_type")
         if model_type not in FAMILIES:
-            raise ValueError(
+            raise InputError(
                 f"Unknown model_type {model_type!r} (architectures={hf.get('architectures')}); "
                 f"supported: {sorted(FAMILIES)}. SmolLM2 is model_type 'llama'."
             )
         archs = hf.get("architectures") or [FAMILIES[model_type][0]]
         if FAMILIES[model_type][0] not in archs:
-            raise ValueError(
+            raise InputError(
                 f"Unknown architecture {archs} for model_type {model_type!r}; expected "
                 f"{FAMILIES[model_type][0]}."
             )
         if hf.get("use_sliding_window"):
-            raise ValueError(
+            raise InputError(
                 "Sliding-window attention is not supported; set use_sliding_window=false."
             )
         if hf.get("mlp_bias"):
-            raise ValueError("mlp_bias=true is not supported.")
+            raise InputError("mlp_bias=true is not supported.")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"Only hidden_act='silu' is supported, got {hf['hidden_act']!r}.")
+            raise InputError(f"Only hidden_act='silu' is supported, got {hf['hidden_act']!r}.")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor != 1 is not supported.")
+            raise InputError("partial_rotary_factor != 1 is not supported.")
         rope.pop("partial_rotary_factor", None)
         eos = hf.get("eos_token_id")
         num_heads = hf["num_attention_heads"]

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from opd_jax.errors import InputError
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -136,7 +138,7 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
       float32 array of `shape`.
     """
     if type_name not in _DECODERS:
-        raise ValueError(
+        raise InputError(
             f"unsupported GGUF tensor type {type_name}; supported: {', '.join(SUPPORTED_TYPES)}"
         )
     flat_bytes = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
@@ -233,7 +235,7 @@ def _check_file(path: str) -> None:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != _GGUF_MAGIC:
-        raise ValueError(
+        raise InputError(
             f"{path!r} is not a GGUF file (starts with {magic!r}, expected {_GGUF_MAGIC!r}); "
             "pass a llama.cpp GGUF checkpoint, or a Hugging Face model directory "
             "(config.json + safetensors) to the HF loader"
@@ -249,20 +251,20 @@ def _check_supported(path: str, reader: Any) -> None:
     import gguf
 
     if reader.endianess != gguf.GGUFEndian.LITTLE:
-        raise ValueError(
+        raise InputError(
             f"{path!r} is a big-endian GGUF; convert it to little-endian (gguf-py's "
             "`gguf_convert_endian in.gguf little`) first"
         )
     arch, tensors = _field(reader, "general.architecture"), reader.tensors
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise InputError(
             f"{path!r}: unsupported GGUF architecture {arch!r}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}. "
             "Load the original Hugging Face checkpoint instead"
         )
     unknown = [t.name for t in tensors if hf_tensor_name(t.name) is None]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{path!r}: GGUF tensors with no Hugging Face {arch} counterpart: {unknown[:5]}; "
             "only dense llama/qwen2/qwen3 decoders are read, load the HF checkpoint instead"
         )
@@ -270,13 +272,13 @@ def _check_supported(path: str, reader: Any) -> None:
         {f"{t.name}: {t.tensor_type.name}" for t in tensors if t.tensor_type.name not in _DECODERS}
     )
     if bad:
-        raise ValueError(
+        raise InputError(
             f"{path!r}: unsupported GGUF quantisation type(s) ({'; '.join(bad[:5])}); supported: "
             f"{', '.join(SUPPORTED_TYPES)}. Re-quantise with llama.cpp, e.g. "
             "`llama-quantize --allow-requantize in.gguf out.gguf Q8_0`, or load the HF checkpoint"
         )
     if "tokenizer.ggml.model" not in reader.fields:
-        raise ValueError(
+        raise InputError(
             f"{path!r} has no tokenizer metadata (tokenizer.ggml.*); re-export it with llama.cpp's "
             "convert_hf_to_gguf.py, which embeds the tokenizer"
         )
@@ -304,14 +306,20 @@ def read_gguf(
 
     `get_tensor(name)` takes an HF name from `names` and returns float32 in HF layout, e.g.
     `model.layers.0.self_attn.q_proj.weight` -> `[n_head * head_dim, hidden]`, `model.norm.weight`
-    -> `[hidden]`. Raises `FileNotFoundError` for a missing file and `ValueError` for a non-GGUF
-    file, an unsupported architecture, tensor or quantisation type.
+    -> `[hidden]`. Raises `FileNotFoundError` for a missing file and `InputError` for a non-GGUF
+    or truncated file, an unsupported architecture, tensor or quantisation type.
     """
     import gguf
 
     path = os.fspath(path)
     _check_file(path)
-    reader = gguf.GGUFReader(path)  # memory-maps the file read-only
+    try:
+        reader = gguf.GGUFReader(path)  # memory-maps the file read-only
+    except Exception as error:  # its parser's errors: a short read surfaces as any of several
+        raise InputError(
+            f"{path!r} cannot be read as GGUF ({type(error).__name__}: {error}); it may be "
+            "truncated (an interrupted download or copy): download or copy it again"
+        ) from None
     _check_supported(path, reader)
     arch = _field(reader, "general.architecture")
     config = hf_config_from_metadata(reader, {t.name for t in reader.tensors})

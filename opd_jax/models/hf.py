@@ -21,6 +21,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
+from opd_jax.errors import InputError
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.decoder import Decoder
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules
@@ -146,7 +147,7 @@ def model_from_tensors(
       config: the model config (e.g. `ModelConfig.from_hf(config_json)`).
       get_tensor: returns one tensor (numpy, HF layout, any float dtype) by HF name,
         e.g. `model.layers.0.self_attn.q_proj.weight` as `[out, in]`.
-      names: the tensor names available; missing or unexpected names raise `ValueError`
+      names: the tensor names available; missing or unexpected names raise `InputError`
         (a tied checkpoint may carry `lm_head.weight`; it is ignored).
       dtype: parameter and compute dtype (float32 or bfloat16); default: the config's.
       shardings: an `nnx.State` of `NamedSharding`s (`opd_jax.sharding.param_shardings`);
@@ -159,7 +160,7 @@ def model_from_tensors(
     names = set(names)
     missing = sorted(set(layout) - names)
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}; the "
             "checkpoint does not match its config (num_hidden_layers, tie_word_embeddings, "
             "attention_bias?)."
@@ -169,7 +170,7 @@ def model_from_tensors(
         n for n in names - set(layout) if n not in ignorable and not n.endswith(_IGNORED_SUFFIXES)
     )
     if unexpected:
-        raise ValueError(
+        raise InputError(
             f"{len(unexpected)} unexpected tensors in the checkpoint, e.g. {unexpected[:5]}; "
             f"is it really a {config.model_type} model with this config?"
         )
@@ -177,7 +178,7 @@ def model_from_tensors(
     for name, entry in layout.items():
         tensor = np.asarray(get_tensor(name))
         if tensor.shape != entry.hf_shape:
-            raise ValueError(
+            raise InputError(
                 f"Tensor {name} has shape {tensor.shape} but the config expects "
                 f"{entry.hf_shape}; the checkpoint and its config.json disagree."
             )
@@ -186,6 +187,31 @@ def model_from_tensors(
         _variable(model, entry.path).set_value(jax.device_put(value, sharding))
         del tensor, value
     return model
+
+
+class CheckpointFileError(InputError):
+    """A checkpoint file that cannot be read; the message names the file and the fix."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as error:
+        raise CheckpointFileError(
+            f"{path} is not valid JSON ({error}); it may be truncated: copy or save the "
+            "checkpoint again."
+        ) from None
+
+
+def _safe_open(file: Path) -> Any:
+    """`safetensors.safe_open(file, "np")`, or `CheckpointFileError` for a damaged file."""
+    try:
+        return safetensors.safe_open(file, "np")
+    except safetensors.SafetensorError as error:
+        raise CheckpointFileError(
+            f"{file} is not a readable safetensors file ({error}); it may be truncated (an "
+            "interrupted download or copy): copy or save the checkpoint again."
+        ) from None
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -198,20 +224,23 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         )
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"No config.json in {path}; is it a Hugging Face checkpoint?")
-    return json.loads((path / "config.json").read_text())
+    config = _read_json(path / "config.json")
+    if not isinstance(config, dict):
+        raise CheckpointFileError(f"{path / 'config.json'} holds no JSON object.")
+    return config
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it (single file or sharded index)."""
     if (path / SAFETENSORS_INDEX).is_file():
-        weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
+        weight_map = _read_json(path / SAFETENSORS_INDEX)["weight_map"]
         files = {name: path / file for name, file in weight_map.items()}
         for file in set(files.values()):
             if not file.is_file():
                 raise FileNotFoundError(f"{file} is listed in {SAFETENSORS_INDEX} but missing.")
         return files
     if (path / SAFETENSORS).is_file():
-        with safetensors.safe_open(path / SAFETENSORS, "np") as f:
+        with _safe_open(path / SAFETENSORS) as f:
             return {name: path / SAFETENSORS for name in f.keys()}
     raise FileNotFoundError(
         f"No {SAFETENSORS} or {SAFETENSORS_INDEX} in {path}; only safetensors checkpoints "
@@ -227,20 +256,27 @@ def load_hf_weights(
     shardings: nnx.State | None = None,
     rules: ShardingRules = DEFAULT_RULES,
 ) -> Decoder:
-    """Reads a HF safetensors checkpoint directory tensor by tensor into a `Decoder`."""
+    """Reads a HF safetensors checkpoint directory tensor by tensor into a `Decoder`.
+
+    Raises:
+      FileNotFoundError: no weights, or a shard its index lists is missing.
+      InputError: a damaged file (`CheckpointFileError`), or weights that do not match
+        `config` (missing, unexpected or wrongly shaped tensors), naming `path`.
+    """
     files = _weight_files(Path(path))
     with contextlib.ExitStack() as stack:
-        handles = {
-            f: stack.enter_context(safetensors.safe_open(f, "np")) for f in set(files.values())
-        }
-        return model_from_tensors(
-            config,
-            lambda n: handles[files[n]].get_tensor(n),
-            files,
-            dtype=dtype,
-            shardings=shardings,
-            rules=rules,
-        )
+        handles = {f: stack.enter_context(_safe_open(f)) for f in set(files.values())}
+        try:
+            return model_from_tensors(
+                config,
+                lambda n: handles[files[n]].get_tensor(n),
+                files,
+                dtype=dtype,
+                shardings=shardings,
+                rules=rules,
+            )
+        except InputError as error:
+            raise InputError(f"{path}: {error}") from None
 
 
 def save_hf(

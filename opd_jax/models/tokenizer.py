@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import transformers
 
+from opd_jax.errors import InputError
+
 Tokenizer = transformers.PreTrainedTokenizerBase
 Offsets = list[tuple[int, int]]
 _REPLACEMENT = "\ufffd"
@@ -121,7 +123,7 @@ def encode_with_offsets(
     character all get that character's span.
     """
     if not tokenizer.is_fast:
-        raise ValueError(
+        raise InputError(
             "encode_with_offsets needs a fast (Rust) tokenizer; save the "
             "tokenizer with tokenizer.json."
         )
@@ -178,7 +180,7 @@ def check_same_tokenizer(tok_a: Tokenizer, tok_b: Tokenizer) -> None:
     if vocab_a == vocab_b:
         return
     differing = sorted(set(vocab_a.items()) ^ set(vocab_b.items()), key=lambda kv: kv[1])
-    raise ValueError(
+    raise InputError(
         f"The tokenizers differ: vocabularies of {len(vocab_a)} and {len(vocab_b)} tokens, "
         f"{len(differing)} (token, id) pairs not shared, e.g. {differing[:3]}. Teacher and "
         "student must use the same tokenizer; pick models of the same family."

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, with fallback past corrupt steps, and SIGTERM handling.
+"""Orbax checkpoints of a training run, with fallback past corrupt steps; stop signals.
 
 Layout: ``<run dir>/checkpoints/<step>/{state,meta}``; ``state`` is a pytree of jax arrays
 (params, optimizer state, PRNG keys) saved with ``StandardSave``, ``meta`` a JSON dict (data
@@ -20,7 +20,7 @@ corrupt step aside, which the primary process does between two global barriers.
 
 Typical loop::
 
-    with Checkpointer(run_dir, keep=3) as ckpt, on_sigterm() as flag:
+    with Checkpointer(run_dir, keep=3) as ckpt, on_stop_signals() as flag:
         restored = ckpt.restore(abstract_state)
         ...
         for step in range(start, num_steps):
@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import warnings
 from collections.abc import Iterator
@@ -56,6 +57,7 @@ STATE = "state"
 META = "meta"
 CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step still being written
 FINGERPRINT = "fingerprint"  # meta key: [dtype, sum, weighted sum] of each state leaf
 
 
@@ -219,6 +221,17 @@ class Checkpointer:
             return
         with contextlib.suppress(Exception):  # The error in flight says what went wrong.
             self.close()
+        if isinstance(exc, KeyboardInterrupt):
+            self.remove_partial_saves()
+
+    def remove_partial_saves(self) -> None:
+        """Removes the temporary directories of saves that never completed (an interrupted
+        save; orbax would remove them when a writing manager next opens the directory).
+        Primary process only; nothing when ``read_only``."""
+        if self.read_only or not ocp.multihost.is_primary_host(0):
+            return
+        for partial in self.directory.glob(f"*{TMP_SUFFIX}*"):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _try_restore(
         self, step: int, abstract_state: PyTree
@@ -334,26 +347,40 @@ def _describe(error: BaseException) -> str:
 
 @dataclass
 class PreemptionFlag:
-    """Set by the SIGTERM handler of :func:`on_sigterm`; the loop checks ``requested``."""
+    """Set by the handler of :func:`on_stop_signals`; the loop checks ``requested``."""
 
     requested: bool = False
     signum: int | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C again: abandon the step in flight
         self.requested, self.signum = True, signum
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the stop came from the keyboard (SIGINT) rather than a scheduler."""
+        return self.signum == signal.SIGINT
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def on_sigterm(signum: int = signal.SIGTERM) -> Iterator[PreemptionFlag]:
-    """Records ``signum`` in a :class:`PreemptionFlag` instead of dying; restores the old handler.
+def on_stop_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[PreemptionFlag]:
+    """Records the first of ``signums`` (SIGTERM from a scheduler, SIGINT from Ctrl-C) in a
+    :class:`PreemptionFlag` instead of dying; restores the old handlers.
 
     Must be entered in the main thread (a Python signal-handling rule). The loop checks
-    ``flag.requested`` after each step, saves with ``force=True`` and exits cleanly.
+    ``flag.requested`` after each step, saves with ``force=True`` and exits cleanly. A second
+    SIGINT raises ``KeyboardInterrupt`` at once (the step in flight is abandoned; the
+    :class:`Checkpointer` then removes the partial save it leaves, see ``__exit__``).
     """
     flag = PreemptionFlag()
-    previous = signal.signal(signum, flag._handle)
+    previous = {signum: signal.signal(signum, flag._handle) for signum in signums}
     try:
         yield flag
     finally:
-        signal.signal(signum, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

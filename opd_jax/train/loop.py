@@ -34,11 +34,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from opd_jax.config import Config, dump_config, validate
+from opd_jax.config import Config, ConfigError, config_from_dict, dump_config, validate
 from opd_jax.distributed import any_process, is_primary
 from opd_jax.files import atomic_write_text
-from opd_jax.train.checkpoint import Checkpointer, PreemptionFlag, on_sigterm
+from opd_jax.run_lock import hold
+from opd_jax.train.checkpoint import Checkpointer, PreemptionFlag, on_stop_signals
 from opd_jax.train.metrics import MetricsWriter
+from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.preflight import (
     CONFIG_FILE,
     check_models,
@@ -48,7 +50,7 @@ from opd_jax.train.preflight import (
     open_data,
 )
 from opd_jax.train.session import Session
-from opd_jax.train.state import RunState, abstract_like
+from opd_jax.train.state import RunState, abstract_like, abstract_state
 
 RESUME_FIX = "free space (or fix the cause) and run the same command again to resume"
 
@@ -57,7 +59,7 @@ class Status(enum.Enum):
     """How :func:`train` ended."""
 
     FINISHED = "finished"  # the run reached train.steps
-    STOPPED = "stopped"  # SIGTERM or stop_after: saved; running again resumes
+    STOPPED = "stopped"  # SIGTERM, SIGINT or stop_after: saved; running again resumes
     UP_TO_DATE = "up_to_date"  # the run was already at train.steps: nothing ran
 
 
@@ -65,12 +67,14 @@ class Status(enum.Enum):
 class TrainResult:
     """What :func:`train` did: ``step`` counts the run's completed steps, ``metrics`` holds
     the last step's scalars (empty when no step ran), ``skipped_steps`` the run's steps
-    skipped as non-finite (``train.on_nonfinite: skip``)."""
+    skipped as non-finite (``train.on_nonfinite: skip``), ``interrupted`` whether a stop came
+    from Ctrl-C (SIGINT) rather than a scheduler's SIGTERM."""
 
     status: Status
     step: int
     metrics: dict[str, float]
     skipped_steps: int = 0
+    interrupted: bool = False
 
 
 class RunFailed(RuntimeError):
@@ -86,7 +90,8 @@ def train(
 ) -> TrainResult:
     """Runs (or resumes) the configured OPD run.
 
-    Before any model is loaded: the config is validated; ``run.dir`` must be writable; when
+    Before any model is loaded: the config is validated; ``run.dir`` is locked for this run
+    (:mod:`opd_jax.run_lock`: another run on it is refused) and must be writable; when
     it holds a checkpoint, the keys that decide the training trajectory
     (:func:`opd_jax.config.trajectory`) must equal that checkpoint's (``run.allow_changes``
     lets them differ, with a warning, recorded in later checkpoints' meta); the model
@@ -99,16 +104,20 @@ def train(
     session, e.g. to evaluate the student as it trains; it runs on every process.
 
     Raises:
-      ConfigError: an invalid config, an unwritable ``run.dir`` or a refused change.
+      ConfigError: an invalid config, an unwritable or locked ``run.dir`` or a refused change.
       FileNotFoundError, ValueError: a model or data source that cannot be used.
       RunFailed: a non-finite step or a failed write; nothing after the last checkpoint.
     """
     config = validate(config)
     run_dir = Path(config.run.dir)
-    check_writable(run_dir)
-    with Checkpointer(
-        run_dir, keep=config.run.keep_checkpoints, async_save=config.run.async_checkpoint
-    ) as checkpointer:
+    with (
+        hold(check_writable(run_dir), "opd-jax train", primary=is_primary()),
+        Checkpointer(
+            run_dir,
+            keep=config.run.keep_checkpoints,
+            async_save=config.run.async_checkpoint,
+        ) as checkpointer,
+    ):
         changes = check_resume(config, checkpointer.read_meta(), run_dir)
         check_models(config)
         source = open_data(config)
@@ -117,7 +126,7 @@ def train(
             atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
         with (
             MetricsWriter(run_dir, tensorboard=config.run.tensorboard) as writer,
-            on_sigterm() as preemption,
+            on_stop_signals() as preemption,
             jax.set_mesh(session.mesh),
         ):
             prompts, shards = session.prompt_iterator(source)
@@ -145,12 +154,24 @@ class _Run:
     def restore(self, changes: dict[str, list[Any]]) -> int:
         """Loads the last good checkpoint into the session and positions the data iterator and
         the metrics file; returns the step to start at (0 without a checkpoint). ``changes``
-        (allowed on this resume) are added to the run's recorded config changes."""
-        restored = self.checkpointer.restore(abstract_like(self.session.state._asdict()))
+        (allowed on this resume) are added to the run's recorded config changes; when they
+        change the optimizer state's structure (``optim.clip_norm`` to or from 0), the
+        parameters, step and data position are restored and the optimizer state starts fresh."""
+        live = self.session.state
+        saved_opt = self.saved_opt_state(live) if changes else None
+        target = abstract_like(live._asdict())
+        if saved_opt is not None:
+            target["opt_state"] = saved_opt
+        restored = self.checkpointer.restore(target)
         if restored is None:
             self.writer.truncate_after(0)
             return 0
         step, state, meta = restored
+        fresh = saved_opt is not None and (
+            jax.tree.structure(saved_opt) != jax.tree.structure(live.opt_state)
+        )
+        if fresh:
+            state["opt_state"] = live.opt_state
         self.session.state = RunState(**state)
         self.prompts.set_state(meta["data"])
         self.writer.truncate_after(step)
@@ -158,15 +179,36 @@ class _Run:
         self.config_changes = meta.get("config_changes", [])
         if changes:
             self.config_changes = [*self.config_changes, {"step": step, "changes": changes}]
+            restart = (
+                " They change the optimizer state's structure: the parameters, step and data "
+                "position are restored, the optimizer state (moments, schedule count) starts "
+                "fresh."
+                if fresh
+                else ""
+            )
             warnings.warn(
                 f"{self.config.run.dir} continues from step {step} with changed keys "
                 f"({listed_changes(changes)}), as run.allow_changes=true allows; the change is "
-                "recorded in its checkpoints' meta (config_changes).",
+                f"recorded in its checkpoints' meta (config_changes).{restart}",
                 stacklevel=3,
             )
         if is_primary():
             print(f"resumed from step {step} ({json.dumps(meta['data'])})", flush=True)
         return step
+
+    def saved_opt_state(self, live: RunState) -> Any:
+        """The abstract optimizer state the latest checkpoint was saved with, built from the
+        config in its meta (its shardings those of ``live``'s parameters); None when the meta
+        holds no config or one this version cannot read."""
+        latest = self.checkpointer.read_meta()
+        if latest is None or not latest[1].get("config"):
+            return None
+        try:
+            old = config_from_dict(latest[1]["config"])
+        except ConfigError:  # an older version's keys: restore into the live structure
+            return None
+        tx = make_optimizer(old.optim, old.train.steps)
+        return abstract_state(tx, abstract_like(live.params), self.session.mesh).opt_state
 
     def loop(
         self,
@@ -217,7 +259,7 @@ class _Run:
             self.sampler.shutdown(wait=True)  # a rollout in flight finishes, unused
             self.pending = None
         status = Status.FINISHED if n == steps else Status.STOPPED
-        return TrainResult(status, n, scalars, self.skipped)
+        return TrainResult(status, n, scalars, self.skipped, preemption.interrupted)
 
     def keys(self, step: int) -> tuple[jax.Array, jax.Array]:
         """Step ``step``'s sampling and rule keys, from ``(seed, step)`` alone."""

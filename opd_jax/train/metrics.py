@@ -5,8 +5,11 @@
     {"step": 10, "time": 1700000000.0, "loss": 0.25, "position_profile": [0.1, ..., 0.3]}
 
 Scalars are floats; arrays are 1-D (e.g. a 20-bin position profile ``[20]``) stored as lists.
-Each line is flushed and fsynced, so it is the record of truth; a line cut short by a crash
-(no trailing newline) is ignored by :func:`read_metrics` and dropped by ``truncate_after``.
+Each line is flushed and fsynced, so it is the record of truth. A line cut short by a crash
+(no trailing newline: each record is one write ending in one) can only be the last; it is
+ignored by :func:`read_metrics` (a reader may also meet a line being written) and dropped,
+with a warning, by ``truncate_after`` (on resume, before the writer appends). Any other line
+that is not a record raises :class:`MetricsFileError`, naming the file, the line and the fix.
 
 TensorBoard events go to ``<run dir>/tensorboard``: scalars under their names, and each array
 as per-bin scalars ``<name>/00``, ``<name>/01``, ... (a profile is a set of values over
@@ -35,11 +38,16 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.summary import scalar
 
+from opd_jax.errors import InputError
 from opd_jax.files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 RESERVED_KEYS = ("step", "time")
+
+
+class MetricsFileError(InputError):
+    """A complete line of ``metrics.jsonl`` that is not a record (naming the file and line)."""
 
 
 class MetricsWriter:
@@ -90,7 +98,15 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._close_files()
-        kept = [line for line in _complete_lines(self.path) if json.loads(line)["step"] <= step]
+        lines, torn = _read_lines(self.path)
+        if torn:
+            warnings.warn(
+                f"{self.path}: dropped its last line, cut short by a crash ({len(torn)} bytes "
+                "without a newline).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        kept = [line for line, record in lines if record["step"] <= step]
         atomic_write_text(self.path, "".join(kept))
         self._open(purge_step=step + 1)
 
@@ -174,8 +190,12 @@ class EventFile:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of ``<run_dir>/metrics.jsonl`` in file order (empty if there is none)."""
-    return [json.loads(line) for line in _complete_lines(Path(run_dir) / METRICS_FILE)]
+    """The records of ``<run_dir>/metrics.jsonl`` in file order (empty if there is none).
+
+    Raises:
+      MetricsFileError: a complete line that is not a record.
+    """
+    return [record for _, record in _read_lines(Path(run_dir) / METRICS_FILE)[0]]
 
 
 def _record(
@@ -208,9 +228,31 @@ def _flat_scalars(
     return flat
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """The newline-terminated lines of ``path`` (a torn last line is left out)."""
+def _read_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], bytes]:
+    """``([(line, record), ...], torn)``: each newline-terminated line of ``path`` (blank ones
+    skipped) with its record, and the bytes of a torn last line (``b""`` when none)."""
     if not path.exists():
-        return []
-    with path.open() as f:
-        return [line for line in f if line.endswith("\n")]
+        return [], b""
+    lines = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                return lines, raw  # only the last line can lack its newline
+            if raw.strip():
+                lines.append(_parse_line(raw, path, number))
+    return lines, b""
+
+
+def _parse_line(raw: bytes, path: Path, number: int) -> tuple[str, dict[str, Any]]:
+    """``(line, record)`` of line ``number`` of ``path``, or :class:`MetricsFileError`."""
+    try:
+        line = raw.decode("utf-8")
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError("not an object with an integer 'step'")
+    except ValueError as error:
+        raise MetricsFileError(
+            f"{path}, line {number}: not a metrics record ({error}); delete that line (only "
+            "its step's logged metrics are lost, the checkpoints are unaffected) and run again."
+        ) from None
+    return line, record

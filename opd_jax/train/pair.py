@@ -14,7 +14,8 @@ import jax
 from flax import nnx
 
 from opd_jax import models
-from opd_jax.config import Config, ModelSpec
+from opd_jax.config import Config, ConfigError, ModelSpec
+from opd_jax.errors import InputError
 from opd_jax.models import DTYPES, Decoder, ModelConfig, Tokenizer
 
 
@@ -22,7 +23,7 @@ def keep_layers(model: Decoder, layers: Sequence[int]) -> Decoder:
     """``model`` restricted to the decoder ``layers`` (in the given order)."""
     n = model.config.num_layers
     if not layers or any(not 0 <= i < n for i in layers):
-        raise ValueError(f"layers {list(layers)} must be non-empty indices in [0, {n}).")
+        raise InputError(f"layers {list(layers)} must be non-empty indices in [0, {n}).")
     config = dataclasses.replace(model.config, num_layers=len(layers))
     derived = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), rules=model.rules))
     derived.embed = model.embed
@@ -55,13 +56,21 @@ def spec_config(spec: ModelSpec) -> ModelConfig:
 
 
 def load_pair(config: Config, mesh: jax.sharding.Mesh) -> tuple[Decoder, Decoder, Tokenizer]:
-    """Student, teacher and tokenizer; refuses pairs that do not share a vocabulary."""
+    """Student, teacher and tokenizer; refuses pairs that do not share a vocabulary, and
+    ``sampling.top_k`` or ``score.k`` above its size."""
     student, tokenizer = load_model(config.student, mesh)
     teacher, teacher_tokenizer = load_model(config.teacher, mesh)
     models.check_same_tokenizer(tokenizer, teacher_tokenizer)
     if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(
+        raise InputError(
             f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
             f"{teacher.config.vocab_size}: OPD needs one tokenizer and one embedding size."
         )
+    vocab = student.config.vocab_size
+    for key, k in (("sampling.top_k", config.sampling.top_k), ("score.k", config.score.k)):
+        if k > vocab:
+            raise ConfigError(
+                f"{key}={k} exceeds the vocabulary of {vocab} tokens ({config.student.path}): "
+                f"set it to at most {vocab}."
+            )
     return student, teacher, tokenizer

@@ -21,8 +21,9 @@ from opd_jax.distributed import primary_first
 CONFIG_FILE = "config.yaml"  # the run's config in its directory, written once it starts
 
 
-def check_writable(run_dir: Path) -> None:
-    """Creates ``run_dir`` and a file in it, or raises :class:`ConfigError`."""
+def check_writable(run_dir: Path) -> Path:
+    """Creates ``run_dir`` and a file in it (returns ``run_dir``), or raises
+    :class:`ConfigError`."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=run_dir):
@@ -32,6 +33,7 @@ def check_writable(run_dir: Path) -> None:
             f"run.dir={run_dir} is not writable ({error.strerror or error}): choose a "
             "directory you can write to."
         ) from None
+    return run_dir
 
 
 def check_resume(

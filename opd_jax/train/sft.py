@@ -22,6 +22,7 @@ from flax import nnx
 
 from opd_jax import core
 from opd_jax.config import OptimConfig
+from opd_jax.errors import InputError
 from opd_jax.models import Decoder, Tokenizer, encode_prompts, pad_id
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.state import init_state
@@ -45,7 +46,7 @@ def sft_batch(
         tokenizer, prompts, prompt_len, chat_template=chat_template
     )
     if tokenizer.eos_token_id is None:
-        raise ValueError("supervised fine-tuning needs a tokenizer with an EOS token.")
+        raise InputError("supervised fine-tuning needs a tokenizer with an EOS token.")
     ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
     target_BxN = np.full((len(ids), target_len), pad_id(tokenizer), np.int32)
     target_mask_BxN = np.zeros((len(ids), target_len), np.int32)
