@@ -7,7 +7,9 @@ splitter only as a last resort, with a warning. Character spans map to tokens th
 tokenizer's offsets: a token belongs to the sentence holding its first non-space character;
 whitespace-only (or empty) tokens join the next sentence, or the last one at the end.
 
-The device never sees text: it receives the ``int32`` array this module returns.
+The oracle cut (:func:`token_cut`) maps the end of a response's answer sentence to a token
+index through the same offsets. The device never sees text: it receives the ``int32`` arrays
+this module returns.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from opd_jax.core.segments import fixed_segments
+from opd_jax.errors import InputError
 from opd_jax.models.tokenizer import Tokenizer, decode_with_offsets
 
 if TYPE_CHECKING:  # NLTK is imported on first use: kinds fixed and token run without it
@@ -140,14 +143,35 @@ def segment_ids(
     if kind == "token":
         return np.asarray(fixed_segments(response_mask, 1))
     if kind != "sentence":
-        raise ValueError(f"Unknown segments.kind {kind!r}; choose one of {list(SEGMENT_KINDS)}.")
+        raise InputError(f"Unknown segments.kind {kind!r}; choose one of {list(SEGMENT_KINDS)}.")
     if texts is None or offsets is None:
-        raise ValueError("segments.kind='sentence' needs the decoded texts and token offsets.")
+        raise InputError("segments.kind='sentence' needs the decoded texts and token offsets.")
     _check_rows(response_mask, texts, offsets)
     seg = np.full(response_mask.shape, -1, np.int32)
     for b, (text, row) in enumerate(zip(texts, offsets, strict=True)):
         seg[b, response_mask[b]] = token_sentences(text, row)
     return seg
+
+
+def token_cut(text: str, offsets: Offsets, pattern: str | None = None) -> int:
+    """The oracle cut of one response as a token index: the number of its tokens that start
+    before the end of its first answer sentence (:func:`opd_jax.data.oracle.answer_end` with
+    ``pattern``, None: the arithmetic task's); -1 without an answer sentence.
+
+    A token straddling the end (its text starts inside the answer) counts as before it.
+    """
+    from opd_jax.data.oracle import ANSWER_PATTERN, answer_end
+
+    end = answer_end(text, pattern or ANSWER_PATTERN)
+    return -1 if end is None else sum(start < end for start, _ in offsets)
+
+
+def answer_cuts(
+    texts: Sequence[str], offsets: Sequence[Offsets], pattern: str | None = None
+) -> np.ndarray:
+    """``int32 [B]``: :func:`token_cut` of each row (0-based response token index, -1: none)."""
+    cuts = [token_cut(text, row, pattern) for text, row in zip(texts, offsets, strict=True)]
+    return np.asarray(cuts, np.int32).reshape(len(texts))
 
 
 def response_segments(
@@ -156,14 +180,21 @@ def response_segments(
     response_mask: np.ndarray,
     kind: str,
     block: int,
-) -> tuple[np.ndarray, list[str]]:
-    """Segment ids ``[B, N]`` of sampled responses and their decoded texts.
+    cut_pattern: str | None = None,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """What the rule reads from the host about sampled responses, and their decoded texts.
 
     Args:
       response_tokens: ``[B, N]`` the response columns of the rollouts.
       response_mask: ``[B, N]`` 1 on real response tokens (EOS included).
       kind: ``sentence``, ``fixed`` or ``token`` (see :func:`segment_ids`).
       block: tokens per segment of kind ``fixed``.
+      cut_pattern: the answer sentence of the oracle cut (a regex), for the rules that read a
+        cut (:data:`opd_jax.core.rules.CUT_RULES`); None: no cut.
+
+    Returns:
+      ``({"seg": int32 [B, N]}``, plus ``"cut": int32 [B]`` (:func:`answer_cuts`) with
+      ``cut_pattern``; ``texts)``. The cut uses the texts and offsets the segments use.
     """
     mask = np.asarray(response_mask).astype(bool)
     texts, offsets = [], []
@@ -171,4 +202,7 @@ def response_segments(
         text, spans = decode_with_offsets(tokenizer, row[keep].tolist())
         texts.append(text)
         offsets.append(spans)
-    return segment_ids(kind, mask, texts, offsets, tokens=block), texts
+    rows = {"seg": segment_ids(kind, mask, texts, offsets, tokens=block)}
+    if cut_pattern is not None:
+        rows["cut"] = answer_cuts(texts, offsets, cut_pattern)
+    return rows, texts

@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from opd_jax.cli import main
 from opd_jax.config import ConfigError
-from opd_jax.experiment import load_experiment_config, run_experiment
+from opd_jax.experiment import load_experiment_config, report, run_experiment
 
 TOY = [
     "data.arithmetic={train_size: 64, test_size: 4, test_long_size: 4, test_unseen_op_size: 4,"
@@ -55,6 +56,7 @@ def test_writes_models_runs_tables_diagnostics_and_plots(finished):
     assert list(table["rows"]) == ["teacher", "student (before OPD)", "OPD: release", "OPD: full"]
     assert table["columns"] == ["test", "test_long", "test_unseen_op", "average"]
     assert len(table["seeds"]["OPD: release"]) == 1
+    assert table["seed_sd"]["OPD: release"]["test"] is None  # one seed: no spread
     assert "| OPD: full |" in (run / "table.md").read_text()
     assert set(json.loads((run / "diagnostics.json").read_text())) == {"release", "full"}
     names = sorted(p.name for p in (run / "plots").iterdir())
@@ -89,8 +91,52 @@ def test_measures_and_comparisons_pair_models_problem_by_problem(finished):
     pairs = {(c["a"], c["b"], c["split"]) for c in report["comparisons"]}
     assert ("OPD: release", "OPD: full", "test_long") in pairs
     assert ("OPD: full", "student (before OPD)", "test") in pairs
-    assert all(0 <= c["p"] <= 1 for c in report["comparisons"])
-    assert "| OPD: release | OPD: full | test |" in (run / "comparisons.md").read_text()
+    assert all(0 <= c["problem_level"]["p"] <= 1 for c in report["comparisons"])
+    one_seed = [c for c in report["comparisons"] if c["n"] == 1]
+    assert len(one_seed) == len(report["comparisons"])
+    assert all(c["p"] is None and c["note"] == "one seed: no error" for c in one_seed)
+    assert "| OPD: release | OPD: full | test | 1 |" in (run / "comparisons.md").read_text()
+
+
+def _evaluation(correct_by_problem):
+    """An eval.json of one split, ``test``, with one sample per problem."""
+    return {"test": {"correct": [[c] for c in correct_by_problem]}}
+
+
+def test_comparisons_between_rules_take_the_training_run_as_unit():
+    config = load_experiment_config(
+        None,
+        [
+            "experiment.rules=[release, full]",
+            "experiment.seeds=[0, 1, 2]",
+            "experiment.eval_splits=[test]",
+        ],
+    )
+    release = {0: [1, 1, 0, 0], 1: [1, 1, 1, 0], 2: [1, 0, 1, 0]}  # 0.5, 0.75, 0.5
+    full = {0: [1, 0, 0, 0], 1: [1, 1, 0, 0], 2: [0, 1, 1, 0]}  # 0.25, 0.5, 0.5
+    evals = {
+        report.STUDENT: {None: _evaluation([0, 1, 0, 0])},  # 0.25
+        "OPD: release": {s: _evaluation(c) for s, c in release.items()},
+        "OPD: full": {s: _evaluation(c) for s, c in full.items()},
+    }
+    rows = {(c["a"], c["b"]): c for c in report.comparisons(config, evals)}
+    between = rows["OPD: release", "OPD: full"]
+    reference = stats.ttest_rel([0.5, 0.75, 0.5], [0.25, 0.5, 0.5])
+    assert between["n"] == 3 and between["df"] == 2
+    assert between["value"] == pytest.approx(1 / 6) and between["stderr"] == pytest.approx(1 / 12)
+    assert between["p"] == pytest.approx(reference.pvalue)
+    assert between["interval"]["low"] <= between["value"] <= between["interval"]["high"]
+    assert between["problem_level"]["value"] == pytest.approx(1 / 6)  # pooled, over problems
+    assert set(between["problem_level"]) == {"value", "stderr", "z", "p"}
+    against_student = rows["OPD: full", report.STUDENT]
+    np.testing.assert_allclose(against_student["differences"], [0.0, 0.25, 0.25])
+    table = report.accuracy_table(config, evals)
+    assert table["seed_sd"]["OPD: release"]["test"] == pytest.approx(np.sqrt(3) / 12)
+    assert table["seeds"]["OPD: release"] == [0.5, 0.75, 0.5]
+    assert "standard deviation over seeds" in report.table_markdown(table)
+    markdown = report.comparisons_markdown(list(rows.values()))
+    assert "± standard error over seeds (n = 3)" in markdown
+    assert "| OPD: release | OPD: full | test | 3 | +16.7 ± 8.3 | 2.00 (2) | 0.184 |" in markdown
 
 
 def test_running_again_skips_every_finished_stage(finished, capsys):

@@ -9,6 +9,7 @@ from opd_jax import core
 
 B, T, V = 3, 24, 17
 LENGTHS = np.array([24, 10, 0])
+CUTS = np.array([7, -1, -1], np.int32)  # the oracle's: row 0 after 7 tokens, row 1 none
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +20,13 @@ def batch():
     tokens = jax.random.randint(keys[2], (B, T), 0, V)
     response = jnp.asarray(np.arange(T)[None] < LENGTHS[:, None], jnp.float32)
     stats = core.token_stats(z_s, z_t, tokens, k=16)
-    return core.RuleBatch(stats, response, core.fixed_segments(response, 3))
+    return core.RuleBatch(stats, response, core.fixed_segments(response, 3), jnp.asarray(CUTS))
 
 
 def test_registry_holds_the_release_rule_and_every_baseline():
     assert set(core.RULES) == {
         "release", "full", "prefix_fraction", "prefix_tokens", "ta_opd",
-        "entropy", "tip", "iw_opd", "random",
+        "entropy", "tip", "iw_opd", "random", "oracle",
     }  # fmt: skip
 
 
@@ -54,6 +55,33 @@ def test_prefix_rules_keep_leading_response_tokens(batch):
     assert jnp.all(w[0, :6] == 1) and jnp.all(w[0, 6:] == 0)
     w = core.apply_rule("prefix_tokens", batch, options={"n": 12})
     np.testing.assert_array_equal(w.sum(-1), [12, 10, 0])
+
+
+def oracle_reference(response_mask, cut):
+    """NumPy: each row's response tokens with index below its cut; all of them at cut -1."""
+    w = np.zeros(response_mask.shape, np.float32)
+    for b, row in enumerate(response_mask):
+        positions = np.flatnonzero(row)
+        keep = positions if cut[b] < 0 else positions[: cut[b]]
+        w[b, keep] = 1.0
+    return w
+
+
+def test_oracle_keeps_the_response_tokens_before_each_rows_cut(batch):
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, 6, size=5)
+    lengths = rng.integers(0, 12, size=5)
+    response = (np.arange(18) >= starts[:, None]) & (np.arange(18) < (starts + lengths)[:, None])
+    cut = np.array([3, -1, 0, 20, 5], np.int32)  # mid-response, none, empty, past the end
+    rows = core.RuleBatch(None, jnp.asarray(response, jnp.float32), None, jnp.asarray(cut))
+    w = jax.jit(lambda b: core.apply_rule("oracle", b))(rows)
+    np.testing.assert_array_equal(w, oracle_reference(response, cut))
+    np.testing.assert_array_equal(core.RULES["oracle"](batch).sum(-1), [7, 10, 0])
+
+
+def test_oracle_needs_the_cut_in_the_batch(batch):
+    with pytest.raises(ValueError, match="needs each row's cut"):
+        core.apply_rule("oracle", batch._replace(cut=None))
 
 
 def test_iw_opd_weights_decay_from_one_plus_gamma_towards_one(batch):

@@ -92,6 +92,7 @@ def opd_objective(
     seg: jax.Array,
     key: jax.Array | None,
     settings: ObjectiveSettings = ObjectiveSettings(),
+    cut: jax.Array | None = None,
 ) -> tuple[jax.Array, ObjectiveAux]:
     """The OPD loss of a batch and its diagnostics: :func:`score_chunked`, then
     :func:`objective_from_scores`.
@@ -105,6 +106,8 @@ def opd_objective(
       seg: ``[B, T]`` segment ids from the host (-1 off the response).
       key: a PRNG key (the ``random`` rule's), or None.
       settings: :class:`ObjectiveSettings`.
+      cut: int32 ``[B]`` each row's cut for the rules of
+        :data:`~opd_jax.core.rules.CUT_RULES` (-1: none); None for the others.
 
     Returns:
       ``(loss, aux)`` as :func:`objective_from_scores` returns them.
@@ -121,7 +124,7 @@ def opd_objective(
         beta=s.beta,
         chunk_size=s.chunk_size,
     )
-    return objective_from_scores(scored, response_mask, seg, key, settings)
+    return objective_from_scores(scored, response_mask, seg, key, settings, cut)
 
 
 def objective_from_scores(
@@ -130,8 +133,10 @@ def objective_from_scores(
     seg: jax.Array,
     key: jax.Array | None,
     settings: ObjectiveSettings = ObjectiveSettings(),
+    cut: jax.Array | None = None,
 ) -> tuple[jax.Array, ObjectiveAux]:
-    """The rule, the loss and the diagnostics of a scored batch (``[B, T]`` inputs).
+    """The rule, the loss and the diagnostics of a scored batch (``[B, T]`` inputs; ``cut
+    [B]`` as :func:`opd_objective` takes it).
 
     Returns:
       ``(loss, aux)``: the scalar loss ``reduce_loss(token_loss, w)`` and
@@ -143,7 +148,7 @@ def objective_from_scores(
       release rule's, with the training rule's options when it is ``release``.
     """
     s = settings
-    batch = RuleBatch(scored.stats, response_mask, seg)
+    batch = RuleBatch(scored.stats, response_mask, seg, cut)
     options = _capped_defaults(s.rule, s.k) | dict(s.rule_options)
     training_release = s.rule == "release"
     release_options = options if training_release else _capped_defaults("release", s.k)

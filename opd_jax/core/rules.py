@@ -5,7 +5,9 @@ response)::
 
     w = RULES[name](batch, key, **options)
 
-``batch`` is a :class:`RuleBatch`; ``key`` a PRNG key (only ``random`` uses it). Use
+``batch`` is a :class:`RuleBatch`; ``key`` a PRNG key (only ``random`` uses it). The rules of
+:data:`CUT_RULES` also read ``batch.cut``, a per-row token index the host finds in the decoded
+text (the batch carries it only for them). Use
 :func:`apply_rule` to call a rule by name with options from a config: it names the nearest
 valid rule or option on a typo.
 
@@ -41,11 +43,14 @@ _CEIL_SLACK = 1e-3
 
 
 class RuleBatch(NamedTuple):
-    """What every rule sees: statistics, the response mask and the segment ids, ``[B, T]``."""
+    """What every rule sees: statistics, the response mask and the segment ids, ``[B, T]``;
+    for :data:`CUT_RULES` also ``cut``, int32 ``[B]``: each row's cut as a 0-based index into
+    its response tokens (-1: none)."""
 
     stats: TokenStats
     response_mask: jax.Array
     seg: jax.Array
+    cut: jax.Array | None = None
 
 
 Rule = Callable[..., jax.Array]
@@ -197,6 +202,19 @@ def random(batch: RuleBatch, key: jax.Array | None = None, *, ratio: float = 0.0
     return select_top(score, _mask(batch), ratio)
 
 
+def oracle(batch: RuleBatch, key: jax.Array | None = None) -> jax.Array:
+    """The response tokens before each row's ``batch.cut`` (the first token after the graded
+    answer sentence, found on the host: :func:`opd_jax.text_segments.answer_cuts`); every
+    response token of a row whose cut is -1 (no answer sentence)."""
+    if batch.cut is None:
+        raise ValueError(
+            "the 'oracle' rule needs each row's cut: pass RuleBatch(..., cut=int32 [B])."
+        )
+    idx = response_index(batch.response_mask)
+    cut = batch.cut.astype(jnp.int32)[:, None]
+    return ((idx >= 0) & ((cut < 0) | (idx < cut))).astype(jnp.float32)
+
+
 RULES: dict[str, Rule] = {
     "release": release,
     "full": full,
@@ -207,7 +225,9 @@ RULES: dict[str, Rule] = {
     "tip": tip,
     "iw_opd": iw_opd,
     "random": random,
+    "oracle": oracle,
 }
+CUT_RULES = ("oracle",)  # the rules that read RuleBatch.cut
 
 
 def _keyword_options(fn: Callable[..., Any]) -> dict[str, Any]:

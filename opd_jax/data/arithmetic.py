@@ -13,16 +13,23 @@ NLTK Punkt splits it into ``num_steps + 1`` sentences: each sentence is one reas
 unit the release rule scores.
 
 With ``recap > 0`` the solution goes on after the answer with ``recap`` sentences drawn
-without replacement from four kinds, in random order, each in a random wording::
+without replacement from the first ``recap_kinds`` kinds of :mod:`opd_jax.data.recap` (four by
+default, twelve in all), in random order, each in a random wording::
 
     "... The answer is 79. Check: 79 = 61 + 18. We began with 12. That took 3 steps."
+
+With ``answer_last`` the recap comes before the answer, which closes the solution::
+
+    "... 84 - 5 = 79. Check: 79 = 61 + 18. We began with 12. That took 3 steps. The answer is 79."
 
 The recap is where local teachability collapse can occur by construction: its first words and
 the free operand of the check admit several equally good continuations, so a teacher that
 learned the task does not prefer one of the student's candidates over another there, while
 every token of the computation before it is fixed by the prefix. The determined parts of the
 recap (the check's second operand, the largest value) are harder than the chain's steps, for
-the teacher too. The answer is read from "The answer is N.", before the recap.
+the teacher too. The answer is read from "The answer is N.": by default it precedes the recap,
+so nothing written after it changes the grade; with ``answer_last`` it follows the recap, so a
+rule that stops supervising late sentences can cost accuracy.
 
 Every value along the chain lies in ``[0, max_value]`` (subtraction never goes negative,
 multiplication never overflows ``max_value``, division is exact), which keeps the numbers
@@ -49,6 +56,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from opd_jax.data import oracle
+from opd_jax.data.recap import FIRST_RELEASE_KINDS, KINDS, recap_sentences
+
 IN_DOMAIN_OPS = ("add", "subtract", "multiply")
 UNSEEN_OP = "divide"
 SPLITS = ("train", "test", "test_long", "test_unseen_op")
@@ -74,17 +84,9 @@ _SPLIT_SPEC = {
     "test_unseen_op": (3, IN_DOMAIN_OPS + (UNSEEN_OP,), ("min_steps", "max_steps")),
 }
 _MAX_TRIES_PER_EXAMPLE = 100
-# Recap sentence kinds -> their wordings; "{}" fields are filled by _recap_sentence.
-_RECAP = {
-    "start": ("We began with {start}.", "We started from {start}.", "The start was {start}."),
-    "count": (
-        "That took {count} steps.",
-        "We used {count} operations.",
-        "There were {count} steps.",
-    ),
-    "peak": ("The largest value was {peak}.", "The peak was {peak}.", "At most we had {peak}."),
-    "check": ("Check: {answer} = {low} + {rest}.", "Check: {answer} = {high} - {extra}."),
-}
+# Fields added after the first release enter a config's name only when set, so the configs
+# of earlier builds keep their names (and build directories).
+_LATER_FIELDS = ("recap_kinds", "answer_last")
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,7 +103,10 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
       max_addend: add/subtract operands are drawn from ``1..max_addend``.
       max_factor: multiply/divide operands are drawn from ``2..max_factor``.
       max_value: every intermediate value stays in ``0..max_value``.
-      recap: sentences of free-form recap after the answer, 0 to 4 (see the module doc).
+      recap: sentences of free-form recap, 0 to ``recap_kinds`` (see the module doc).
+      recap_kinds: the recap draws its distinct kinds from the first ``recap_kinds`` of
+        :data:`opd_jax.data.recap.KINDS`, 1 to 12; the default 4 draws as the first release did.
+      answer_last: the recap precedes "The answer is N.", which ends the solution.
     """
 
     seed: int = 0
@@ -118,6 +123,8 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
     max_factor: int = 9
     max_value: int = 999
     recap: int = 0
+    recap_kinds: int = FIRST_RELEASE_KINDS
+    answer_last: bool = False
 
     def __post_init__(self) -> None:
         if min(self.split_sizes().values()) < 0:
@@ -135,8 +142,13 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
             1 <= self.max_start <= self.max_value and self.max_addend >= 1 and 2 <= self.max_factor
         ):
             raise ValueError("need 1 <= max_start <= max_value, max_addend >= 1, max_factor >= 2")
-        if not 0 <= self.recap <= len(_RECAP):
-            raise ValueError(f"need 0 <= recap <= {len(_RECAP)}, got {self.recap}")
+        if not 1 <= self.recap_kinds <= len(KINDS):
+            raise ValueError(f"need 1 <= recap_kinds <= {len(KINDS)}, got {self.recap_kinds}")
+        if not 0 <= self.recap <= self.recap_kinds:
+            raise ValueError(
+                f"recap={self.recap} sentences need as many distinct kinds, but recap_kinds="
+                f"{self.recap_kinds}: need 0 <= recap <= recap_kinds <= {len(KINDS)}"
+            )
 
     def split_sizes(self) -> dict[str, int]:
         """Examples per split, ``{split: size}``."""
@@ -147,7 +159,7 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
             "test_unseen_op": self.test_unseen_op_size,
         }
 
-    def task_fields(self) -> dict[str, int]:
+    def task_fields(self) -> dict[str, int | bool]:
         """The fields that determine the generated data (not the TFDS name/version)."""
         base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
         return {
@@ -155,14 +167,20 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
         }
 
 
-def arithmetic_config(**fields: int) -> ArithmeticConfig:
+def arithmetic_config(**fields: int | bool) -> ArithmeticConfig:
     """An :class:`ArithmeticConfig` named by its fields: ``default`` or ``custom-<hash>``.
 
     Configs with equal fields share a name, hence a build directory; different fields never do.
     """
     config = ArithmeticConfig(name="default", **fields)
-    if config.task_fields() != ArithmeticConfig(name="default").task_fields():
-        digest = hashlib.sha256(json.dumps(config.task_fields(), sort_keys=True).encode())
+    default = ArithmeticConfig(name="default").task_fields()
+    if config.task_fields() != default:
+        named = {
+            f: v
+            for f, v in config.task_fields().items()
+            if f not in _LATER_FIELDS or v != default[f]
+        }
+        digest = hashlib.sha256(json.dumps(named, sort_keys=True).encode())
         config.name = f"custom-{digest.hexdigest()[:12]}"
     return config
 
@@ -194,40 +212,12 @@ def _chain(
     return start, steps
 
 
-def _recap_sentence(
-    rng: np.random.Generator, kind: str, start: int, steps: list[tuple[str, int, int, int]]
-) -> str:
-    """One recap sentence of ``kind`` in a random wording; the check's operand is free."""
-    answer = steps[-1][3]
-    low = int(rng.integers(0, answer + 1))
-    extra = int(rng.integers(1, 21))
-    fields = {
-        "start": start,
-        "count": len(steps),
-        "peak": max([start] + [after for *_, after in steps]),
-        "answer": answer,
-        "low": low,
-        "rest": answer - low,
-        "high": answer + extra,
-        "extra": extra,
-    }
-    wordings = _RECAP[kind]
-    return wordings[int(rng.integers(len(wordings)))].format(**fields)
-
-
-def _recap(
-    rng: np.random.Generator, count: int, start: int, steps: list[tuple[str, int, int, int]]
-) -> list[str]:
-    """``count`` recap sentences of distinct kinds, in random order."""
-    kinds = rng.permutation(list(_RECAP))[:count]
-    return [_recap_sentence(rng, str(kind), start, steps) for kind in kinds]
-
-
 def _example(
     start: int,
     steps: list[tuple[str, int, int, int]],
     example_id: str,
     recap: Sequence[str] = (),
+    answer_last: bool = False,
 ) -> dict:
     prompt = " ".join(
         [f"Start with {start}."]
@@ -235,11 +225,10 @@ def _example(
         + ["What is the result?"]
     )
     answer = steps[-1][3]
-    solution = " ".join(
-        [f"{a} {_SYMBOL[op]} {k} = {b}." for op, a, k, b in steps]
-        + [f"The answer is {answer}."]
-        + list(recap)
-    )
+    chain = [f"{a} {_SYMBOL[op]} {k} = {b}." for op, a, k, b in steps]
+    graded = [f"The answer is {answer}."]
+    parts = chain + list(recap) + graded if answer_last else chain + graded + list(recap)
+    solution = " ".join(parts)
     return {
         "prompt": prompt,
         "answer": str(answer),
@@ -262,8 +251,10 @@ def _generate(config: ArithmeticConfig, split: str, exclude: set[str]) -> list[d
         start, steps = _chain(rng, int(rng.integers(lo, hi + 1)), ops, config)
         if split == "test_unseen_op" and all(op != UNSEEN_OP for op, *_ in steps):
             continue
-        recap = _recap(rng, config.recap, start, steps) if config.recap else ()
-        example = _example(start, steps, f"{split}-{len(examples):05d}", recap)
+        free = ()
+        if config.recap:
+            free = recap_sentences(rng, config.recap, start, steps, config.recap_kinds)
+        example = _example(start, steps, f"{split}-{len(examples):05d}", free, config.answer_last)
         if example["prompt"] not in seen:
             seen.add(example["prompt"])
             examples.append(example)
@@ -293,6 +284,29 @@ def step_accuracy(response: str, solution: str) -> float:
         return 1.0
     right = sum(want == got for want, got in zip(reference, stated, strict=False))
     return right / len(reference)
+
+
+def solution_ranges(
+    text: str, answer_last: bool = False, pattern: str | re.Pattern[str] = oracle.ANSWER_PATTERN
+) -> list[tuple[int, int]]:
+    """The character ranges ``[start, end)`` of a response's solution: its computation and its
+    first answer sentence (a match of ``pattern``); the rest of ``text`` is its recap.
+
+    By default the solution is everything up to the end of the answer sentence. With
+    ``answer_last`` the text between the last ``a op k = b.`` step before the answer and the
+    whitespace before the answer is recap too. Without an answer sentence: all of ``text``.
+    """
+    span = oracle.answer_span(text, pattern)
+    if span is None:
+        return [(0, len(text))]
+    answer_start, answer_end = span
+    if not answer_last:
+        return [(0, answer_end)]
+    steps_end = max((m.end() for m in _STEP.finditer(text, 0, answer_start)), default=None)
+    gap_end = len(text[:answer_start].rstrip())
+    if steps_end is None or steps_end >= gap_end:
+        return [(0, answer_end)]
+    return [(0, steps_end), (gap_end, answer_end)]
 
 
 def generate_split(config: ArithmeticConfig, split: str) -> list[dict]:

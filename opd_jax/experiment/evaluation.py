@@ -10,8 +10,9 @@ scored three ways:
 - on the first (in-domain) split, against the teacher: the per-token reverse KL
   ``KL(p_S || p_T)`` over the vocabulary on the model's own sample
   (:func:`opd_jax.eval.token_reverse_kl`), averaged over the whole response (``kl``), over the
-  solution up to its answer sentence (``kl_solution``) and over the recap after it
-  (``kl_recap``, NaN without one).
+  solution: the chain and its answer sentence (``kl_solution``), and over the recap: after the
+  answer, or with ``answer_last`` between the chain and the answer (``kl_recap``, NaN without
+  one).
 
 ``eval.json`` keeps every ``[P, k]`` array, so the report can pair any two models problem by
 problem.
@@ -45,22 +46,21 @@ def task_problems(config: Config, split: str, limit: int = 0) -> list[dict[str, 
     return [{f: bytes(source[i][f]).decode("utf-8") for f in fields} for i in range(count)]
 
 
-def _answer_end(text: str) -> int:
-    """The character offset just past the first "The answer is N." sentence (end if none)."""
-    match = _ANSWER_SENTENCE.search(text)
-    return match.end() if match else len(text)
-
-
 def _kl_parts(
-    kl_BxN: np.ndarray, tokens_BxN: np.ndarray, mask_BxN: np.ndarray, tokenizer: models.Tokenizer
+    kl_BxN: np.ndarray,
+    tokens_BxN: np.ndarray,
+    mask_BxN: np.ndarray,
+    tokenizer: models.Tokenizer,
+    answer_last: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Per sample: the mean KL over the response, its solution and its recap ``[B]``."""
+    """Per sample: the mean KL over the response, its solution and its recap ``[B]``; a token
+    belongs to the part its text starts in (:func:`opd_jax.data.arithmetic.solution_ranges`)."""
     whole, solution, recap = [], [], []
     for kl_N, row, keep in zip(kl_BxN, tokens_BxN, mask_BxN.astype(bool), strict=True):
         kl_L = kl_N[keep]
         text, spans = models.decode_with_offsets(tokenizer, row[keep].tolist())
-        end = _answer_end(text)
-        in_solution = np.array([start < end for start, _ in spans], bool)
+        ranges = data.arithmetic.solution_ranges(text, answer_last, _ANSWER_SENTENCE)
+        in_solution = np.array([any(a <= s < b for a, b in ranges) for s, _ in spans], bool)
         whole.append(kl_L.mean() if kl_L.size else np.nan)
         solution.append(kl_L[in_solution].mean() if in_solution.any() else np.nan)
         recap.append(kl_L[~in_solution].mean() if (~in_solution).any() else np.nan)
@@ -114,7 +114,10 @@ def evaluate_problems(
                 chunk_size=config.score.chunk_size,
             )
         )
-        parts = _kl_parts(kl_BxN, samples.tokens[:, P:], samples.response_mask[:, P:], tokenizer)
+        answer_last = bool(config.data.arithmetic.get("answer_last", False))
+        parts = _kl_parts(
+            kl_BxN, samples.tokens[:, P:], samples.response_mask[:, P:], tokenizer, answer_last
+        )
         result |= {name: values.reshape(shape) for name, values in parts.items()}
     result = {name: values.tolist() for name, values in result.items()}
     result["example"] = {"prompt": problems[0]["prompt"], "response": samples.texts[0]}

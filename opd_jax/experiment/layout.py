@@ -3,8 +3,9 @@
     tokenizer/                      the task's BPE tokenizer
     models/{teacher,student}/       Hugging Face directories, sft.json, eval.json
     opd/<rule>/seed<s>/             ordinary run directories, plus curve.json and eval.json
+                                    (and matched.json for a matched control, <kind>@<reference>)
     table.*, measures.*, comparisons.*, diagnostics.*, plots/  the report
-    timings.json                    wall seconds per stage of the last invocation
+    timings.json                    wall seconds per stage, summed over the invocations
 
 Every stage reads and writes through these names, so the report can be redone from a
 finished experiment.
@@ -18,7 +19,9 @@ from opd_jax.config import Config
 
 CURVE_FILE = "curve.json"  # in-domain accuracy against OPD step
 EVAL_FILE = "eval.json"  # a model's evaluation on every split
-TIMINGS_FILE = "timings.json"  # wall seconds per stage of the last invocation
+TIMINGS_FILE = "timings.json"  # wall seconds per stage, each invocation's too
+MATCHED_FILE = "matched.json"  # the fraction a matched control ran at, and where it came from
+MATCH = "@"  # "random@release": random at the kept fraction release had on the same seed
 ROLES = ("teacher", "student")
 
 
@@ -32,8 +35,17 @@ def tokenizer_dir(config: Config) -> Path:
     return Path(config.run.dir) / "tokenizer"
 
 
+def split_rule(name: str) -> tuple[str, str | None]:
+    """``(kind, reference)`` of an entry of ``experiment.rules``: ``"random@release"`` ->
+    ``("random", "release")`` (a matched control), ``"full"`` -> ``("full", None)``."""
+    kind, _, reference = name.partition(MATCH)
+    return kind, reference or None
+
+
 def run_dirs(config: Config) -> dict[tuple[str, int], Path]:
-    """``{(rule, seed): run directory}`` of the experiment's OPD runs."""
+    """``{(rule, seed): run directory}`` of the experiment's OPD runs, in the order they run:
+    the plain rules, then the matched controls (each after the reference it reads)."""
     root = Path(config.run.dir) / "opd"
     e = config.experiment
-    return {(rule, seed): root / rule / f"seed{seed}" for rule in e.rules for seed in e.seeds}
+    rules = sorted(e.rules, key=lambda rule: split_rule(rule)[1] is not None)  # stable
+    return {(rule, seed): root / rule / f"seed{seed}" for rule in rules for seed in e.seeds}

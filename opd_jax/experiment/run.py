@@ -10,7 +10,10 @@ checkpoint):
 3. OPD of the same student under each rule of ``experiment.rules`` and each seed of
    ``experiment.seeds`` (``opd/<rule>/seed<seed>/``, ordinary run directories), with
    in-domain accuracy every ``experiment.curve_every`` steps (``curve.json``) and the
-   evaluation of the trained student at the last step;
+   evaluation of the trained student at the last step. A matched control
+   ``<kind>@<reference>`` (e.g. ``random@release``) runs ``kind`` with its fraction option
+   (``ratio`` or ``rho``) set to the mean kept fraction of the ``reference`` run of the same
+   seed, which runs before it; the value is kept in its ``matched.json`` and ``config.yaml``;
 4. the report (:mod:`opd_jax.experiment.report`): ``table.md``/``table.json``, diagnostics,
    and the plots in ``plots/``.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,12 +40,25 @@ from opd_jax.config import (
     load_tree,
     validate,
 )
-from opd_jax.core import RULES
+from opd_jax.core import RULES, rule_options
 from opd_jax.data.arithmetic import SPLITS
+from opd_jax.errors import InputError
 from opd_jax.experiment.evaluation import evaluate_model, evaluate_problems, task_problems
-from opd_jax.experiment.layout import CURVE_FILE, EVAL_FILE, TIMINGS_FILE, run_dirs
+from opd_jax.experiment.layout import (
+    CURVE_FILE,
+    EVAL_FILE,
+    MATCH,
+    MATCHED_FILE,
+    TIMINGS_FILE,
+    run_dirs,
+    split_rule,
+)
 from opd_jax.experiment.models import prepare_models
 from opd_jax.files import atomic_write_text
+from opd_jax.run_lock import hold
+from opd_jax.train.metrics import read_metrics
+
+FRACTION_OPTIONS = ("ratio", "rho")  # what a matched control sets, the first its rule has
 
 
 def _with_models(config: Config) -> Config:
@@ -59,8 +76,7 @@ def check_experiment(config: Config) -> Config:
     if config.data.source != "arithmetic":
         raise ConfigError("the experiment runs on the built-in task: set data.source=arithmetic.")
     for rule in e.rules:
-        if rule not in RULES:
-            raise ConfigError(f"experiment.rules: {rule!r} is not one of {sorted(RULES)}.")
+        check_rule_name(rule, e.rules)
     if not e.rules or not e.seeds:
         raise ConfigError("experiment.rules and experiment.seeds must each name at least one.")
     if len(set(e.rules)) != len(e.rules) or len(set(e.seeds)) != len(e.seeds):
@@ -68,24 +84,6 @@ def check_experiment(config: Config) -> Config:
     for split in e.eval_splits:
         if split not in SPLITS:
             raise ConfigError(f"experiment.eval_splits: {split!r} is not one of {list(SPLITS)}.")
-    positive = {
-        "experiment.vocab_size": e.vocab_size,
-        "experiment.tokenizer_examples": e.tokenizer_examples,
-        "experiment.curve_problems": e.curve_problems,
-        "experiment.eval_k": e.eval_k,
-        "experiment.eval_max_new_tokens": e.eval_max_new_tokens,
-        "experiment.teacher.steps": e.teacher.steps,
-        "experiment.student.steps": e.student.steps,
-        "experiment.teacher.batch_size": e.teacher.batch_size,
-        "experiment.student.batch_size": e.student.batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}.")
-    if e.curve_every < 0 or e.eval_problems < 0 or e.eval_temperature < 0:
-        raise ConfigError(
-            "experiment.curve_every, eval_problems and eval_temperature must be >= 0."
-        )
     for role in ("teacher", "student"):
         shape = getattr(e, role).shape
         if shape.heads % shape.kv_heads:
@@ -94,6 +92,38 @@ def check_experiment(config: Config) -> Config:
                 f"kv_heads={shape.kv_heads}."
             )
     return config
+
+
+def fraction_option(kind: str) -> str | None:
+    """The option of rule ``kind`` that sets the fraction of tokens it keeps (``ratio``,
+    ``rho``), which a matched control sets; None when it has none."""
+    return next((o for o in FRACTION_OPTIONS if o in rule_options(kind)), None)
+
+
+def check_rule_name(rule: str, rules: Sequence[str]) -> None:
+    """``rule`` is a rule of :data:`~opd_jax.core.RULES`, or a matched control
+    ``<kind>@<reference>`` of a rule with a fraction option and a plain rule of ``rules``."""
+    kind, reference = split_rule(rule)
+    if kind not in RULES:
+        raise ConfigError(f"experiment.rules: {rule!r} is not one of {sorted(RULES)}.")
+    if MATCH not in rule:
+        return
+    if reference not in RULES:  # also empty, or itself matched
+        raise ConfigError(
+            f"experiment.rules: {rule!r} must name a plain rule after {MATCH!r} (e.g. "
+            f"{kind}{MATCH}release), one of {sorted(RULES)}."
+        )
+    if fraction_option(kind) is None:
+        raise ConfigError(
+            f"experiment.rules: {rule!r} matches the kept fraction of {reference!r}, but "
+            f"{kind!r} has no option {' or '.join(FRACTION_OPTIONS)} to set it; match one of "
+            f"{sorted(k for k in RULES if fraction_option(k))}."
+        )
+    if reference not in rules:
+        raise ConfigError(
+            f"experiment.rules: {rule!r} runs at the kept fraction of the {reference!r} run of "
+            f"each seed, but {reference!r} is not in experiment.rules: add it."
+        )
 
 
 def load_experiment_config(
@@ -146,40 +176,133 @@ class Curve:
             evaluate_model(model, self.teacher, session.tokenizer, self.config, out)
 
 
+def git_commit() -> str | None:
+    """The commit of the code that runs (``git rev-parse HEAD`` beside this package), or None
+    where git or the repository is missing."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
+
+
 class StageClock:
-    """Wall seconds of each stage this invocation ran, kept in ``timings.json`` (a stage
-    skipped because it finished earlier records its few seconds of checking)."""
+    """Wall seconds of each stage, kept in ``timings.json`` across invocations::
+
+        {"models": {"seconds": 371.2, "invocations": [{"seconds": 371.0, "commit": "cec6..."},
+                                                      {"seconds": 0.2, "commit": "cec6..."}]}}
+
+    ``seconds`` sums the stage's invocations (one that skipped a finished stage adds its few
+    seconds of checking), so a resumed experiment keeps the times of the runs that did the
+    work. The file is rewritten atomically after each stage; an older file of bare seconds per
+    stage is read as one invocation of unknown commit."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.seconds = path, {}
+        self.commit = git_commit()
+        self.stages = {name: _stage_entry(value) for name, value in _read_json(path).items()}
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
         start = time.perf_counter()
         yield
-        self.seconds[stage] = time.perf_counter() - start
-        atomic_write_text(self.path, json.dumps(self.seconds, indent=1) + "\n")
-        print(f"  {stage}: {self.seconds[stage]:.0f} s", flush=True)
+        seconds = self.seconds[stage] = time.perf_counter() - start
+        entry = self.stages.setdefault(stage, {"seconds": 0.0, "invocations": []})
+        entry["invocations"].append({"seconds": seconds, "commit": self.commit})
+        entry["seconds"] = sum(i["seconds"] for i in entry["invocations"])
+        atomic_write_text(self.path, json.dumps(self.stages, indent=1) + "\n")
+        print(f"  {stage}: {seconds:.0f} s", flush=True)
 
     def total(self) -> float:
+        """Seconds of the stages this invocation ran."""
         return sum(self.seconds.values())
 
 
-def opd_config(config: Config, rule: str, seed: int, run_dir: Path) -> Config:
-    """The config of one OPD run: ``rule`` (with ``rule.options`` if it is ``rule.kind``)."""
-    options = dict(config.rule.options) if rule == config.rule.kind else {}
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _stage_entry(value: float | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    return {"seconds": float(value), "invocations": [{"seconds": float(value), "commit": None}]}
+
+
+def reference_kept_fraction(run_dir: Path) -> tuple[float, int]:
+    """``(mean, steps)``: the mean over the logged steps of a finished run's ``kept_fraction``
+    (``metrics.jsonl``; a step logged twice counts once, its last line)."""
+    records = read_metrics(run_dir)
+    by_step = {r["step"]: r["kept_fraction"] for r in records if "kept_fraction" in r}
+    if not by_step:
+        raise InputError(
+            f"{run_dir} has no kept_fraction in its metrics.jsonl: the controls matched to it "
+            "read it from its finished run; run the experiment again to redo that run."
+        )
+    return float(np.mean(list(by_step.values()))), len(by_step)
+
+
+def matched_fraction(config: Config, rule: str, seed: int) -> float | None:
+    """The fraction a matched control ``rule`` runs at on ``seed`` (None for a plain rule):
+    the one in its ``matched.json`` once it has started, else its reference run's mean kept
+    fraction (:func:`reference_kept_fraction`), then recorded in ``matched.json``."""
+    kind, reference = split_rule(rule)
+    if reference is None:
+        return None
+    dirs = run_dirs(config)
+    path = dirs[rule, seed] / MATCHED_FILE
+    if path.is_file():
+        return float(json.loads(path.read_text())["value"])
+    value, steps = reference_kept_fraction(dirs[reference, seed])
+    record = {
+        "rule": rule,
+        "kind": kind,
+        "option": fraction_option(kind),
+        "value": value,
+        "reference": reference,
+        "reference_run": str(dirs[reference, seed]),
+        "reference_steps": steps,
+    }
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return value
+
+
+def opd_config(
+    config: Config, rule: str, seed: int, run_dir: Path, fraction: float | None = None
+) -> Config:
+    """The config of one OPD run: ``rule``'s kind (with ``rule.options`` if it is
+    ``rule.kind``); a matched control's fraction option set to ``fraction``
+    (:func:`matched_fraction`)."""
+    kind, reference = split_rule(rule)
+    options = dict(config.rule.options) if kind == config.rule.kind else {}
+    if reference is not None:
+        if fraction is None:
+            raise ValueError(f"the matched control {rule!r} needs its fraction.")
+        options[fraction_option(kind)] = fraction
     return dataclasses.replace(
         config,
         seed=seed,
-        rule=RuleConfig(kind=rule, options=options),
+        rule=RuleConfig(kind=kind, options=options),
         run=dataclasses.replace(config.run, dir=str(run_dir)),
     )
 
 
 def run_experiment(config: Config) -> dict[str, Any] | None:
-    """Runs every stage (see the module doc); returns the report of
+    """Runs every stage (see the module doc) with ``run.dir`` locked for this experiment
+    (:mod:`opd_jax.run_lock`); returns the report of
     :func:`opd_jax.experiment.report.write_report`, or None when an OPD run was stopped
-    early (SIGTERM): its last checkpoint is kept and running again resumes it."""
+    early (SIGTERM, SIGINT): its last checkpoint is kept and running again resumes it."""
+    with hold(config.run.dir, "opd-jax experiment"):
+        return _run_stages(config)
+
+
+def _run_stages(config: Config) -> dict[str, Any] | None:
     import tensorflow_datasets as tfds
     from absl import logging as absl_logging
 
@@ -189,7 +312,6 @@ def run_experiment(config: Config) -> dict[str, Any] | None:
 
     tfds.disable_progress_bar()
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's "custom data configuration" notes
-    Path(config.run.dir).mkdir(parents=True, exist_ok=True)
     clock = StageClock(Path(config.run.dir) / TIMINGS_FILE)
     with clock("models"):
         paths = prepare_models(config)
@@ -204,8 +326,10 @@ def run_experiment(config: Config) -> dict[str, Any] | None:
     curve_problems = curve_problems[: config.experiment.curve_problems]
     runs = run_dirs(config)
     for index, ((rule, seed), run_dir) in enumerate(runs.items()):
-        run_config = opd_config(config, rule, seed, run_dir)
-        print(f"[{index + 1}/{len(runs)}] OPD rule={rule} seed={seed} -> {run_dir}", flush=True)
+        fraction = matched_fraction(config, rule, seed)
+        run_config = opd_config(config, rule, seed, run_dir, fraction)
+        at = "" if fraction is None else f" with {run_config.rule.options}"
+        print(f"[{index + 1}/{len(runs)}] OPD rule={rule}{at} seed={seed} -> {run_dir}", flush=True)
         with clock(f"opd {rule} seed {seed}"):
             result = train(run_config, on_step=Curve(run_config, curve_problems, teacher))
             if result.status is Status.STOPPED:

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.config import Config
+from opd_jax.core.rules import CUT_RULES
 from opd_jax.sharding import DEFAULT_RULES
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.pair import spec_config
@@ -54,6 +55,8 @@ def plan(config: Config) -> dict[str, Any]:
         "response_mask": sds((b, p + n)),
         "seg": sds((b, n)),
     }
+    if config.rule.kind in CUT_RULES:
+        batch["cut"] = sds((b,))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     step = make_train_step(graphdef, teacher_graphdef, tx, step_settings(config), shardings)

@@ -19,7 +19,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax import core, data, models, sampling
-from opd_jax.config import Config
+from opd_jax.config import Config, ConfigError
+from opd_jax.core.rules import CUT_RULES
+from opd_jax.data.oracle import ANSWER_PATTERN
 from opd_jax.models import Tokenizer, encode_prompts, eos_ids, pad_id
 from opd_jax.sharding import DEFAULT_RULES, make_mesh
 from opd_jax.text_segments import response_segments
@@ -36,14 +38,14 @@ def mesh_from_config(config: Config) -> jax.sharding.Mesh:
     shape = {k: v for k, v in dataclasses.asdict(config.mesh).items() if k != "rollout"}
     count = jax.device_count() - apart
     if count < 1:
-        raise ValueError(
+        raise ConfigError(
             f"mesh.rollout={apart} sets apart all {jax.device_count()} devices: leave some for "
             "training (lower mesh.rollout, or 0 to sample on the training devices)."
         )
     fixed = int(np.prod([v for v in shape.values() if v != -1]))
     shape = {k: (count // fixed if v == -1 else v) for k, v in shape.items()}
     if int(np.prod(list(shape.values()))) != count:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {shape} does not use the {count} training devices: set mesh.data * "
             "mesh.fsdp * mesh.tensor to the device count less mesh.rollout (or one of them "
             "to -1)."
@@ -58,7 +60,7 @@ def rollout_mesh_from_config(config: Config, mesh: jax.sharding.Mesh) -> jax.sha
     if not apart:
         return mesh
     if jax.process_count() > 1:
-        raise ValueError(
+        raise ConfigError(
             "mesh.rollout (devices set apart for rollouts) runs in a single process: set "
             "mesh.rollout=0 to sample on the training mesh."
         )
@@ -109,7 +111,7 @@ class Batches:
         axes = jax.tree.leaves(self.spec[0])
         shards = int(np.prod([self.mesh.shape[a] for a in axes]))
         if batch_size % shards:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={batch_size} must be a multiple of {' x '.join(axes)} = "
                 f"{shards} (mesh {dict(self.mesh.shape)}): raise it to a multiple."
             )
@@ -120,7 +122,7 @@ class Batches:
         )
         block = len(rows)
         if rows != list(range(rows[0], rows[0] + block)) or rows[0] % block or shards % block:
-            raise ValueError(
+            raise ConfigError(
                 f"process {here} holds rows {rows} of {shards} batch shards on mesh "
                 f"{dict(self.mesh.shape)}: each process's devices must hold one contiguous "
                 "block of the batch; order the mesh devices by process."
@@ -241,21 +243,26 @@ class Session:
         )
         return batches.to_host((result.tokens, result.response_mask, result.prompt_mask))
 
-    def segments(self, rollout: tuple[np.ndarray, ...]) -> tuple[np.ndarray, list[str]]:
-        """Host: segment ids ``[B, N]`` of the responses, and their decoded texts."""
+    def segments(self, rollout: tuple[np.ndarray, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Host: what the rule reads about the responses, ``{"seg": [B, N]}`` and, for the rules
+        of :data:`~opd_jax.core.rules.CUT_RULES` only, ``"cut": [B]`` (the oracle cut after
+        ``segments.oracle_pattern``), and their decoded texts (:func:`response_segments`)."""
         p = self.prompt_len
         c = self.config.segments
+        pattern = None
+        if self.config.rule.kind in CUT_RULES:
+            pattern = c.oracle_pattern or ANSWER_PATTERN
         return response_segments(
-            self.tokenizer, rollout[0][:, p:], rollout[1][:, p:], c.kind, c.tokens
+            self.tokenizer, rollout[0][:, p:], rollout[1][:, p:], c.kind, c.tokens, pattern
         )
 
     def device_batch(
-        self, rollout: tuple[np.ndarray, ...], seg: np.ndarray
+        self, rollout: tuple[np.ndarray, ...], segments: dict[str, np.ndarray]
     ) -> dict[str, jax.Array]:
-        """The step's global batch from this process's rollouts and segments."""
+        """The step's global batch from this process's rollouts and :meth:`segments`."""
         tokens, response, prompt = rollout
         host = {"tokens": tokens, "attention_mask": response | prompt, "response_mask": response}
-        return self.batches.to_device(host | {"seg": seg})
+        return self.batches.to_device(host | segments)
 
     def update(self, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
         """One jitted optimizer step; replaces the live ``state``."""

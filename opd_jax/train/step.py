@@ -1,12 +1,12 @@
 """The jitted OPD update: teacher and student scoring, the rule, the loss and one optax step.
 
 The step built by :func:`make_train_step` takes sampled rollouts ``tokens [B, S]`` (prompt
-columns ``[0, P)``, response columns ``[P, S)``), the host's segment ids of the responses and
-a PRNG key, and returns the updated parameters and optimizer state (both donated) with the
-step's metrics. The batch is cut into ``accumulate`` micro-batches scanned with summed
-gradients. Each micro-batch runs both models' forward passes and the public objective,
-:func:`opd_jax.core.opd_objective` (chunked scoring: the ``[B, N, V]`` logits are never
-formed). The teacher is never differentiated.
+columns ``[0, P)``, response columns ``[P, S)``), the host's segment ids of the responses (and
+each row's cut, for the rules that read one) and a PRNG key, and returns the updated
+parameters and optimizer state (both donated) with the step's metrics. The batch is cut into
+``accumulate`` micro-batches scanned with summed gradients. Each micro-batch runs both models'
+forward passes and the public objective, :func:`opd_jax.core.opd_objective` (chunked scoring:
+the ``[B, N, V]`` logits are never formed). The teacher is never differentiated.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
         micro["seg"],
         key,
         s.objective,
+        micro.get("cut"),
     )
     return loss, aux.diagnostics
 
@@ -81,10 +82,11 @@ def make_train_step(
       settings: static :class:`StepSettings`.
       shardings: ``(param_shardings, opt_shardings)``: the step keeps the state in them.
 
-    The batch holds ``tokens``, ``attention_mask``, ``response_mask`` ``[B, S]`` and
-    ``seg [B, N]``; metrics are scalars (loss, gradient norm, diagnostics, ``nonfinite``: 1
-    when the loss, the gradient or an updated parameter is not finite) and ``[bins]`` position
-    profiles. With ``settings.skip_nonfinite`` such a step returns the state it was given.
+    The batch holds ``tokens``, ``attention_mask``, ``response_mask`` ``[B, S]``, ``seg [B, N]``
+    and, for the rules of :data:`opd_jax.core.rules.CUT_RULES` only, ``cut [B]``; metrics are
+    scalars (loss, gradient norm, diagnostics, ``nonfinite``: 1 when the loss, the gradient or
+    an updated parameter is not finite) and ``[bins]`` position profiles. With
+    ``settings.skip_nonfinite`` such a step returns the state it was given.
     """
 
     def step(params, opt_state, teacher_params, batch, key):
