@@ -6,7 +6,7 @@ opd-jax sample MODEL --prompt TEXT                 sample completions from a che
 opd-jax convert SRC DST [--overwrite]              Hugging Face/GGUF <-> orbax
 opd-jax plan CONFIG.yaml [--set ...]               memory per device, before allocating
 opd-jax experiment CONFIG.yaml [--full] [--set ...] the offline strong-to-weak experiment
-opd-jax profile CONFIG.yaml [--batches N] [--set ...] a pair's margin and advantage profiles
+opd-jax profile CONFIG.yaml [--batches N] [--ideal] [--set ...]  a pair's margin profiles
 """
 
 from __future__ import annotations

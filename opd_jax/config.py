@@ -214,6 +214,9 @@ class ExperimentConfig:
     eval_k: Positive = 4  # samples per problem
     eval_temperature: Annotated[NonNegativeFloat, note("0 is greedy")] = 1.0
     eval_max_new_tokens: Positive = 128  # room for test_long's longer solutions
+    # processes that run the experiment's jobs at once (the two models' fine-tuning, the OPD
+    # runs); each job computes what it would alone (opd_jax.experiment.workers)
+    workers: Positive = 1
     full: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of --full
 
 

@@ -179,3 +179,24 @@ def test_full_without_a_full_section_is_refused(tmp_path, capsys):
     path.write_text("seed: 0\n")
     assert main(["experiment", str(path), "--full"]) == 2
     assert "no experiment.full section" in capsys.readouterr().err
+
+
+def test_worker_processes_compute_what_one_process_does(finished, tmp_path):
+    """experiment.workers=2 fine-tunes the two models at once and spreads the OPD runs over
+    two spawned processes: every file of results equals the one-process experiment's."""
+    _, _, one = finished
+    overrides = [*TOY, f"run.dir={tmp_path / 'run'}", f"data.data_dir={one.parent / 'data'}"]
+    config = load_experiment_config(None, [*overrides, "experiment.workers=2"])
+    assert run_experiment(config) is not None
+    two = tmp_path / "run"
+    for path in ("models/teacher/eval.json", "models/student/eval.json", "table.json"):
+        assert json.loads((two / path).read_text()) == json.loads((one / path).read_text()), path
+    for rule in ("release", "full"):
+        run = f"opd/{rule}/seed0"
+        for name in ("eval.json", "curve.json"):
+            assert (two / run / name).read_text() == (one / run / name).read_text()
+        losses = [
+            [json.loads(line)["loss"] for line in (root / run / "metrics.jsonl").open()]
+            for root in (one, two)
+        ]
+        assert losses[0] == losses[1]

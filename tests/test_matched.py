@@ -11,7 +11,7 @@ from opd_jax.config import ConfigError, dump_config
 from opd_jax.data import arithmetic_config, generate_split
 from opd_jax.data.oracle import ANSWER_PATTERN, answer_end
 from opd_jax.experiment import load_experiment_config, report
-from opd_jax.experiment import run as experiment
+from opd_jax.experiment import opd_runs, timings
 from opd_jax.experiment.layout import MATCHED_FILE, run_dirs
 from opd_jax.models.tokenizer import train_bpe_tokenizer
 
@@ -34,12 +34,12 @@ def test_matched_controls_run_at_the_kept_fraction_release_had_on_the_same_seed(
     dirs = run_dirs(config)
     _fake_run(dirs["release", 0], [0.6, 0.7, 0.65])
     _fake_run(dirs["release", 1], [0.5, 0.5])
-    assert experiment.matched_fraction(config, "release", 0) is None
+    assert opd_runs.matched_fraction(config, "release", 0) is None
     for seed, want in ((0, 0.65), (1, 0.5)):
         for rule, option in (("random@release", "ratio"), ("prefix_fraction@release", "rho")):
-            value = experiment.matched_fraction(config, rule, seed)
+            value = opd_runs.matched_fraction(config, rule, seed)
             assert value == pytest.approx(want)
-            run_config = experiment.opd_config(config, rule, seed, dirs[rule, seed], value)
+            run_config = opd_runs.opd_config(config, rule, seed, dirs[rule, seed], value)
             assert run_config.rule.kind == rule.split("@")[0]
             assert run_config.rule.options == {option: value}
             assert f"{option}: {value}" in dump_config(run_config)
@@ -52,12 +52,12 @@ def test_a_started_control_keeps_the_fraction_it_started_with(tmp_path):
     config = _config(tmp_path, RULES, "experiment.seeds=[0]")
     dirs = run_dirs(config)
     _fake_run(dirs["release", 0], [0.4, 0.6])
-    assert experiment.matched_fraction(config, "random@release", 0) == pytest.approx(0.5)
+    assert opd_runs.matched_fraction(config, "random@release", 0) == pytest.approx(0.5)
     (dirs["release", 0] / "metrics.jsonl").unlink()
     _fake_run(dirs["release", 0].parent / "elsewhere", [0.9])
-    assert experiment.matched_fraction(config, "random@release", 0) == pytest.approx(0.5)
+    assert opd_runs.matched_fraction(config, "random@release", 0) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="no kept_fraction"):
-        experiment.matched_fraction(config, "prefix_fraction@release", 0)
+        opd_runs.matched_fraction(config, "prefix_fraction@release", 0)
 
 
 def test_every_matched_control_runs_after_its_reference(tmp_path):
@@ -95,7 +95,7 @@ def test_the_report_puts_each_controls_kept_fraction_beside_its_references(tmp_p
     extra = {"released_fraction": 1.0, "margin_mean": 1.0, "advantage_mean": 0.0, "loss": 0.1}
     extra |= {"margin_by_position": [1.0] * 5}
     _fake_run(dirs["release", 0], [0.6, 0.7], **extra)
-    experiment.matched_fraction(config, "random@release", 0)
+    opd_runs.matched_fraction(config, "random@release", 0)
     _fake_run(dirs["random@release", 0], [0.66, 0.68], **extra)
     rows = report.diagnostics(config)
     assert rows["random@release"]["matched"]["reference_kept"] == pytest.approx(0.65)
@@ -173,27 +173,27 @@ def test_stage_timings_add_up_over_invocations_and_keep_each_one(tmp_path, monke
     path = tmp_path / "timings.json"
     path.write_text(json.dumps({"models": 300.0}))  # an older file: bare seconds per stage
     ticks = iter([0.0, 120.0, 1000.0, 1000.5, 2000.0, 2002.0])
-    monkeypatch.setattr(experiment.time, "perf_counter", lambda: next(ticks))
-    monkeypatch.setattr(experiment, "git_commit", lambda: "abc123")
-    first = experiment.StageClock(path)
+    monkeypatch.setattr(timings.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(timings, "git_commit", lambda: "abc123")
+    first = timings.StageClock(path)
     with first("opd release seed 0"):  # stopped part-way: its time so far is kept
         pass
-    second = experiment.StageClock(path)  # the resume
+    second = timings.StageClock(path)  # the resume
     with second("models"):  # finished earlier: skipped in half a second
         pass
     with second("opd release seed 0"):
         pass
-    timings = json.loads(path.read_text())
-    assert timings["models"]["seconds"] == pytest.approx(300.5)
-    assert timings["models"]["invocations"] == [
+    saved = json.loads(path.read_text())
+    assert saved["models"]["seconds"] == pytest.approx(300.5)
+    assert saved["models"]["invocations"] == [
         {"seconds": 300.0, "commit": None},
         {"seconds": 0.5, "commit": "abc123"},
     ]
-    assert timings["opd release seed 0"]["seconds"] == pytest.approx(122.0)
-    assert [i["seconds"] for i in timings["opd release seed 0"]["invocations"]] == [120.0, 2.0]
+    assert saved["opd release seed 0"]["seconds"] == pytest.approx(122.0)
+    assert [i["seconds"] for i in saved["opd release seed 0"]["invocations"]] == [120.0, 2.0]
     assert second.total() == pytest.approx(2.5)
 
 
 def test_the_commit_is_the_repositorys_head_or_none():
-    commit = experiment.git_commit()
+    commit = timings.git_commit()
     assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)

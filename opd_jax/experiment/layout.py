@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from opd_jax.config import Config
+from opd_jax.core import rule_options
 
 CURVE_FILE = "curve.json"  # in-domain accuracy against OPD step
 EVAL_FILE = "eval.json"  # a model's evaluation on every split
@@ -33,6 +34,15 @@ def model_dirs(config: Config) -> dict[str, Path]:
 def tokenizer_dir(config: Config) -> Path:
     """The task tokenizer both models share."""
     return Path(config.run.dir) / "tokenizer"
+
+
+FRACTION_OPTIONS = ("ratio", "rho")  # what a matched control sets, the first its rule has
+
+
+def fraction_option(kind: str) -> str | None:
+    """The option of rule ``kind`` that sets the fraction of tokens it keeps (``ratio``,
+    ``rho``), which a matched control sets; None when it has none."""
+    return next((o for o in FRACTION_OPTIONS if o in rule_options(kind)), None)
 
 
 def split_rule(name: str) -> tuple[str, str | None]:

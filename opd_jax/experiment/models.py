@@ -24,7 +24,8 @@ from flax import nnx
 
 from opd_jax import data, models
 from opd_jax.config import Config, ModelShape, SFTConfig
-from opd_jax.experiment.layout import model_dirs, tokenizer_dir
+from opd_jax.experiment.layout import ROLES, model_dirs, tokenizer_dir
+from opd_jax.experiment.workers import Pool
 from opd_jax.files import atomic_write_text
 from opd_jax.models.tokenizer import train_bpe_tokenizer
 from opd_jax.train.sft import SFTSettings, sft
@@ -110,6 +111,7 @@ def train_model(
             flush=True,
         )
 
+    print(f"training the {role} ({spec.shape})", flush=True)
     start = time.perf_counter()
     sft(model, tokenizer, batches, settings, log=record, log_every=max(spec.steps // 5, 1))
     seconds = time.perf_counter() - start
@@ -131,21 +133,30 @@ def train_model(
     return report
 
 
+def train_role(config: Config, role: str, seed: int) -> dict[str, Any]:
+    """Trains ``role``'s model with the experiment's tokenizer (a job of
+    :class:`~opd_jax.experiment.workers.Pool`); returns its ``sft.json`` record."""
+    tokenizer = models.load_tokenizer(tokenizer_dir(config))
+    return train_model(config, role, tokenizer, model_dirs(config)[role], seed)
+
+
 def prepare_models(config: Config) -> dict[str, Path]:
-    """``{"teacher": path, "student": path}``, training each model unless already done."""
+    """``{"teacher": path, "student": path}``, training each model unless already done (the
+    two at once with ``experiment.workers`` > 1)."""
     paths = model_dirs(config)
     missing = [role for role, path in paths.items() if not (path / DONE).is_file()]
     if not missing:
         return paths
     shared = tokenizer_dir(config)
-    if (shared / "tokenizer.json").is_file():  # both models share the first one made
-        tokenizer = models.load_tokenizer(shared)
-    else:
-        tokenizer = task_tokenizer(config)
-        tokenizer.save_pretrained(str(shared))
-    for offset, role in enumerate(("teacher", "student")):
-        if role in missing:
-            print(f"training the {role} ({getattr(config.experiment, role).shape})", flush=True)
-            report = train_model(config, role, tokenizer, paths[role], config.seed + offset)
-            print(f"  {role}: {report['parameters']:,} parameters, {report['seconds']:.0f} s")
+    if not (shared / "tokenizer.json").is_file():  # both models share the first one made
+        task_tokenizer(config).save_pretrained(str(shared))
+    jobs = [(config, role, config.seed + offset) for offset, role in enumerate(ROLES)]
+    with Pool(config) as pool:
+        for (_, role, _), report, _ in pool.run(train_role, [j for j in jobs if j[1] in missing]):
+            shape = getattr(config.experiment, role).shape
+            print(
+                f"  {role} ({shape}): {report['parameters']:,} parameters, "
+                f"{report['seconds']:.0f} s",
+                flush=True,
+            )
     return paths

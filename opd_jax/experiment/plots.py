@@ -8,6 +8,9 @@
   indices reached by fewer than 2% of the rollouts are left out.
 - ``boundary_histogram.png``: where the release rule puts its boundary ``t* / L`` on the
   student's rollouts, summed over steps and seeds (computed every step whatever rule trains).
+- ``ideal_vs_teacher_by_sentence.png`` (``opd-jax profile --ideal``): the arithmetic task's
+  ideal teacher ``p*`` beside the trained teacher by sentence index, on the tokens where
+  ``p*`` is defined: margin, advantage, and the share of tokens covered and determined.
 - ``accuracy_vs_step.png``: in-domain accuracy (the table's measure) on
   ``experiment.curve_problems`` against OPD step per rule (step 0: the student before OPD),
   the mean over seeds with their range shaded.
@@ -89,6 +92,42 @@ def margin_by_sentence(records: dict[str, list[list[dict[str, Any]]]], path: Pat
     ax_a.set(title="sampled advantage, sentence mean", xlabel="sentence index", ylabel="nats")
     ax_a.axhline(0.0, color="grey", linewidth=0.8)
     return _finish(fig, (ax_m, ax_a), path)
+
+
+def ideal_vs_teacher_by_sentence(summary: dict[str, Any], path: Path) -> Path:
+    """From a profile's summary (``opd_jax.experiment.profile``, its ``ideal`` part); indices
+    covered in fewer than :data:`MIN_SHARE` of the rows with a first sentence are left out."""
+    plt = _pyplot()
+    ideal = summary["ideal"]
+    rows = np.asarray(ideal["ideal_margin_rows_by_sentence"], np.float64)
+    shown = rows >= max(MIN_SHARE * summary["rows_by_sentence"][0], 1)
+    x = np.arange(1, len(rows) + 1)[shown]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), layout="constrained")
+    (ax_m, ax_split), (ax_a, ax_c) = axes
+    panels = (
+        (ax_m, "teacher_margin_covered", "trained teacher"),
+        (ax_m, "ideal_margin", "ideal p*"),
+        (ax_split, "teacher_margin_determined", "trained teacher, p* determined"),
+        (ax_split, "teacher_margin_open", "trained teacher, p* open"),
+        (ax_split, "ideal_margin_open", "ideal p*, p* open"),
+        (ax_a, "teacher_advantage_covered", "trained teacher"),
+        (ax_a, "ideal_advantage", "ideal p*"),
+        (ax_c, "coverage", "tokens where p* is defined"),
+        (ax_c, "determined", "of those, p* determined"),
+    )
+    everything = np.asarray(summary["margin_by_sentence"], np.float64)[shown]
+    ax_m.plot(x, everything, color="grey", linestyle=":", label="trained teacher, every token")
+    for ax, name, label in panels:
+        values = np.asarray(ideal[f"{name}_by_sentence"], np.float64)[shown]
+        ax.plot(x, values, marker="o", markersize=3, label=label)
+    ax_m.set(title="margin over the student's top-K where p* is defined", ylabel="gap (nats)")
+    ax_split.set(title="that margin where p* is one token's or not", ylabel="gap (nats)")
+    ax_a.set(title="advantage log p(y) - log p_S(y) where p* is defined", ylabel="nats")
+    ax_a.axhline(0.0, color="grey", linewidth=0.8)
+    ax_c.set(title="the ideal teacher's support", ylabel="share", ylim=(0, 1.05))
+    for ax in axes.ravel():
+        ax.set_xlabel("sentence index")
+    return _finish(fig, axes.ravel(), path)
 
 
 def boundary_histogram(records: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:

@@ -20,45 +20,35 @@ checkpoint):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flax import nnx
-
 from opd_jax import models
 from opd_jax.config import (
     Config,
     ConfigError,
-    RuleConfig,
     load_tree,
     validate,
 )
-from opd_jax.core import RULES, rule_options
+from opd_jax.core import RULES
 from opd_jax.data.arithmetic import SPLITS
-from opd_jax.errors import InputError
-from opd_jax.experiment.evaluation import evaluate_model, evaluate_problems, task_problems
+from opd_jax.experiment.evaluation import evaluate_model
 from opd_jax.experiment.layout import (
-    CURVE_FILE,
     EVAL_FILE,
+    FRACTION_OPTIONS,
     MATCH,
-    MATCHED_FILE,
     TIMINGS_FILE,
-    run_dirs,
+    fraction_option,
     split_rule,
 )
 from opd_jax.experiment.models import prepare_models
-from opd_jax.files import atomic_write_text
+from opd_jax.experiment.opd_runs import run_all
+from opd_jax.experiment.timings import StageClock
 from opd_jax.run_lock import hold
-from opd_jax.train.metrics import read_metrics
-
-FRACTION_OPTIONS = ("ratio", "rho")  # what a matched control sets, the first its rule has
 
 
 def _with_models(config: Config) -> Config:
@@ -92,12 +82,6 @@ def check_experiment(config: Config) -> Config:
                 f"kv_heads={shape.kv_heads}."
             )
     return config
-
-
-def fraction_option(kind: str) -> str | None:
-    """The option of rule ``kind`` that sets the fraction of tokens it keeps (``ratio``,
-    ``rho``), which a matched control sets; None when it has none."""
-    return next((o for o in FRACTION_OPTIONS if o in rule_options(kind)), None)
 
 
 def check_rule_name(rule: str, rules: Sequence[str]) -> None:
@@ -140,159 +124,6 @@ def load_experiment_config(
     return check_experiment(validate(_with_models(config)))
 
 
-class Curve:
-    """In-domain accuracy (``eval_k`` samples per problem at ``eval_temperature``, as in the
-    table) on ``curve_problems`` every ``curve_every`` steps, kept in ``curve.json``; at the
-    last step, the run's evaluation (``eval.json``) on the live student."""
-
-    def __init__(
-        self, config: Config, problems: list[dict[str, str]], teacher: models.Decoder
-    ) -> None:
-        self.config, self.problems, self.teacher = config, problems, teacher
-        self.path = Path(config.run.dir) / CURVE_FILE
-        self.points = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def __call__(self, step: int, session) -> None:
-        every, last = self.config.experiment.curve_every, self.config.train.steps
-        due = every and (step % every == 0 or step == last)
-        if not due and step != last:
-            return
-        model = nnx.merge(session.graphdef, session.params)
-        if due:
-            e = self.config.experiment
-            scored = evaluate_problems(
-                model,
-                None,
-                session.tokenizer,
-                self.config,
-                self.problems,
-                k=e.eval_k,
-                temperature=e.eval_temperature,
-            )
-            self.points[str(step)] = float(np.mean(scored["correct"]))
-            atomic_write_text(self.path, json.dumps(self.points, indent=1) + "\n")
-        if step == last:
-            out = Path(self.config.run.dir) / EVAL_FILE
-            evaluate_model(model, self.teacher, session.tokenizer, self.config, out)
-
-
-def git_commit() -> str | None:
-    """The commit of the code that runs (``git rev-parse HEAD`` beside this package), or None
-    where git or the repository is missing."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and commit else None
-
-
-class StageClock:
-    """Wall seconds of each stage, kept in ``timings.json`` across invocations::
-
-        {"models": {"seconds": 371.2, "invocations": [{"seconds": 371.0, "commit": "cec6..."},
-                                                      {"seconds": 0.2, "commit": "cec6..."}]}}
-
-    ``seconds`` sums the stage's invocations (one that skipped a finished stage adds its few
-    seconds of checking), so a resumed experiment keeps the times of the runs that did the
-    work. The file is rewritten atomically after each stage; an older file of bare seconds per
-    stage is read as one invocation of unknown commit."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.seconds = path, {}
-        self.commit = git_commit()
-        self.stages = {name: _stage_entry(value) for name, value in _read_json(path).items()}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        yield
-        seconds = self.seconds[stage] = time.perf_counter() - start
-        entry = self.stages.setdefault(stage, {"seconds": 0.0, "invocations": []})
-        entry["invocations"].append({"seconds": seconds, "commit": self.commit})
-        entry["seconds"] = sum(i["seconds"] for i in entry["invocations"])
-        atomic_write_text(self.path, json.dumps(self.stages, indent=1) + "\n")
-        print(f"  {stage}: {seconds:.0f} s", flush=True)
-
-    def total(self) -> float:
-        """Seconds of the stages this invocation ran."""
-        return sum(self.seconds.values())
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _stage_entry(value: float | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    return {"seconds": float(value), "invocations": [{"seconds": float(value), "commit": None}]}
-
-
-def reference_kept_fraction(run_dir: Path) -> tuple[float, int]:
-    """``(mean, steps)``: the mean over the logged steps of a finished run's ``kept_fraction``
-    (``metrics.jsonl``; a step logged twice counts once, its last line)."""
-    records = read_metrics(run_dir)
-    by_step = {r["step"]: r["kept_fraction"] for r in records if "kept_fraction" in r}
-    if not by_step:
-        raise InputError(
-            f"{run_dir} has no kept_fraction in its metrics.jsonl: the controls matched to it "
-            "read it from its finished run; run the experiment again to redo that run."
-        )
-    return float(np.mean(list(by_step.values()))), len(by_step)
-
-
-def matched_fraction(config: Config, rule: str, seed: int) -> float | None:
-    """The fraction a matched control ``rule`` runs at on ``seed`` (None for a plain rule):
-    the one in its ``matched.json`` once it has started, else its reference run's mean kept
-    fraction (:func:`reference_kept_fraction`), then recorded in ``matched.json``."""
-    kind, reference = split_rule(rule)
-    if reference is None:
-        return None
-    dirs = run_dirs(config)
-    path = dirs[rule, seed] / MATCHED_FILE
-    if path.is_file():
-        return float(json.loads(path.read_text())["value"])
-    value, steps = reference_kept_fraction(dirs[reference, seed])
-    record = {
-        "rule": rule,
-        "kind": kind,
-        "option": fraction_option(kind),
-        "value": value,
-        "reference": reference,
-        "reference_run": str(dirs[reference, seed]),
-        "reference_steps": steps,
-    }
-    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
-    return value
-
-
-def opd_config(
-    config: Config, rule: str, seed: int, run_dir: Path, fraction: float | None = None
-) -> Config:
-    """The config of one OPD run: ``rule``'s kind (with ``rule.options`` if it is
-    ``rule.kind``); a matched control's fraction option set to ``fraction``
-    (:func:`matched_fraction`)."""
-    kind, reference = split_rule(rule)
-    options = dict(config.rule.options) if kind == config.rule.kind else {}
-    if reference is not None:
-        if fraction is None:
-            raise ValueError(f"the matched control {rule!r} needs its fraction.")
-        options[fraction_option(kind)] = fraction
-    return dataclasses.replace(
-        config,
-        seed=seed,
-        rule=RuleConfig(kind=kind, options=options),
-        run=dataclasses.replace(config.run, dir=str(run_dir)),
-    )
-
-
 def run_experiment(config: Config) -> dict[str, Any] | None:
     """Runs every stage (see the module doc) with ``run.dir`` locked for this experiment
     (:mod:`opd_jax.run_lock`); returns the report of
@@ -307,11 +138,10 @@ def _run_stages(config: Config) -> dict[str, Any] | None:
     from absl import logging as absl_logging
 
     from opd_jax.experiment.report import write_report
-    from opd_jax.train.loop import Status, train
-    from opd_jax.train.state import restore_student
 
     tfds.disable_progress_bar()
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's "custom data configuration" notes
+    start = time.perf_counter()
     clock = StageClock(Path(config.run.dir) / TIMINGS_FILE)
     with clock("models"):
         paths = prepare_models(config)
@@ -321,24 +151,10 @@ def _run_stages(config: Config) -> dict[str, Any] | None:
     with clock("evaluate student"):
         student, _ = models.load(paths["student"])
         evaluate_model(student, teacher, tokenizer, config, paths["student"] / EVAL_FILE)
-        del student
-    curve_problems = task_problems(config, config.experiment.eval_splits[0])
-    curve_problems = curve_problems[: config.experiment.curve_problems]
-    runs = run_dirs(config)
-    for index, ((rule, seed), run_dir) in enumerate(runs.items()):
-        fraction = matched_fraction(config, rule, seed)
-        run_config = opd_config(config, rule, seed, run_dir, fraction)
-        at = "" if fraction is None else f" with {run_config.rule.options}"
-        print(f"[{index + 1}/{len(runs)}] OPD rule={rule}{at} seed={seed} -> {run_dir}", flush=True)
-        with clock(f"opd {rule} seed {seed}"):
-            result = train(run_config, on_step=Curve(run_config, curve_problems, teacher))
-            if result.status is Status.STOPPED:
-                print(f"stopped in {run_dir}: run the same command again to resume", flush=True)
-                return None
-            if not (run_dir / EVAL_FILE).is_file():  # finished earlier, evaluation cut short
-                student, _ = restore_student(run_dir)
-                evaluate_model(student, teacher, tokenizer, run_config, run_dir / EVAL_FILE)
+        del student, teacher
+    if not run_all(config, clock):
+        return None
     with clock("report"):
         report = write_report(config)
-    print(f"experiment done in {clock.total():.0f} s: {config.run.dir}", flush=True)
+    print(f"experiment done in {time.perf_counter() - start:.0f} s: {config.run.dir}", flush=True)
     return report
