@@ -200,6 +200,9 @@ class ExperimentConfig:
         default_factory=lambda: ["release", "full", "prefix_fraction", "ta_opd", "iw_opd"]
     )
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1])  # OPD seeds per rule
+    # teacher/student pairs trained independently (pair p: model seeds shifted by 2p), each a
+    # whole experiment in run.dir/pair<p>; [0]: one pair, in run.dir itself
+    pairs: list[int] = dataclasses.field(default_factory=lambda: [0])
     vocab_size: Positive = 300  # BPE tokenizer trained on the task (digits split)
     tokenizer_examples: Positive = 2000  # train examples the tokenizer is trained on
     teacher: SFTConfig = dataclasses.field(default_factory=SFTConfig)

@@ -200,3 +200,28 @@ def test_worker_processes_compute_what_one_process_does(finished, tmp_path):
             for root in (one, two)
         ]
         assert losses[0] == losses[1]
+
+
+def test_several_pairs_each_run_the_whole_experiment_and_are_summarised(finished, tmp_path):
+    """Pair 0 is the single-pair experiment (the same models and runs); pair 1's models are
+    trained from other seeds; pairs.md lists every comparison on each pair."""
+    _, _, one = finished
+    overrides = [*TOY, f"run.dir={tmp_path / 'run'}", f"data.data_dir={one.parent / 'data'}"]
+    config = load_experiment_config(None, [*overrides, "experiment.pairs=[0, 1]"])
+    result = run_experiment(config)
+    root = tmp_path / "run"
+    table = json.loads((root / "pair0" / "table.json").read_text())
+    assert table == json.loads((one / "table.json").read_text())
+    sft = [json.loads((root / f"pair{p}/models/student/sft.json").read_text()) for p in (0, 1)]
+    assert [s["seed"] for s in sft] == [1, 3]
+    summary = json.loads((root / "pairs.json").read_text())
+    assert summary["pairs"] == [0, 1] and result["summary"] == summary
+    row = next(r for r in summary["rows"] if r["a"] == "OPD: release" and r["b"] == "OPD: full")
+    assert set(row["per_pair"]) == {"0", "1"} and row["holds_on_each"] is None  # one seed each
+    assert "| OPD: release | OPD: full | test |" in (root / "pairs.md").read_text()
+
+
+def test_pairs_must_be_distinct_and_non_negative():
+    for pairs in ("[]", "[0, 0]", "[-1]"):
+        with pytest.raises(ConfigError, match="experiment.pairs must name distinct pair seeds"):
+            load_experiment_config(None, [f"experiment.pairs={pairs}"])

@@ -10,8 +10,7 @@ from opd_jax import text_segments
 from opd_jax.config import ConfigError, dump_config
 from opd_jax.data import arithmetic_config, generate_split
 from opd_jax.data.oracle import ANSWER_PATTERN, answer_end
-from opd_jax.experiment import load_experiment_config, report
-from opd_jax.experiment import opd_runs, timings
+from opd_jax.experiment import load_experiment_config, opd_runs, report, timings
 from opd_jax.experiment.layout import MATCHED_FILE, run_dirs
 from opd_jax.models.tokenizer import train_bpe_tokenizer
 

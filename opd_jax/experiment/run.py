@@ -47,6 +47,7 @@ from opd_jax.experiment.layout import (
 )
 from opd_jax.experiment.models import prepare_models
 from opd_jax.experiment.opd_runs import run_all
+from opd_jax.experiment.pairs import pair_config, pair_dir, write_pairs_summary
 from opd_jax.experiment.timings import StageClock
 from opd_jax.run_lock import hold
 
@@ -71,6 +72,10 @@ def check_experiment(config: Config) -> Config:
         raise ConfigError("experiment.rules and experiment.seeds must each name at least one.")
     if len(set(e.rules)) != len(e.rules) or len(set(e.seeds)) != len(e.seeds):
         raise ConfigError("experiment.rules and experiment.seeds must not repeat an entry.")
+    if not e.pairs or len(set(e.pairs)) != len(e.pairs) or min(e.pairs) < 0:
+        raise ConfigError(
+            f"experiment.pairs must name distinct pair seeds >= 0, e.g. [0, 1]; got {e.pairs}."
+        )
     for split in e.eval_splits:
         if split not in SPLITS:
             raise ConfigError(f"experiment.eval_splits: {split!r} is not one of {list(SPLITS)}.")
@@ -128,9 +133,20 @@ def run_experiment(config: Config) -> dict[str, Any] | None:
     """Runs every stage (see the module doc) with ``run.dir`` locked for this experiment
     (:mod:`opd_jax.run_lock`); returns the report of
     :func:`opd_jax.experiment.report.write_report`, or None when an OPD run was stopped
-    early (SIGTERM, SIGINT): its last checkpoint is kept and running again resumes it."""
+    early (SIGTERM, SIGINT): its last checkpoint is kept and running again resumes it. With
+    several ``experiment.pairs``, the stages run once per pair (:mod:`.pairs`) and the report
+    is ``{"pairs": {p: report}, "summary": ...}``."""
     with hold(config.run.dir, "opd-jax experiment"):
-        return _run_stages(config)
+        if config.experiment.pairs == [0]:
+            return _run_stages(config)
+        reports = {}
+        for pair in config.experiment.pairs:
+            print(f"== pair {pair}: {pair_dir(config, pair)}", flush=True)
+            report = _run_stages(pair_config(config, pair))
+            if report is None:
+                return None
+            reports[pair] = report
+        return {"pairs": reports, "summary": write_pairs_summary(config)}
 
 
 def _run_stages(config: Config) -> dict[str, Any] | None:
