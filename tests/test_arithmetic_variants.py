@@ -318,3 +318,19 @@ def test_kl_parts_put_each_token_in_the_part_its_text_starts_in(pieces, answer_l
     else:
         assert np.isnan(parts["kl_recap"][0])
     assert parts["kl"][0] == pytest.approx(kl_1xN.mean())
+
+
+@pytest.mark.parametrize(
+    "response, correct",
+    [
+        ("3 + 4 = 7. The answer is 7. We began with 3.", True),
+        ("3 + 4 = 7. We began with 3. The answer is 7.", True),
+        ("3 + 4 = 7. The answer is 8. The answer is 7.", False),  # the first one is graded
+        ("3 + 4 = 7. We began with 3. The peak was 7.", False),  # no answer sentence
+        ("3 + 4 = 7. The answer is 7", False),  # cut before its period
+    ],
+)
+def test_the_graded_answer_is_the_first_answer_sentence(response, correct):
+    from opd_jax.experiment.evaluation import graded_correct
+
+    assert graded_correct(response, "7") is correct

@@ -4,7 +4,8 @@ For each split of ``experiment.eval_splits`` (every problem unless ``eval_proble
 the model samples ``eval_k`` responses per problem at ``eval_temperature``, and each sample is
 scored three ways:
 
-- ``correct``: the answer after "The answer is" equals the gold (:mod:`opd_jax.eval.answers`);
+- ``correct``: the first "The answer is N." sentence states the gold (:func:`graded_correct`;
+  a response without one is wrong);
 - ``steps``: the fraction of the reference chain's steps stated exactly, each in its place
   (:func:`opd_jax.data.step_accuracy`);
 - on the first (in-domain) split, against the teacher: the per-token reverse KL
@@ -29,11 +30,21 @@ import numpy as np
 
 from opd_jax import data, models, sampling
 from opd_jax.config import Config
-from opd_jax.eval import is_correct, sample_prompts, token_reverse_kl
+from opd_jax.eval import sample_prompts, token_reverse_kl
 from opd_jax.files import atomic_write_text
 
 EVAL_BATCH = 256  # sequences per sampling call
 _ANSWER_SENTENCE = re.compile(r"The answer is [^.]*\.")
+_GRADED = re.compile(r"The answer is (-?\d+)\.")
+
+
+def graded_correct(response: str, gold: str) -> bool:
+    """Whether the task's graded answer, the first "The answer is N." sentence of
+    ``response``, states the integer ``gold``. A response without one is wrong: no fallback to
+    its last number, which with ``answer_last`` (the recap before the answer) could be a
+    recap's."""
+    match = _GRADED.search(response)
+    return match is not None and int(match.group(1)) == int(gold)
 
 
 def task_problems(config: Config, split: str, limit: int = 0) -> list[dict[str, str]]:
@@ -97,7 +108,7 @@ def evaluate_problems(
     shape = (len(problems), k)
     result: dict[str, Any] = {
         "correct": np.array(
-            [is_correct(t, p["answer"]) for t, p in zip(samples.texts, gold, strict=True)]
+            [graded_correct(t, p["answer"]) for t, p in zip(samples.texts, gold, strict=True)]
         ).reshape(shape),
         "steps": np.array(
             [data.step_accuracy(t, p["solution"]) for t, p in zip(samples.texts, gold, strict=True)]
