@@ -168,11 +168,12 @@ def test_sample_prints_completions(tiny_config, capsys):
     "signum, status", [(signal.SIGTERM, cli.EXIT_STOPPED), (signal.SIGINT, cli.EXIT_INTERRUPTED)]
 )
 def test_a_stop_signal_saves_a_checkpoint_and_exits_with_its_status(
-    tiny_config, tmp_path, signum, status
+    tiny_config, tmp_path, signum, status, capsys
 ):
     """A launcher tells a preempted run (SIGTERM: 75, EX_TEMPFAIL) from a finished one (0);
     Ctrl-C (SIGINT) saves the same way and exits 130, with no traceback and no partial save
-    left. (In a fresh process, which also fills `run.compilation_cache`.)"""
+    left. While it trains, a second `opd-jax train` on its directory is refused. (In a fresh
+    process, which also fills `run.compilation_cache`.)"""
     run = tmp_path / "run"
     args = ["train", str(tiny_config), "--set", f"run.dir={run}", "--set", "train.steps=500"]
     proc = subprocess.Popen(
@@ -186,6 +187,10 @@ def test_a_stop_signal_saves_a_checkpoint_and_exits_with_its_status(
     while not (run / "metrics.jsonl").exists() or not read_metrics(run):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.5)
+    # A second run on the same directory, while the first trains: refused, naming the holder.
+    second = ["train", str(tiny_config), "--set", f"run.dir={run}", "--set", "train.steps=3"]
+    assert cli.main(second) == cli.EXIT_USAGE
+    assert f"is in use by `opd-jax train` (PID {proc.pid} on host" in capsys.readouterr().err
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == status, out
