@@ -225,3 +225,28 @@ def test_pairs_must_be_distinct_and_non_negative():
     for pairs in ("[]", "[0, 0]", "[-1]"):
         with pytest.raises(ConfigError, match="experiment.pairs must name distinct pair seeds"):
             load_experiment_config(None, [f"experiment.pairs={pairs}"])
+
+
+def test_a_claim_holds_only_if_it_holds_on_each_pair(tmp_path):
+    from opd_jax.experiment.pairs import pairs_markdown, summarise_pairs
+
+    config = load_experiment_config(None, [f"run.dir={tmp_path}", "experiment.pairs=[0, 1]"])
+    rows = {  # release - full on test: significant on pair 0 only; on test_long on both
+        0: [(0.03, 0.01, "test"), (0.02, 0.001, "test_long")],
+        1: [(0.01, 0.30, "test"), (0.04, 0.02, "test_long")],
+    }
+    for pair, comparisons in rows.items():
+        (tmp_path / f"pair{pair}").mkdir()
+        records = [
+            {"a": "OPD: release", "b": "OPD: full", "split": split, "value": v, "stderr": 0.01,
+             "p": p}
+            for v, p, split in comparisons
+        ]  # fmt: skip
+        (tmp_path / f"pair{pair}" / "comparisons.json").write_text(json.dumps(records))
+    summary = summarise_pairs(config)
+    verdicts = {row["split"]: row["holds_on_each"] for row in summary["rows"]}
+    assert verdicts == {"test": False, "test_long": True}
+    test = next(r for r in summary["rows"] if r["split"] == "test")
+    assert test["spread"] == pytest.approx(np.std([0.03, 0.01], ddof=1))
+    row = "| OPD: release | OPD: full | test | +3.0 ± 1.0 (p = 0.01) | +1.0 ± 1.0 (p = 0.3) |"
+    assert row + " 1.4 | no |" in pairs_markdown(summary)

@@ -5,8 +5,8 @@ a summary of each comparison across pairs.
 ``run.dir/pair<p>/`` (its own models, OPD runs and report; the task data and tokenizer are the
 same), with the models' seeds shifted by ``2p`` (pair 0 is the single-pair experiment's
 teacher and student). ``pairs.md``/``.json`` in ``run.dir`` then list every comparison of the
-pairs' ``comparisons.json`` (seed-level, :mod:`.inference`) side by side: a claim holds only if
-it holds on each pair.
+pairs' ``comparisons.json`` (seed-level, :mod:`.inference`) side by side, with the SD of the
+difference over pairs: a claim holds only if it holds on each pair.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from opd_jax.config import Config
 from opd_jax.files import atomic_write_text
@@ -49,8 +51,9 @@ def _holds(row: dict[str, Any]) -> bool | None:
 
 
 def summarise_pairs(config: Config) -> dict[str, Any]:
-    """``{"pairs": [...], "rows": [{a, b, split, per_pair: {"p": row}, holds_on_each}]}`` from
-    each pair's ``comparisons.json`` (pairs without one are left out)."""
+    """``{"pairs": [...], "rows": [{a, b, split, per_pair: {"p": row}, spread,
+    holds_on_each}]}`` from each pair's ``comparisons.json`` (pairs without one are left out);
+    ``spread`` is the SD of the difference over pairs (None under two)."""
     by_key: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
     done = []
     for pair in config.experiment.pairs:
@@ -64,7 +67,18 @@ def summarise_pairs(config: Config) -> dict[str, Any]:
     for (a, b, split), per_pair in by_key.items():
         verdicts = [_holds(per_pair[str(p)]) if str(p) in per_pair else None for p in done]
         each = None if None in verdicts else all(verdicts)
-        rows.append({"a": a, "b": b, "split": split, "per_pair": per_pair, "holds_on_each": each})
+        values = [row["value"] for row in per_pair.values()]
+        spread = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "split": split,
+                "per_pair": per_pair,
+                "spread": spread,
+                "holds_on_each": each,
+            }
+        )
     return {"pairs": done, "alpha": ALPHA, "rows": rows}
 
 
@@ -86,12 +100,15 @@ def pairs_markdown(summary: dict[str, Any]) -> str:
         f"with the training run as unit; see each pair's comparisons.md). A claim holds on a "
         f"pair when a - b > 0 with p < {summary['alpha']}; it holds only if it holds on each.",
         "",
-        "| a | b | split | " + " | ".join(f"pair {p}" for p in pairs) + " | holds on each |",
-        "|---|---|---|" + "---:|" * len(pairs) + "---|",
+        "| a | b | split | "
+        + " | ".join(f"pair {p}" for p in pairs)
+        + " | SD over pairs | holds on each |",
+        "|---|---|---|" + "---:|" * (len(pairs) + 1) + "---|",
     ]
     for row in summary["rows"]:
         cells = [_cell(row["per_pair"].get(str(p))) for p in pairs]
         verdict = {True: "yes", False: "no", None: "–"}[row["holds_on_each"]]
+        cells.append("–" if row["spread"] is None else f"{row['spread'] * 100:.1f}")
         lines.append(
             f"| {row['a']} | {row['b']} | {row['split']} | {' | '.join(cells)} | {verdict} |"
         )
