@@ -33,8 +33,9 @@ the benchmark goes on. Both frameworks share a heap that keeps what it frees (``
 recorded as ``machine.malloc``); at sizes where their two peaks together exceed the machine's
 memory (the SmolLM2 pair at B=16 on 23 GiB: killed by the kernel at 24 GB) run with
 ``OPD_JAX_HEAP=system`` (that case then ran). On the CPU preset the frameworks alternate run
-by run (the shared machine's load drifts); on the GPU preset transformers runs, frees the GPU, then opd_jax runs,
-and each part and pair runs in its own process (JAX keeps the memory it has used).
+by run (the shared machine's load drifts); on the GPU preset transformers runs, frees the GPU,
+then opd_jax runs, and each part and pair runs in its own process (JAX keeps the memory it has
+used).
 
 Usage::
 
