@@ -250,3 +250,19 @@ def test_a_claim_holds_only_if_it_holds_on_each_pair(tmp_path):
     assert test["spread"] == pytest.approx(np.std([0.03, 0.01], ddof=1))
     row = "| OPD: release | OPD: full | test | +3.0 ± 1.0 (p = 0.01) | +1.0 ± 1.0 (p = 0.3) |"
     assert row + " 1.4 | no |" in pairs_markdown(summary)
+
+
+def test_a_stopped_run_starts_nothing_further(tmp_path, monkeypatch):
+    from opd_jax.experiment import opd_runs
+    from opd_jax.experiment.timings import StageClock
+
+    config = load_experiment_config(None, [*TOY, f"run.dir={tmp_path}", "experiment.seeds=[0, 1]"])
+    started = []
+
+    def stopped(config, rule, seed):
+        started.append((rule, seed))
+        return False  # as a run stopped by SIGTERM returns
+
+    monkeypatch.setattr(opd_runs, "run_opd", stopped)
+    assert opd_runs.run_all(config, StageClock(tmp_path / "timings.json")) is False
+    assert started == [("release", 0)]

@@ -172,7 +172,9 @@ def run_all(config: Config, clock: StageClock) -> bool:
                 done += 1
                 state = "done" if complete else "stopped"
                 print(f"[{done}/{len(runs)}] OPD rule={rule} seed={seed}: {state}", flush=True)
-                finished += complete
-            if finished < len(phase):
+                if not complete:
+                    return False  # nothing further starts; runs in flight stop or finish
+                finished += 1
+            if finished < len(phase):  # jobs cancelled by a stop before they started
                 return False
     return True
