@@ -32,6 +32,16 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
+def wall_times(run: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``run``, which returns when its work is done."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def machine() -> dict[str, Any]:
     """Platform, devices and package versions, for the JSON of every benchmark."""
     versions = {}

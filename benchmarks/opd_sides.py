@@ -1,8 +1,8 @@
 """The two frameworks of the OPD step benchmark: model shapes, weights, batches and FLOPs, and
 each framework's side (``JaxSide``: opd_jax's jitted step; ``TorchSide``: transformers and
-``torch_opd.TorchOPD``) on the same HF checkpoints and batch. Used by ``opd_step.py``, which
-sets the environment (``XLA_PYTHON_CLIENT_PREALLOCATE``, ``OMP_WAIT_POLICY``) before these
-imports start JAX and torch."""
+``torch_opd.TorchOPD``) on the same HF checkpoints and batch. Used by ``benchmarks.opd_step``
+(and its parts), which sets the environment (``XLA_PYTHON_CLIENT_PREALLOCATE``,
+``OMP_WAIT_POLICY``) before these imports start JAX and torch."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import torch_opd
 from flax import nnx
 
+from benchmarks import torch_opd
 from opd_jax import core, models, sampling
 from opd_jax.config import OptimConfig
 from opd_jax.train import step as train_step

@@ -12,7 +12,7 @@ Parts (``--part``):
 
 - ``throughput``: ``excluded``, the update alone (teacher forward, student forward and
   backward, loss, clipping, AdamW): opd_jax's jitted ``make_train_step`` (rule ``full``)
-  against ``benchmarks/torch_opd.py``; ``included``, the same after generating the rollouts
+  against ``benchmarks.torch_opd``; ``included``, the same after generating the rollouts
   (``opd_jax.sampling.sample`` against ``generate``: ``N`` new tokens at temperature 1). On a
   GPU, model FLOPs utilisation against the card's bfloat16 dense peak.
 - ``rule``: opd_jax's step with rule ``release`` against ``full``, and the jitted rule
@@ -20,7 +20,7 @@ Parts (``--part``):
   alone, as fractions of the step (target: the rule < 2%).
 - ``profile``: opd_jax only: the update's parts (teacher forward, student forward and
   backward, chunked scoring and its backward, rule and diagnostics, optimizer) jitted and
-  timed alone beside the whole step, with GFLOP/s and XLA's memory (``step_profile.py``).
+  timed alone beside the whole step, with GFLOP/s and XLA's memory (``benchmarks.step_parts``).
 - ``scaling``: the update against response length (``--only length``) and batch size
   (``--only batch``).
 
@@ -39,11 +39,11 @@ used).
 
 Usage::
 
-  python3 benchmarks/opd_step.py --preset cpu [--torch-compile]     # every part
-  python3 benchmarks/opd_step.py --preset gpu --part throughput --pair 0.6b-1.7b
-  python3 benchmarks/opd_step.py --preset gpu --part scaling --only length --lengths 1024,2048
-  python3 benchmarks/opd_step.py --preset gpu --smoke               # tiny shapes, any device
-  python3 benchmarks/opd_step.py --merge A.json B.json --out results/opd_step_<device>.json
+  python3 -m benchmarks.opd_step --preset cpu [--torch-compile]     # every part
+  python3 -m benchmarks.opd_step --preset gpu --part throughput --pair 0.6b-1.7b
+  python3 -m benchmarks.opd_step --preset gpu --part scaling --only length --lengths 1024,2048
+  python3 -m benchmarks.opd_step --preset gpu --smoke               # tiny shapes, any device
+  python3 -m benchmarks.opd_step --merge A.json B.json --out results/opd_step_<device>.json
 
 Prints a table per part and pair and merges its rows into ``--out`` (default
 ``benchmarks/results/opd_step_<device>.json``; ``--smoke``: the temporary directory), one run
@@ -52,8 +52,18 @@ per preset, part and pair whose rows accumulate over commands (a ladder split in
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
 
+# The environment is set here, in the module that ``-m`` runs, before its imports below start
+# JAX and torch: not in benchmarks/__init__.py, where it would also reach the other benchmarks
+# (plan_vs_peak and sampler measure JAX with its default allocator) and the tests that import
+# benchmarks.torch_opd.
 # Before JAX starts: it would otherwise take 75% of the GPU that transformers shares.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # Before torch starts: OpenMP threads that spin while waiting make torch 10-20x slower on a
@@ -61,38 +71,23 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # passive, 3.4 s on one thread); idle threads sleep instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+from benchmarks import common  # noqa: E402  (first: it sets malloc up before any thread allocates)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (first: it sets malloc up before any thread allocates)
+# isort: split
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import step_profile  # noqa: E402
 import torch  # noqa: E402
-from flax import nnx  # noqa: E402
-from opd_sides import (  # noqa: E402
+
+from benchmarks import opd_step_compare, opd_step_rule, step_parts  # noqa: E402
+from benchmarks.opd_sides import (  # noqa: E402
     PAIRS,
     SEGMENT_TOKENS,
     SHAPES,
-    JaxSide,
     K,
-    TorchSide,
     build_checkpoints,
-    free_memory,
-    make_batch,
     peak_flops,
-    step_flops,
 )
-
-from opd_jax import core, models  # noqa: E402
+from opd_jax import models  # noqa: E402
 
 
 def _fixed(pairs: tuple[str, ...], batch: int, prompt: int, response: int) -> dict[str, Any]:
@@ -136,254 +131,14 @@ SMOKE = dict(
 )
 
 
-def _failure(error: BaseException) -> dict[str, Any]:
-    text = f"{type(error).__name__}: {error}"
-    oom = isinstance(error, MemoryError) or any(
-        s in text.lower() for s in ("resource_exhausted", "out of memory", "can't allocate")
-    )
-    return {"status": "oom" if oom else "failed", "error": text[:400]}
-
-
-def _time(run: Callable[[], Any], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: int, interleave):
-    """``{case name: {framework: result}}``: median seconds (``status`` ok), ``oom`` or
-    ``failed``. A case has ``name``, ``kind`` (``update`` or ``rollout_update``), ``host``
-    arrays, ``prompt`` and ``response``.
-
-    ``interleave``: every framework alive and their timed runs alternating, so that a drifting
-    load hits them alike; otherwise one framework at a time, freed before the next."""
-    results: dict[str, dict[str, Any]] = {c["name"]: {} for c in cases}
-
-    def attempt(side, case, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as error:  # noqa: BLE001 - a size may not fit: recorded, not fatal
-            results[case["name"]][side.name] = _failure(error)
-            free_memory()
-            return None
-
-    def prepare(side, case):
-        def warm():
-            run, info = getattr(side, case["kind"])(case["host"], case["prompt"], case["response"])
-            _time(run, 2 if getattr(side, "compile", False) else 1)
-            return run, info
-
-        return attempt(side, case, warm)
-
-    def timed(sides_runs, case):
-        times = {side.name: [] for side, _ in sides_runs}
-        for _ in range(repeats):
-            for side, (run, _) in sides_runs:
-                if side.name not in results[case["name"]]:
-                    attempt(side, case, lambda r=run, s=side: times[s.name].extend(_time(r, 1)))
-        for side, (_, info) in sides_runs:
-            if side.name not in results[case["name"]]:
-                results[case["name"]][side.name] = {
-                    "status": "ok", "seconds": statistics.median(times[side.name]),
-                    "times": times[side.name], **info, **getattr(side, "info", dict)(),
-                    "loadavg_1m": os.getloadavg()[0],
-                }  # fmt: skip
-        print(f"done {case['name']} ({', '.join(s.name for s, _ in sides_runs)})", flush=True)
-
-    groups = [list(makers.values())] if interleave else [[m] for m in makers.values()]
-    for group in groups:
-        sides = [make() for make in group]
-        for case in cases:
-            ready = [(side, prepared) for side in sides if (prepared := prepare(side, case))]
-            timed(ready, case)
-            del ready
-            free_memory()
-        for side in sides:
-            side.close()
-        del sides
-        free_memory()
-    return results
-
-
-def _makers(dirs, args, dtype: str, frameworks: list[str]) -> dict[str, Callable[[], Any]]:
-    chunk, remat = args.chunk_size, args.remat
-    makers = {  # transformers first: on a GPU, JAX keeps the memory it has used in its pool
-        "torch": lambda: TorchSide(dirs, dtype, chunk, remat),
-        "torch_compile": lambda: TorchSide(dirs, dtype, chunk, remat, compile=True),
-        "opd_jax": lambda: JaxSide(dirs, dtype, chunk, remat, args.attention),
-    }
-    return {name: make for name, make in makers.items() if name in frameworks}
-
-
-def _rows(results, cases, pair: str, frameworks: list[str], dtype: str) -> list[dict]:
-    peak, rows = peak_flops(dtype), []
-    for case in cases:
-        B, P, N = case["host"]["tokens"].shape[0], case["prompt"], case["response"]
-        flops = step_flops(pair, B, P, N) if case["kind"] == "update" else None
-        row = {"case": case["name"], "B": B, "P": P, "N": N, "model_tflop_per_step": None}
-        for name in frameworks:
-            result = row[f"{name}_result"] = results[case["name"]][name]
-            row[f"{name}_tok_s"] = B * N / result["seconds"] if "seconds" in result else None
-            row[f"{name}_status"] = result["status"]
-            row[f"{name}_peak_gib"] = result.get("xla_peak_gib", result.get("torch_peak_gib"))
-            if flops and "seconds" in result:
-                row[f"{name}_tflop_s"] = flops / result["seconds"] / 1e12
-                row[f"{name}_mfu"] = flops / result["seconds"] / peak if peak else None
-        for name in frameworks[1:]:
-            if row["opd_jax_tok_s"] and row[f"{name}_tok_s"]:
-                row[f"ratio_vs_{name}"] = row["opd_jax_tok_s"] / row[f"{name}_tok_s"]
-        row["model_tflop_per_step"] = flops / 1e12 if flops else None
-        rows.append(row)
-    return rows
-
-
-def _columns(frameworks: list[str], gpu: bool) -> list[str]:
-    columns = ["case", "B", "P", "N"] + [f"{name}_tok_s" for name in frameworks]
-    columns += [f"{name}_status" for name in frameworks]
-    columns += [f"ratio_vs_{name}" for name in frameworks[1:]]
-    columns += ["opd_jax_peak_gib"] + (["torch_peak_gib"] if gpu else [])
-    return columns + ([f"{name}_mfu" for name in frameworks] if gpu else [])
-
-
-def part_throughput(pair, dirs, args, preset, settings, frameworks):
-    """The update (``excluded``) and the update after its rollouts (``included``) at the
-    preset's shape, and the update at its ``small`` shape (``excluded_small``) if it has one."""
-    vocab, P = SHAPES[PAIRS[pair][0]]["vocab_size"], settings["prompt"]
-    host = make_batch(settings["batch"], P, settings["response"], vocab)
-    cases = [
-        dict(name=name, kind=kind, host=host, prompt=P, response=settings["response"])
-        for name, kind in (("excluded", "update"), ("included", "rollout_update"))
-    ]
-    if "small" in settings:
-        B, P_small, N = settings["small"]
-        host = make_batch(B, P_small, N, vocab)
-        cases.append(dict(name="excluded_small", kind="update", host=host, prompt=P_small,
-                          response=N))  # fmt: skip
-    cases = [case for case in cases if not args.only or case["name"] in args.only]
-    makers = _makers(dirs, args, preset["dtype"], frameworks)
-    results = measure(makers, cases, preset["repeats"], preset["interleave"])
-    return _rows(results, cases, pair, frameworks, preset["dtype"])
-
-
-def part_scaling(pair, dirs, args, preset, settings, frameworks):
-    vocab, P, cases = SHAPES[PAIRS[pair][0]]["vocab_size"], settings["prompt"], []
-    ladders = {
-        "length": [(settings["length_batch"], n) for n in settings["lengths"]],
-        "batch": [(b, settings["batch_response"]) for b in settings["batches"]],
-    }
-    for ladder, sizes in ladders.items():
-        if not args.only or ladder in args.only:
-            cases += [
-                dict(name=f"{ladder} B={b} N={n}", kind="update", host=make_batch(b, P, n, vocab),
-                     prompt=P, response=n)
-                for b, n in sizes
-            ]  # fmt: skip
-    makers = _makers(dirs, args, preset["dtype"], frameworks)
-    results = measure(makers, cases, preset["repeats"], preset["interleave"])
-    return _rows(results, cases, pair, frameworks, preset["dtype"])
-
-
-def _interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name] += _time(run, 1)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def part_rule(pair, dirs, args, preset, settings, frameworks):
-    """opd_jax only: the step with rule release against full; the rule alone, and the
-    objective after scoring (rule, loss and diagnostics), on the scored statistics."""
-    B, P, N = settings["batch"], settings["prompt"], settings["response"]
-    host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
-    side = JaxSide(dirs, preset["dtype"], args.chunk_size, args.remat, args.attention)
-    runs = {rule: side.update(host, P, N, rule)[0] for rule in ("full", "release")}
-    step = _interleaved_medians(runs, preset["repeats"])
-    del runs
-    params, batch = jax.device_put(side.master), jax.device_put(host)
-    graphdef, teacher_graphdef, settings_ = (
-        side.graphdef,
-        side.teacher_graphdef,
-        side.settings(P, "release"),
-    )
-
-    def hidden(params, teacher_params, batch):
-        model = nnx.merge(graphdef, params)
-        teacher = nnx.merge(teacher_graphdef, teacher_params)
-        tokens, mask, attention = batch["tokens"], batch["attention_mask"], side.attention
-        h_s = model.response_hidden(tokens, mask, P, attention=attention)
-        h_t = teacher.response_hidden(tokens, mask, P, attention=attention)
-        return model, teacher, h_s, h_t
-
-    @jax.jit
-    def score(params, teacher_params, batch):
-        model, teacher, h_s, h_t = hidden(params, teacher_params, batch)
-        return core.score_chunked(
-            h_s, model.unembed_matrix(), h_t, teacher.unembed_matrix(), batch["tokens"][:, P:],
-            k=K, chunk_size=args.chunk_size,
-        )  # fmt: skip
-
-    forwards = jax.jit(lambda *a: hidden(*a)[2:])  # both models' hidden states alone
-
-    scored = jax.block_until_ready(score(params, side.teacher_params, batch))
-    r, seg = batch["response_mask"][:, P:], batch["seg"]
-    rule = jax.jit(lambda s, r, seg: core.apply_rule("release", core.RuleBatch(s, r, seg)))
-    # the step's objective after scoring: the rule, the loss, the diagnostics of
-    # docs/method.md §7 and five rules' kept fractions
-    objective = jax.jit(
-        lambda scored, r, seg: core.objective_from_scores(
-            scored, r, seg, None, settings_.objective
-        )[0]
-    )
-    many = max(20, preset["repeats"])
-    rule_s = common.median_seconds(lambda: rule(scored.stats, r, seg), many)
-    objective_s = common.median_seconds(lambda: objective(scored, r, seg), many)
-    score_s = common.median_seconds(lambda: score(params, side.teacher_params, batch), 3)
-    forwards_s = common.median_seconds(lambda: forwards(params, side.teacher_params, batch), 3)
-    side.close()
-    return [
-        {
-            "case": "rule", "B": B, "P": P, "N": N, "step_full_s": step["full"],
-            "step_release_s": step["release"],
-            "release_minus_full_frac": step["release"] / step["full"] - 1,
-            "forwards_s": forwards_s, "score_s": score_s, "rule_s": rule_s,
-            "rule_frac": rule_s / step["release"],
-            "objective_s": objective_s,
-            "objective_frac": objective_s / step["release"],
-            "rule_below_2pct": rule_s / step["release"] < 0.02,
-            "loadavg_1m": os.getloadavg()[0],
-        }
-    ]  # fmt: skip
-
-
-def part_profile(pair, dirs, args, preset, settings, frameworks):
-    """opd_jax only: the update's parts timed alone beside the whole step
-    (``step_profile.profile``), and XLA's memory of the step."""
-    B, P, N = settings["batch"], settings["prompt"], settings["response"]
-    host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
-    side = JaxSide(dirs, preset["dtype"], args.chunk_size, args.remat, args.attention)
-    shapes = tuple(SHAPES[s] for s in PAIRS[pair])
-    rows = step_profile.profile(side, host, P, shapes, preset["repeats"], common.median_seconds)
-    side.close()
-    return [dict(row, case=row["part"], B=B, P=P, N=N) for row in rows]
-
-
+# part -> (pair, dirs, args, preset, settings, frameworks) -> rows
 PARTS = {
-    "throughput": part_throughput,
-    "rule": part_rule,
-    "scaling": part_scaling,
-    "profile": part_profile,
+    "throughput": opd_step_compare.part_throughput,
+    "rule": opd_step_rule.part_rule,
+    "scaling": opd_step_compare.part_scaling,
+    "profile": step_parts.part_profile,
 }
-RULE_COLUMNS = [
-    "B", "P", "N", "step_full_s", "step_release_s", "release_minus_full_frac", "forwards_s",
-    "score_s", "rule_s",
-    "rule_frac", "objective_s", "objective_frac", "rule_below_2pct",
-]  # fmt: skip
+COLUMNS = {"rule": opd_step_rule.COLUMNS, "profile": step_parts.COLUMNS}  # else compare's
 NOTES = {
     "tok_s": "B * N response tokens / median step seconds",
     "ratio": "opd_jax tok/s / peer tok/s (> 1: opd_jax faster)",
@@ -446,7 +201,9 @@ def _settings(args) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.opd_step", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--pair", choices=sorted(PAIRS), help="instead of the preset's")
@@ -493,7 +250,7 @@ def main() -> None:
         failed = []
         for part, pair in combos:  # one process each: JAX keeps the GPU memory it has used
             argv = _argv_without("--part", "--pair") + ["--part", part, "--pair", pair]
-            code = subprocess.run([sys.executable, os.path.abspath(__file__), *argv]).returncode
+            code = subprocess.run([sys.executable, "-m", "benchmarks.opd_step", *argv]).returncode
             failed += [f"{part} {pair}"] if code else []
         sys.exit(f"failed: {', '.join(failed)}" if failed else 0)
     results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -508,8 +265,8 @@ def main() -> None:
             dirs = build_checkpoints(root, pair, preset["dtype"])
             rows = PARTS[part](pair, dirs, args, preset, settings, frameworks)
         gpu = jax.default_backend() == "gpu"
-        columns = {"rule": RULE_COLUMNS, "profile": step_profile.COLUMNS}
-        common.print_table(rows, columns.get(part) or _columns(frameworks, gpu))
+        columns = COLUMNS.get(part) or opd_step_compare.columns(frameworks, gpu)
+        common.print_table(rows, columns)
         run = {
             "rows": rows,
             "machine": common.machine(),

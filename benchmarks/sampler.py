@@ -22,7 +22,7 @@ Mixed lengths (`mixed_lengths`): B temperature-1 rows whose EOS set makes their 
 stop before N / 4), decoded with finished rows dropped from the loop (`compact_every=16`) and kept
 (`compact_every=0`); the samples are asserted identical, tokens/s counts the tokens made.
 
-Usage: `python benchmarks/sampler.py [--quick] [--model smollm2|qwen3-0.6b]`; prints a table and
+Usage: `python3 -m benchmarks.sampler [--quick] [--model smollm2|qwen3-0.6b]`; prints a table and
 updates `benchmarks/results/sampler_<device>.json` (one entry per model, written atomically).
 """
 
@@ -33,21 +33,21 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # first: it sets malloc up before any thread allocates
+from benchmarks import common  # first: it sets malloc up before any thread allocates
+
+# isort: split
 import jax
 import numpy as np
 import torch
 
-from opd_jax import sampling  # noqa: E402
-from opd_jax.models.config import ModelConfig  # noqa: E402
-from opd_jax.models.gguf import read_gguf  # noqa: E402
-from opd_jax.models.hf import model_from_tensors  # noqa: E402
+from opd_jax import sampling
+from opd_jax.models.architecture import ModelConfig
+from opd_jax.models.gguf import read_gguf
+from opd_jax.models.hf import model_from_tensors
 
 # transformers runs where opd_jax runs: on the GPU when there is one. Both frameworks then
 # use TF32 for float32 matmuls (JAX's default on GPU; enabled for torch below).
@@ -319,7 +319,9 @@ def bench(model_name: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.sampler", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="short prompts and few new tokens")
     parser.add_argument("--model", choices=("smollm2", "qwen3-0.6b"), default="smollm2")
     parser.add_argument(

@@ -8,7 +8,7 @@ fixed batch of prompts (median of repeats after a compiling warm-up):
 - ``score``: teacher and student forward passes, chunked scoring and the rule (no gradient);
 - ``step``: the whole jitted update (scoring + backward + AdamW); ``update = step - score``.
 
-Usage: ``python3 benchmarks/step_time.py [CONFIG] [--set KEY=VALUE ...] [--repeats N]``
+Usage: ``python3 -m benchmarks.step_time [CONFIG] [--set KEY=VALUE ...] [--repeats N]``
 (default ``configs/smollm2_layers.yaml``); prints a table and writes
 ``benchmarks/results/step_time_<config>_<device>.json``.
 """
@@ -16,24 +16,22 @@ Usage: ``python3 benchmarks/step_time.py [CONFIG] [--set KEY=VALUE ...] [--repea
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
 import jax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-from opd_jax import core, data  # noqa: E402
-from opd_jax.config import load_config  # noqa: E402
-from opd_jax.train.session import Session, step_settings  # noqa: E402
+from benchmarks import common
+from opd_jax import core, data
+from opd_jax.config import load_config
+from opd_jax.train.session import Session, step_settings
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.step_time", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("config", nargs="?", default="configs/smollm2_layers.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--repeats", type=int, default=3)

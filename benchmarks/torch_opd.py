@@ -22,9 +22,10 @@ gradient checkpointing; opd_jax's ``remat``). ``compile=True`` runs both backbon
 ``torch.compile`` (the loss head stays eager).
 
 Not in this step (opd_jax's step does them): the top-K statistics, the release rule and the
-diagnostics; they are measured separately by ``benchmarks/opd_step.py``.
+diagnostics; they are measured separately by ``benchmarks.opd_step``.
 
-Used by ``benchmarks/opd_step.py`` and ``tests/test_torch_peer.py``.
+Used by ``benchmarks.opd_step`` (through ``benchmarks.opd_sides``) and
+``tests/test_torch_peer.py``.
 """
 
 from __future__ import annotations

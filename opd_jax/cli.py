@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from opd_jax.compilation_cache import use_compilation_cache
 from opd_jax.config import Config, all_keys, load_config
 from opd_jax.distributed import initialize_from_env, is_primary
 from opd_jax.errors import InputError
@@ -36,15 +37,6 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP
     )
-
-
-def use_compilation_cache(path: str) -> None:
-    """Points JAX's persistent compilation cache at `path` (`run.compilation_cache`; "": off),
-    so that running a command again loads what it compiled before."""
-    if path:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -131,8 +123,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from opd_jax.convert import convert
     from opd_jax.train.checkpoint import CheckpointRestoreError
-    from opd_jax.train.convert import convert
 
     try:
         convert(args.src, args.dst, overwrite=args.overwrite)
@@ -153,7 +145,7 @@ def _experiment(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     use_compilation_cache(config.run.compilation_cache)
-    from opd_jax.experiment.profile import profile
+    from opd_jax.experiment.margin_profile import profile
 
     profile(config, args.batches, label=os.path.basename(args.config), ideal=args.ideal)
     return 0
@@ -162,7 +154,7 @@ def _profile(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     initialize_from_env()
-    from opd_jax.train.plan import format_plan, plan
+    from opd_jax.memory_plan import format_plan, plan
 
     report = format_plan(plan(config))
     if is_primary():

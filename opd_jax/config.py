@@ -1,4 +1,4 @@
-"""Run configuration: the typed sections of a run, their checks, and what a resume compares.
+"""Run configuration: the typed sections of a run and their checks.
 
 ``load_config("configs/smollm2_layers.yaml", ["rule.kind=full", "train.steps=10"])`` returns a
 :class:`Config`. Every key is checked before any compute: an unknown or mistyped key fails
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field
 
-from opd_jax.core import LOSS_KINDS, REDUCTIONS, RULES, rule_options
+from opd_jax.core import LOSSES, REDUCTIONS, RULES, check_loss, loss_options, rule_options
 from opd_jax.typed_yaml import (  # noqa: F401 (re-exported)
     ConfigError,
     all_keys,
@@ -118,9 +117,9 @@ class RuleConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    kind: str = "sampled_reverse_kl"
-    reduction: str = "token_mean"
-    beta: Fraction = 0.5  # jsd only
+    kind: str = "sampled_reverse_kl"  # a loss of docs/method.md §5 (opd_jax.core.LOSSES)
+    reduction: str = "token_mean"  # token_mean or sequence_mean
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the loss's own options
 
 
 @dataclasses.dataclass
@@ -184,8 +183,11 @@ class SFTConfig:
     shape: ModelShape = dataclasses.field(default_factory=ModelShape)
     steps: Positive = 300
     batch_size: Positive = 64
-    learning_rate: PositiveFloat = 3e-3
-    warmup_steps: NonNegative = 50
+    # AdamW as for OPD (optim.accumulate must stay 1); a small model from scratch takes a
+    # large learning rate
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(learning_rate=3e-3, warmup_steps=50)
+    )
 
 
 @dataclasses.dataclass
@@ -246,8 +248,8 @@ class Config:
 
 CHOICES = {
     "segments.kind": ("sentence", "fixed", "token"),
-    "rule.kind": tuple(RULES),
-    "loss.kind": LOSS_KINDS,
+    "rule.kind": RULES,  # the registries themselves: a rule or loss added to one is a choice
+    "loss.kind": LOSSES,
     "loss.reduction": REDUCTIONS,
     "optim.schedule": ("cosine", "constant"),
     "student.dtype": ("float32", "bfloat16"),
@@ -260,10 +262,10 @@ CHOICES = {
 def validate(config: Config) -> Config:
     """Cross-field checks: choices, sizes and ranges, the data section, and the chosen rule's
     options (returned with floats coerced, e.g. ``eps: 1e-8`` read as a string by YAML)."""
-    flat = _flatten(config.to_dict())
+    flat = flatten(config.to_dict())
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
-            near = difflib.get_close_matches(str(flat[key]), choices, n=1)
+            near = difflib.get_close_matches(str(flat[key]), list(choices), n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{key}={flat[key]!r} is not one of {list(choices)}.{hint}")
     check_sampling(config.sampling)
@@ -279,6 +281,13 @@ def validate(config: Config) -> Config:
             "rollouts: set train.async_rollouts=true, or mesh.rollout=0."
         )
     options = _checked_rule_options(config.rule.kind, config.rule.options, config.score.k)
+    loss = _checked_options(
+        "loss", config.loss.kind, loss_options(config.loss.kind), config.loss.options
+    )
+    try:
+        check_loss(config.loss.kind, loss)
+    except ValueError as error:
+        raise ConfigError(f"loss.options: {error}") from None
     if config.train.attention == "cudnn" and config.train.attention_chunk:
         raise ConfigError(
             "train.attention_chunk applies to train.attention xla and flash (cuDNN's fused "
@@ -295,12 +304,22 @@ def validate(config: Config) -> Config:
             f"{config.data.source!r}: remove the data.arithmetic section (or set "
             "data.source=arithmetic)."
         )
+    for role in ("teacher", "student"):
+        if getattr(config.experiment, role).optim.accumulate != 1:
+            raise ConfigError(
+                f"experiment.{role}.optim.accumulate must be 1: fine-tuning takes whole batches "
+                f"(set experiment.{role}.batch_size instead)."
+            )
     if config.data.batch_size % config.optim.accumulate:
         raise ConfigError(
             f"data.batch_size={config.data.batch_size} must be a multiple of "
             f"optim.accumulate={config.optim.accumulate}."
         )
-    return dataclasses.replace(config, rule=dataclasses.replace(config.rule, options=options))
+    return dataclasses.replace(
+        config,
+        rule=dataclasses.replace(config.rule, options=options),
+        loss=dataclasses.replace(config.loss, options=loss),
+    )
 
 
 def check_sampling(c: SamplingConfig, section: str = "sampling") -> None:
@@ -323,21 +342,31 @@ def check_mesh(c: MeshConfig) -> None:
         )
 
 
-def _checked_rule_options(kind: str, options: Mapping[str, Any], k: int) -> dict[str, Any]:
-    """The rule's ``options``, each known to the rule and of its default's type (ints and
-    numeric strings accepted for floats), and top-K sizes within ``score.k``."""
-    valid = rule_options(kind)
+def _checked_options(
+    section: str, kind: str, valid: Mapping[str, Any], options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``options`` of ``section`` (``rule`` or ``loss``), each one of ``valid`` (the chosen
+    function's options) and of its default's type (ints and numeric strings accepted for
+    floats)."""
     checked = {}
     for option, value in options.items():
         if option not in valid:
             near = difflib.get_close_matches(option, list(valid), n=1)
-            hint = f" Did you mean 'rule.options.{near[0]}'?" if near else ""
+            hint = f" Did you mean '{section}.options.{near[0]}'?" if near else ""
             raise ConfigError(
-                f"rule {kind!r} has no option {option!r}; its options are {sorted(valid)}.{hint}"
+                f"{section} {kind!r} has no option {option!r}; its options are "
+                f"{sorted(valid)}.{hint}"
             )
         default = valid[option]
         hint = Any if default is None else type(default)
-        checked[option] = coerce(f"rule.options.{option}", value, hint)
+        checked[option] = coerce(f"{section}.options.{option}", value, hint)
+    return checked
+
+
+def _checked_rule_options(kind: str, options: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The rule's checked ``options``, with top-K sizes within ``score.k``."""
+    valid = rule_options(kind)
+    checked = _checked_options("rule", kind, valid, options)
     for option in ("k", "margin_k"):
         value = {**valid, **checked}.get(option)
         if value is not None and value > k:
@@ -348,55 +377,31 @@ def _checked_rule_options(kind: str, options: Mapping[str, Any], k: int) -> dict
     return checked
 
 
-MAPPING_LEAVES = ("rule.options", "data.arithmetic", "experiment.full")
+MAPPING_LEAVES = ("rule.options", "loss.options", "data.arithmetic", "experiment.full")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for name, value in tree.items():
         key = prefix + name
         is_section = isinstance(value, Mapping) and key not in MAPPING_LEAVES
-        flat.update(_flatten(value, key + ".") if is_section else {key: value})
+        flat.update(flatten(value, key + ".") if is_section else {key: value})
     return flat
 
 
-# Keys a resumed run may change: they leave what each step computes as it was (up to float
-# rounding for the kernels and micro-batches) or only say where and how often it is recorded.
-FREE_SECTIONS = ("run.", "mesh.", "experiment.")
-FREE_KEYS = (
-    "train.steps", "train.attention", "train.attention_chunk", "train.remat",
-    "train.on_nonfinite", "score.chunk_size", "optim.accumulate", "data.data_dir",
-    "sampling.compact_every",
-)  # fmt: skip
-HORIZON = "optim.decay_steps"
-
-
-def trajectory(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """The values of a config tree (``Config.to_dict()``, or an older run's, missing keys
-    taking their defaults) that decide the training trajectory: every key but the free ones;
-    the cosine's horizon stands for ``train.steps`` (``None`` for a constant schedule), and
-    ``rule.options`` holds the rule's defaults too."""
-    flat = _flatten(Config().to_dict()) | _flatten(tree)
-    kept = {
-        key: value
-        for key, value in flat.items()
-        if key not in FREE_KEYS and not key.startswith(FREE_SECTIONS)
-    }
-    cosine = flat["optim.schedule"] == "cosine"
-    kept[HORIZON] = (flat[HORIZON] or flat["train.steps"]) if cosine else None
-    if flat["rule.kind"] in RULES:
-        kept["rule.options"] = rule_options(flat["rule.kind"]) | dict(flat["rule.options"])
-    return kept
-
-
-def trajectory_changes(
-    old: Mapping[str, Any], new: Mapping[str, Any]
-) -> dict[str, tuple[Any, Any]]:
-    """``{key: (old, new)}`` of the trajectory values (:func:`trajectory`) that differ."""
-    before, after = trajectory(old), trajectory(json.loads(json.dumps(new)))
-    return {
-        key: (before.get(key), value) for key, value in after.items() if before.get(key) != value
-    }
+def upgrade_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A config tree of an older opd_jax in today's keys: ``loss.beta`` (one global option)
+    became ``loss.options.beta``, the ``jsd`` loss's own option (dropped for other losses, which
+    never read it)."""
+    tree = dict(tree)
+    loss = tree.get("loss")
+    if isinstance(loss, Mapping) and "beta" in loss:
+        loss = dict(loss)
+        beta = loss.pop("beta")
+        if loss.get("kind") == "jsd":
+            loss["options"] = {"beta": beta, **(loss.get("options") or {})}
+        tree["loss"] = loss
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -405,13 +410,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Paths in it (``student.path``, ``teacher.path``, ``data.source``, ``run.dir``) are used
     as written, relative to the current directory.
     """
-    return validate(load_tree(Config, path, overrides))
+    return validate(load_tree(Config, path, overrides, upgrade=upgrade_tree))
 
 
 def config_from_dict(tree: Mapping[str, Any]) -> Config:
     """The :class:`Config` of a config tree (``Config.to_dict()``, e.g. a checkpoint's meta),
     checked as a YAML file would be; keys an older run lacks take their defaults."""
-    return build_tree(Config, tree)
+    return build_tree(Config, upgrade_tree(tree))
 
 
 def dump_config(config: Config) -> str:

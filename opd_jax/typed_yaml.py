@@ -15,7 +15,7 @@ import difflib
 import functools
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,9 +259,15 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return text
 
 
-def load_tree(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+def load_tree(
+    cls: type,
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Any:
     """Any config dataclass ``cls`` from a YAML file (or its defaults) plus ``KEY=VALUE``
-    overrides; unknown keys and wrong types raise :class:`ConfigError` naming the fix."""
+    overrides; unknown keys and wrong types raise :class:`ConfigError` naming the fix.
+    ``upgrade`` rewrites an older layout's keys (file and overrides) before the checks."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -277,4 +283,4 @@ def load_tree(cls: type, path: str | Path | None = None, overrides: Sequence[str
         if key.split(".")[0] not in {f.name for f in dataclasses.fields(cls)}:
             raise _unknown(key, all_keys(cls))
         _set_dotted(tree, key, value, cls)
-    return build_tree(cls, tree)
+    return build_tree(cls, tree if upgrade is None else upgrade(tree))

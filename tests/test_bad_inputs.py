@@ -246,11 +246,11 @@ def test_a_truncated_safetensors_file_names_the_file(tiny_pair, tmp_path, capsys
 
 
 def test_a_truncated_gguf_file_names_the_file(tmp_path, capsys):
-    from tests.test_gguf import ARCH_HEAD_DIM, _tiny_hf_tensors, _write_tiny_gguf
+    from tests.gguf_checkpoints import ARCH_HEAD_DIM, tiny_hf_tensors, write_tiny_gguf
 
     path = tmp_path / "tiny.gguf"
     head_dim = ARCH_HEAD_DIM["qwen2"]
-    _write_tiny_gguf(path, "qwen2", _tiny_hf_tensors("qwen2", head_dim), head_dim)
+    write_tiny_gguf(path, "qwen2", tiny_hf_tensors("qwen2", head_dim), head_dim)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     err = _fail(_sample(path), capsys)
     assert f"{str(path)!r} cannot be read as GGUF" in err and "truncated" in err

@@ -1,4 +1,4 @@
-"""The step profile of ``benchmarks/opd_step.py --part profile`` runs and accounts for the step.
+"""The step profile of ``python3 -m benchmarks.opd_step --part profile`` accounts for the step.
 
 On the tiny smoke shapes: every part of the update is timed, the parts and the remainder add
 up to the whole step, and the step row carries XLA's memory of the compiled step (the
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)  # where ``-m benchmarks.NAME`` runs
 PARTS = (
     "teacher forward", "student forward", "student forward+backward", "scoring forward",
     "scoring forward+backward", "rule, loss, diagnostics", "optimizer", "matmul [BN,D]@[D,V]",
@@ -27,9 +27,9 @@ SUMMED = (
 @pytest.fixture(scope="module")
 def profile_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "opd_step.json"
-    command = [sys.executable, os.path.join(BENCHMARKS, "opd_step.py"), "--smoke"]
+    command = [sys.executable, "-m", "benchmarks.opd_step", "--smoke"]
     command += ["--part", "profile", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| part | seconds |" in done.stdout  # the table is printed
     (run,) = json.loads(out.read_text())["runs"].values()

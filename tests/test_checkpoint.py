@@ -19,8 +19,8 @@ from opd_jax.train.checkpoint import (
     Checkpointer,
     CheckpointRestoreError,
     fingerprint,
-    on_stop_signals,
 )
+from opd_jax.train.stop_signals import on_stop_signals
 
 # A failed orbax restore leaves pending array reads and loop callbacks behind; they complain
 # (as unraisable exceptions) when collected, in whichever test runs then.
@@ -166,9 +166,8 @@ def test_leftover_temporary_directory_is_ignored(tmp_path):
 def test_save_killed_midway_keeps_last_good_checkpoint(tmp_path):
     script = textwrap.dedent(
         f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_checkpoint import make_state
+        import os, signal
+        from tests.test_checkpoint import make_state
         from opd_jax.train.checkpoint import Checkpointer
         ckpt = Checkpointer({str(tmp_path)!r}, keep=5)
         for step in (1, 2):
@@ -176,7 +175,10 @@ def test_save_killed_midway_keeps_last_good_checkpoint(tmp_path):
         os.kill(os.getpid(), signal.SIGKILL)  # Step 2 is still being written.
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
+    root = Path(__file__).parent.parent  # where `tests` is importable
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, check=False, cwd=root
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     with Checkpointer(tmp_path, keep=5) as ckpt:
         step, state, meta = ckpt.restore(abstract(make_state()))

@@ -70,9 +70,10 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
 def test_values_as_users_type_them_are_read(tmp_path):
     config = tmp_path / "typed.yaml"
     config.write_text("optim: {learning_rate: 1e-4}\nrule: {kind: release, options: {eps: 1e-6}}\n")
-    typed = load_config(config, ["student.path=s", "teacher.path=t", "loss.beta=5e-1"])
+    overrides = ["student.path=s", "teacher.path=t", "loss.kind=jsd", "loss.options.beta=5e-1"]
+    typed = load_config(config, overrides)
     assert typed.optim.learning_rate == 1e-4 and typed.rule.options == {"eps": 1e-6}
-    assert typed.loss.beta == 0.5
+    assert typed.loss.options == {"beta": 0.5}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -18,7 +18,7 @@ from opd_jax.config import ConfigError, load_config
         ("sampling.temperature=.inf", "sampling.temperature must be a finite number, got inf"),
         ("optim.b1=5", r"optim.b1 must be in \[0, 1\), got 5"),
         ("optim.b2=-0.1", r"optim.b2 must be in \[0, 1\), got -0.1"),
-        ("loss.beta=7", r"loss.beta must be in \[0, 1\], got 7"),
+        ("loss.options.beta=0.5", "loss 'sampled_reverse_kl' has no option 'beta'"),
         ("optim.clip_norm=-1", r"optim.clip_norm must be >= 0 \(global-norm clipping; 0 disables"),
         ("optim.weight_decay=-0.5", "optim.weight_decay must be >= 0, got -0.5"),
         ("run.dir=''", "run.dir must not be empty"),
@@ -30,7 +30,7 @@ from opd_jax.config import ConfigError, load_config
         ("train.steps=2.5", "train.steps must be int, got 2.5"),
         ("run.keep_checkpoints=0", "run.keep_checkpoints must be >= 1, got 0"),
         ("experiment.eval_k=0", "experiment.eval_k must be >= 1, got 0"),
-        ("experiment.teacher.learning_rate=0", "experiment.teacher.learning_rate must be > 0"),
+        ("experiment.teacher.optim.b1=1", r"experiment.teacher.optim.b1 must be in \[0, 1\)"),
     ],
 )
 def test_values_out_of_their_declared_range_are_refused(tiny_pair, tmp_path, override, message):

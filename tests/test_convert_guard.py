@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from opd_jax import cli
+from opd_jax.convert import MARKER, replacing
 from opd_jax.run_lock import hold
-from opd_jax.train.convert import MARKER, replacing
 
 
 def _digest(root: Path) -> dict[str, str]:

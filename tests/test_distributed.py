@@ -16,10 +16,9 @@ from flax import nnx
 from opd_jax import data, distributed
 from opd_jax.distributed import DistributedEnvError, distributed_args, initialize_from_env
 from opd_jax.sharding import make_mesh
-from opd_jax.train.checkpoint import Checkpointer
+from opd_jax.train.checkpoint import Checkpointer, restore_student
 from opd_jax.train.metrics import read_metrics
 from opd_jax.train.session import Batches
-from opd_jax.train.state import restore_student
 
 EXPLICIT = {
     "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",

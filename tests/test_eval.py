@@ -19,10 +19,10 @@ from opd_jax.config import ConfigError, load_tree
 from opd_jax.eval import (
     BenchmarkSpec,
     EvalConfig,
+    accuracy,
     answers,
     evaluate,
     load_eval_config,
-    metrics,
     read_problem_file,
     tables,
 )
@@ -142,20 +142,20 @@ CORRECT = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=bool)  # c 
 
 def test_avg_at_k_is_mean_accuracy_with_stderr_of_problem_means():
     # per-problem accuracy 0.5, 0.25, 0 -> mean 0.25; sample std 0.25 -> stderr 0.25 / sqrt 3
-    estimate = metrics.avg_at_k(CORRECT)
+    estimate = accuracy.avg_at_k(CORRECT)
     assert estimate.value == pytest.approx(0.25)
     assert estimate.stderr == pytest.approx(0.25 / math.sqrt(3))
 
 
 def test_pass_at_k_matches_hand_computation():
     # n = 4. pass@2: c=2 -> 1 - C(2,2)/C(4,2) = 5/6; c=1 -> 1 - C(3,2)/C(4,2) = 1/2; c=0 -> 0.
-    assert metrics.pass_at_k(CORRECT, 2).value == pytest.approx((5 / 6 + 1 / 2) / 3)
+    assert accuracy.pass_at_k(CORRECT, 2).value == pytest.approx((5 / 6 + 1 / 2) / 3)
     # pass@3: c=2 -> 1 (C(2,3) = 0); c=1 -> 1 - C(3,3)/C(4,3) = 3/4.
-    assert metrics.pass_at_k(CORRECT, 3).value == pytest.approx((1 + 3 / 4) / 3)
-    pass4 = metrics.pass_at_k(CORRECT, 4)
+    assert accuracy.pass_at_k(CORRECT, 3).value == pytest.approx((1 + 3 / 4) / 3)
+    pass4 = accuracy.pass_at_k(CORRECT, 4)
     assert pass4.value == pytest.approx(2 / 3)
     assert pass4.stderr == pytest.approx(np.std([1, 1, 0], ddof=1) / math.sqrt(3))
-    assert metrics.pass_at_k(CORRECT, 1) == metrics.avg_at_k(CORRECT)
+    assert accuracy.pass_at_k(CORRECT, 1) == accuracy.avg_at_k(CORRECT)
 
 
 def test_pass_at_k_estimator_equals_binomial_formula():
@@ -166,24 +166,24 @@ def test_pass_at_k_estimator_equals_binomial_formula():
     keep = n >= k
     pairs = zip(n[keep], c[keep], strict=True)
     expected = [1 - math.comb(ni - ci, k) / math.comb(ni, k) for ni, ci in pairs]
-    np.testing.assert_allclose(metrics.pass_at_k_per_problem(n[keep], c[keep], k), expected)
+    np.testing.assert_allclose(accuracy.pass_at_k_per_problem(n[keep], c[keep], k), expected)
 
 
 def test_metrics_reject_bad_shapes_and_k():
     with pytest.raises(ValueError):
-        metrics.pass_at_k(CORRECT, 5)
+        accuracy.pass_at_k(CORRECT, 5)
     with pytest.raises(ValueError):
-        metrics.avg_at_k(np.zeros((0, 3), bool))
+        accuracy.avg_at_k(np.zeros((0, 3), bool))
     with pytest.raises(ValueError):
-        metrics.avg_at_k(np.zeros(3, bool))
+        accuracy.avg_at_k(np.zeros(3, bool))
 
 
 def test_summarize_reports_avg_and_every_pass_at_j():
-    summary = metrics.summarize(CORRECT)
+    summary = accuracy.summarize(CORRECT)
     assert list(summary) == ["num_problems", "k", "avg@4", "pass@1", "pass@2", "pass@3", "pass@4"]
     assert summary["num_problems"] == 3 and summary["k"] == 4
     assert summary["pass@4"]["value"] == pytest.approx(2 / 3)
-    single = metrics.summarize(np.array([[True, False]]))
+    single = accuracy.summarize(np.array([[True, False]]))
     assert single["avg@2"] == {"value": 0.5, "stderr": 0.0}
 
 
@@ -192,8 +192,8 @@ def test_summarize_reports_avg_and_every_pass_at_j():
 
 def test_benchmark_table_averages_values_and_combines_stderrs(tmp_path):
     results = {
-        "base": {"a": metrics.Estimate(0.5, 0.1), "b": {"value": 0.25, "stderr": 0.2}},
-        "distilled": {"a": metrics.Estimate(0.75, 0.05)},
+        "base": {"a": accuracy.Estimate(0.5, 0.1), "b": {"value": 0.25, "stderr": 0.2}},
+        "distilled": {"a": accuracy.Estimate(0.75, 0.05)},
     }
     table = tables.benchmark_table(results, ["a", "b"], metric="avg@4")
     assert table["columns"] == ["a", "b", "average"]

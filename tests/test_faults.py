@@ -16,9 +16,9 @@ from test_train import overrides
 
 from opd_jax import cli
 from opd_jax.config import ConfigError, load_config
+from opd_jax.convert import convert
 from opd_jax.data import PromptFileError
 from opd_jax.train.checkpoint import Checkpointer
-from opd_jax.train.convert import convert
 from opd_jax.train.loop import RunFailed, Status, train
 from opd_jax.train.metrics import MetricsWriter, read_metrics
 from opd_jax.train.session import Session

@@ -279,7 +279,7 @@ def test_profile_puts_the_ideal_teacher_beside_the_trained_one(tiny_pair, tmp_pa
     import json
 
     from opd_jax.config import load_config
-    from opd_jax.experiment.profile import profile
+    from opd_jax.experiment.margin_profile import profile
 
     config = tmp_path / "tiny.yaml"
     config.write_text(
@@ -310,7 +310,7 @@ score: {{chunk_size: 8}}
 def test_profile_refuses_the_ideal_teacher_of_another_data_source(tiny_pair, tmp_path):
     from opd_jax.config import load_config
     from opd_jax.errors import InputError
-    from opd_jax.experiment.profile import profile
+    from opd_jax.experiment.margin_profile import profile
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Write a poem."}\n')

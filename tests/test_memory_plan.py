@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from opd_jax.config import load_config
+from opd_jax.memory_plan import GIB, plan
 from opd_jax.models import KVCache
-from opd_jax.train.pair import spec_config
-from opd_jax.train.plan import GIB, plan
+from opd_jax.run_models import spec_config
 from opd_jax.train.session import Session
 
 B, P, N = 2, 16, 8

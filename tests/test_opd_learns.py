@@ -22,8 +22,8 @@ from opd_jax.eval import sample_prompts
 from opd_jax.models import Decoder, ModelConfig
 from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
 from opd_jax.sampling import Temperature
+from opd_jax.train.checkpoint import restore_student
 from opd_jax.train.loop import train
-from opd_jax.train.state import restore_student
 
 P, N = 64, 16
 ARITHMETIC = {"train_size": 64, "test_size": 16, "test_long_size": 4, "test_unseen_op_size": 4}

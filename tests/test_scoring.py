@@ -22,34 +22,42 @@ def _inputs(seed=0):
     )
 
 
+def _options(loss_kind: str) -> dict[str, int]:
+    """The loss's options at this test's top-K."""
+    return {"k": K} if loss_kind == "topk_reverse_kl" else {}
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 5, 14, 100])
-@pytest.mark.parametrize("loss_kind", core.LOSS_KINDS)
+@pytest.mark.parametrize("loss_kind", core.LOSSES)
 def test_chunked_scoring_equals_full_logits(chunk_size, loss_kind):
     h_s, w_s, h_t, w_t, y = _inputs()
     scored = core.score_chunked(
-        h_s, w_s, h_t, w_t, y, k=K, loss_kind=loss_kind, chunk_size=chunk_size
-    )
+        h_s, w_s, h_t, w_t, y, k=K, loss_kind=loss_kind, loss_options=_options(loss_kind),
+        chunk_size=chunk_size,
+    )  # fmt: skip
     full_stats = core.token_stats(h_s @ w_s, h_t @ w_t, y, k=K)
     for got, want in zip(scored.stats, full_stats, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    want_loss = core.token_loss(h_s @ w_s, h_t @ w_t, y, loss_kind, k=K)
+    want_loss = core.token_loss(h_s @ w_s, h_t @ w_t, y, loss_kind, **_options(loss_kind))
     np.testing.assert_allclose(scored.token_loss, want_loss, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_size", [3, B * T])  # rematerialised chunks; one kept whole
-@pytest.mark.parametrize("loss_kind", core.LOSS_KINDS)
+@pytest.mark.parametrize("loss_kind", core.LOSSES)
 def test_chunked_gradients_equal_full_logit_gradients_and_skip_the_teacher(chunk_size, loss_kind):
     h_s, w_s, h_t, w_t, y = _inputs(1)
     w = (jnp.arange(T) < 5).astype(jnp.float32)[None].repeat(B, 0)
 
     def chunked(h_s, w_s, h_t, w_t):
         scored = core.score_chunked(
-            h_s, w_s, h_t, w_t, y, k=K, loss_kind=loss_kind, chunk_size=chunk_size
-        )
+            h_s, w_s, h_t, w_t, y, k=K, loss_kind=loss_kind, loss_options=_options(loss_kind),
+            chunk_size=chunk_size,
+        )  # fmt: skip
         return core.reduce_loss(scored.token_loss, w)
 
     def full(h_s, w_s, h_t, w_t):
-        return core.reduce_loss(core.token_loss(h_s @ w_s, h_t @ w_t, y, loss_kind, k=K), w)
+        loss = core.token_loss(h_s @ w_s, h_t @ w_t, y, loss_kind, **_options(loss_kind))
+        return core.reduce_loss(loss, w)
 
     got = jax.grad(chunked, argnums=(0, 1, 2, 3))(h_s, w_s, h_t, w_t)
     want = jax.grad(full, argnums=(0, 1))(h_s, w_s, h_t, w_t)

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax.config import OptimConfig
 from opd_jax.models import Decoder, ModelConfig
 from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
-from opd_jax.train.sft import SFTSettings, sft, sft_batch, sft_loss
+from opd_jax.sft import SFTSettings, sft, sft_batch, sft_loss
 
 P, N = 24, 16
 
@@ -44,7 +45,8 @@ def test_fine_tuning_learns_a_repeated_target():
     batch = jax.tree.map(jnp.asarray, sft_batch(tok, data["prompt"], data["solution"], P, N))
     before = float(sft_loss(model, batch, P, 8)[0])
     logs = []
-    settings = SFTSettings(steps=30, learning_rate=1e-2, prompt_len=P, target_len=N, chunk_size=8)
+    optim = OptimConfig(learning_rate=1e-2)
+    settings = SFTSettings(steps=30, optim=optim, prompt_len=P, target_len=N, chunk_size=8)
     sft(model, tok, iter([data] * 30), settings, log=lambda s, m: logs.append((s, m)), log_every=10)
     after = float(sft_loss(model, batch, P, 8)[0])
     assert [s for s, _ in logs] == [10, 20, 30]

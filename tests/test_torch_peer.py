@@ -1,15 +1,12 @@
 """The PyTorch peer of the benchmarks computes opd_jax's OPD step: same loss, same gradient.
 
-``benchmarks/opd_step.py`` times opd_jax's jitted step against ``benchmarks/torch_opd.py``;
+``benchmarks.opd_step`` times opd_jax's jitted step against ``benchmarks.torch_opd``;
 the comparison is only fair if both compute the same thing. Here, in float32 on the same tiny
 weights (opd_jax and transformers reading one checkpoint) and the same batch, with left-padded
 prompts and a response stopped early, one step of each gives the same loss and the same
 gradient norm (with and without the peer's gradient checkpointing), and the chunked
 log-probabilities equal the unchunked ones.
 """
-
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +16,12 @@ import torch
 import transformers
 from flax import nnx
 
+from benchmarks.torch_opd import TorchOPD, sampled_logprobs
 from opd_jax import core, models
 from opd_jax.config import OptimConfig
 from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.step import StepSettings, make_train_step
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-import torch_opd  # noqa: E402
 
 P, N = 4, 6
 
@@ -97,7 +92,7 @@ def test_torch_step_has_opd_jax_loss_and_gradient_norm(pair):
     batch["response_mask"] = torch.from_numpy(host["response_mask"])
     assert np.isfinite(loss) and grad_norm > 0
     for remat in (False, True):
-        peer = torch_opd.TorchOPD(*torch_models(pair), P, chunk_size=3, remat=remat)
+        peer = TorchOPD(*torch_models(pair), P, chunk_size=3, remat=remat)
         torch_loss, torch_norm = peer.step(batch)
         np.testing.assert_allclose(float(torch_loss), loss, rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(float(torch_norm), grad_norm, rtol=1e-4)
@@ -108,9 +103,9 @@ def test_chunked_log_probs_equal_the_full_projection(pair):
     h = torch.randn(2, 5, student.config.hidden_size, requires_grad=True)
     y = torch.randint(0, student.config.vocab_size, (2, 5))
     weight = student.lm_head.weight
-    full = torch_opd.sampled_logprobs(h, weight, y, chunk_size=0)
+    full = sampled_logprobs(h, weight, y, chunk_size=0)
     (full_grad,) = torch.autograd.grad(full.sum(), h)
-    chunked = torch_opd.sampled_logprobs(h, weight, y, chunk_size=3)
+    chunked = sampled_logprobs(h, weight, y, chunk_size=3)
     (chunked_grad,) = torch.autograd.grad(chunked.sum(), h)
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(chunked_grad, full_grad)

@@ -58,7 +58,7 @@ def test_every_rule_trains_three_steps(pair, tmp_path, rule):
 
 def _params(run_dir):
     """The student parameters of a run's last checkpoint, as NumPy."""
-    from opd_jax.train.state import restore_student
+    from opd_jax.train.checkpoint import restore_student
 
     model, _ = restore_student(run_dir)
     return jax.tree.map(np.asarray, nnx.state(model, nnx.Param))

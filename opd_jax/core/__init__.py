@@ -14,7 +14,15 @@ from opd_jax.core.diagnostics import (
     segment_profile,
     step_diagnostics,
 )
-from opd_jax.core.losses import LOSS_KINDS, REDUCTIONS, reduce_loss, token_loss
+from opd_jax.core.losses import (
+    LOSSES,
+    REDUCTIONS,
+    apply_loss,
+    check_loss,
+    loss_options,
+    reduce_loss,
+    token_loss,
+)
 from opd_jax.core.objective import (
     COMPARED_RULES,
     COUNTS,
@@ -23,7 +31,7 @@ from opd_jax.core.objective import (
     objective_from_scores,
     opd_objective,
 )
-from opd_jax.core.release_rule import Release, find_release
+from opd_jax.core.release import Release, find_release
 from opd_jax.core.rules import (
     RULES,
     RuleBatch,
@@ -49,7 +57,7 @@ from opd_jax.core.stats import (
 __all__ = [
     "COMPARED_RULES",
     "COUNTS",
-    "LOSS_KINDS",
+    "LOSSES",
     "MARGIN_KINDS",
     "ObjectiveAux",
     "ObjectiveSettings",
@@ -59,13 +67,16 @@ __all__ = [
     "RuleBatch",
     "Scored",
     "TokenStats",
+    "apply_loss",
     "apply_rule",
     "bic_downward_changepoint",
     "changepoint_options",
+    "check_loss",
     "find_release",
     "boundary_histogram",
     "fixed_segments",
     "kept_fraction",
+    "loss_options",
     "margin_from_stats",
     "objective_from_scores",
     "opd_objective",

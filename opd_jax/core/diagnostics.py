@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from opd_jax.core.release_rule import Release
+from opd_jax.core.release import Release
 from opd_jax.core.segments import response_index, segment_means
 
 

@@ -42,7 +42,8 @@ class ObjectiveSettings:
     Attributes:
       rule: a name of :data:`~opd_jax.core.rules.RULES`.
       rule_options: ``(name, value)`` pairs of the rule's options (:func:`rule_options`).
-      loss, beta: the per-token loss (:func:`~opd_jax.core.losses.token_loss`).
+      loss: a name of :data:`~opd_jax.core.losses.LOSSES`.
+      loss_options: ``(name, value)`` pairs of the loss's options (:func:`loss_options`).
       reduction: ``token_mean`` or ``sequence_mean`` (:func:`reduce_loss`).
       k: the student's and teacher's top-K kept per position.
       chunk_size: positions whose ``[chunk, V]`` logits are alive at once.
@@ -54,8 +55,8 @@ class ObjectiveSettings:
     rule: str = "release"
     rule_options: tuple[tuple[str, Any], ...] = ()
     loss: str = "sampled_reverse_kl"
+    loss_options: tuple[tuple[str, Any], ...] = ()
     reduction: str = "token_mean"
-    beta: float = 0.5
     k: int = 16
     chunk_size: int = 1024
     bins: int = 20
@@ -121,7 +122,7 @@ def opd_objective(
         tokens,
         k=s.k,
         loss_kind=s.loss,
-        beta=s.beta,
+        loss_options=dict(s.loss_options),
         chunk_size=s.chunk_size,
     )
     return objective_from_scores(scored, response_mask, seg, key, settings, cut)

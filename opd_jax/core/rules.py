@@ -19,7 +19,6 @@ computed as ``ceil(x - 1e-3)`` so that float rounding never adds a token.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -28,7 +27,8 @@ import jax.numpy as jnp
 
 from opd_jax.core import checks
 from opd_jax.core.changepoint import changepoint_options
-from opd_jax.core.release_rule import Release, find_release
+from opd_jax.core.registry import check_options, keyword_options
+from opd_jax.core.release import Release, find_release
 from opd_jax.core.segments import response_index
 from opd_jax.core.stats import (
     TokenStats,
@@ -116,7 +116,7 @@ def release_with_margin(
     **changepoint: Any,
 ) -> tuple[jax.Array, Release]:
     """The release rule with what it decided on: the margin ``[B, T]`` and the
-    :class:`~opd_jax.core.release_rule.Release` (weights, cut segment, boundary).
+    :class:`~opd_jax.core.release.Release` (weights, cut segment, boundary).
 
     ``margin_*`` choose the margin (:func:`~opd_jax.core.stats.margin_from_stats`);
     ``changepoint`` holds the options of
@@ -230,18 +230,13 @@ RULES: dict[str, Rule] = {
 CUT_RULES = ("oracle",)  # the rules that read RuleBatch.cut
 
 
-def _keyword_options(fn: Callable[..., Any]) -> dict[str, Any]:
-    params = inspect.signature(fn).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
 def rule_options(name: str) -> dict[str, Any]:
     """The options of rule ``name`` with their defaults (``release``: the margin's and the
     change point's)."""
     checks.require_choice(name, RULES, "rule")
     if name == "release":
-        return _keyword_options(release_with_margin) | changepoint_options()
-    return _keyword_options(RULES[name])
+        return keyword_options(release_with_margin) | changepoint_options()
+    return keyword_options(RULES[name])
 
 
 def apply_rule(
@@ -251,7 +246,5 @@ def apply_rule(
     options: Mapping[str, Any] | None = None,
 ) -> jax.Array:
     """``RULES[name](batch, key, **options)`` with clear errors for unknown names or options."""
-    valid = rule_options(name)
-    for option in options or {}:
-        checks.require_choice(option, valid, f"option of rule {name!r}")
-    return RULES[name](batch, key, **(options or {}))
+    options = check_options(options, rule_options(name), f"rule {name!r}")
+    return RULES[name](batch, key, **options)

@@ -10,13 +10,14 @@ whatever ``B * T``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from opd_jax.core import checks
-from opd_jax.core.losses import SAVED_ADVANTAGE, check_loss_options, loss_from_logits
+from opd_jax.core.losses import SAVED_ADVANTAGE, apply_loss, check_loss
 from opd_jax.core.stats import TokenStats, stats_from_logits
 
 _KEEP_ADVANTAGE = jax.checkpoint_policies.save_only_these_names(SAVED_ADVANTAGE)
@@ -65,7 +66,7 @@ def score_chunked(
     *,
     k: int = 16,
     loss_kind: str = "sampled_reverse_kl",
-    beta: float = 0.5,
+    loss_options: Mapping[str, Any] | None = None,
     chunk_size: int = 1024,
 ) -> Scored:
     """Scores a batch from hidden states, ``chunk_size`` positions at a time.
@@ -76,7 +77,8 @@ def score_chunked(
       teacher_hidden, teacher_unembed: ``[B, T, Dt]`` and ``[Dt, V]``, the same for the
         teacher (never differentiated).
       tokens: ``[B, T]`` sampled tokens.
-      k, loss_kind, beta: as in :func:`token_stats` and :func:`token_loss`.
+      k: the top-K of :func:`token_stats`.
+      loss_kind, loss_options: a loss of :data:`~opd_jax.core.losses.LOSSES` and its options.
       chunk_size: rows of ``[chunk_size, V]`` logits alive at once.
 
     Returns:
@@ -93,7 +95,7 @@ def score_chunked(
             f"{teacher_unembed.shape[1]}: OPD needs a teacher and student with one tokenizer."
         )
     checks.require_k(k, student_unembed.shape[1])
-    check_loss_options(loss_kind, beta)
+    loss_options = check_loss(loss_kind, loss_options)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     batch_shape = tokens.shape
@@ -107,7 +109,7 @@ def score_chunked(
         z_s_CxV = jnp.dot(h_s_CxD, student_unembed, preferred_element_type=jnp.float32)
         z_t_CxV = jnp.dot(h_t_CxD, teacher_unembed, preferred_element_type=jnp.float32)
         stats = jax.lax.stop_gradient(stats_from_logits(z_s_CxV, z_t_CxV, y_C, k))
-        return stats, loss_from_logits(z_s_CxV, z_t_CxV, y_C, loss_kind, beta, k)
+        return stats, apply_loss(loss_kind, z_s_CxV, z_t_CxV, y_C, loss_options)
 
     if n_chunks > 1:
         # Rematerialised: the backward recomputes a chunk's student logits instead of storing

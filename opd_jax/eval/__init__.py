@@ -17,8 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from opd_jax.eval.answers import extract_answer, gold_answer, is_correct, normalize
-from opd_jax.eval.metrics import (
+from opd_jax.eval.accuracy import (
     Estimate,
     avg_at_k,
     mean_and_stderr,
@@ -27,6 +26,7 @@ from opd_jax.eval.metrics import (
     pass_at_k_per_problem,
     summarize,
 )
+from opd_jax.eval.answers import extract_answer, gold_answer, is_correct, normalize
 from opd_jax.eval.tables import (
     atomic_write_text,
     benchmark_table,
@@ -37,9 +37,9 @@ from opd_jax.eval.tables import (
 
 # The runner's names and their modules, imported on first use (they pull in the models and JAX).
 _RUNNER = {
-    "BenchmarkSpec": "config",
-    "EvalConfig": "config",
-    "load_eval_config": "config",
+    "BenchmarkSpec": "spec",
+    "EvalConfig": "spec",
+    "load_eval_config": "spec",
     "load_problems": "problems",
     "read_problem_file": "problems",
     "evaluate": "sample",

@@ -17,7 +17,7 @@ from opd_jax.config import ConfigError
 from opd_jax.data import load_source
 from opd_jax.data.prompts import read_records
 from opd_jax.errors import InputError
-from opd_jax.eval.config import ARITHMETIC, BenchmarkSpec
+from opd_jax.eval.spec import ARITHMETIC, BenchmarkSpec
 
 PROMPT_FIELDS = ("prompt", "problem", "question")  # the first present is the prompt
 ANSWER_FIELDS = ("answer", "final_answer", "solution")  # the first present is the gold

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from opd_jax import models
-from opd_jax.eval.config import EvalConfig, load_eval_config
 from opd_jax.eval.problems import load_problems
 from opd_jax.eval.sample import evaluate
+from opd_jax.eval.spec import EvalConfig, load_eval_config
 from opd_jax.eval.tables import benchmark_table, format_cell, to_markdown, write_table
 from opd_jax.files import atomic_write_text
 from opd_jax.models import DTYPES

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import models, sampling
+from opd_jax.eval.accuracy import summarize
 from opd_jax.eval.answers import extract_answer, is_correct
-from opd_jax.eval.metrics import summarize
 from opd_jax.models import encode_prompts, eos_ids, pad_id
 
 
@@ -129,7 +129,7 @@ def evaluate(
     (and ``batch_size``) gives the same responses.
 
     Returns ``{"metrics": summarize(correct [P, k]), "records": [score(...) per problem]}``
-    (see :func:`opd_jax.eval.metrics.summarize` and :func:`score`).
+    (see :func:`opd_jax.eval.accuracy.summarize` and :func:`score`).
     """
     if not problems or k < 1:
         raise ValueError(f"need problems and k >= 1, got {len(problems)} problems, k={k}")

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from opd_jax.eval.metrics import Estimate
+from opd_jax.eval.accuracy import Estimate
 from opd_jax.files import atomic_write_text
 
 AVERAGE = "average"

@@ -28,7 +28,7 @@ from opd_jax.experiment.layout import ROLES, model_dirs, tokenizer_dir
 from opd_jax.experiment.workers import Pool
 from opd_jax.files import atomic_write_text
 from opd_jax.models.tokenizer import train_bpe_tokenizer
-from opd_jax.train.sft import SFTSettings, sft
+from opd_jax.sft import SFTSettings, sft
 
 DONE = "sft.json"
 
@@ -94,8 +94,7 @@ def train_model(
     )
     settings = SFTSettings(
         steps=spec.steps,
-        learning_rate=spec.learning_rate,
-        warmup_steps=spec.warmup_steps,
+        optim=spec.optim,
         prompt_len=config.data.max_prompt_tokens,
         target_len=config.sampling.max_new_tokens,
         chunk_size=config.score.chunk_size,

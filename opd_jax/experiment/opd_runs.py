@@ -134,8 +134,8 @@ def opd_config(
 def run_opd(config: Config, rule: str, seed: int) -> bool:
     """Runs (or resumes) the OPD run of ``rule`` and ``seed`` and its evaluation; returns
     whether it finished (False: stopped early by SIGTERM or SIGINT, its checkpoint kept)."""
+    from opd_jax.train.checkpoint import restore_student
     from opd_jax.train.loop import Status, train
-    from opd_jax.train.state import restore_student
 
     run_dir = run_dirs(config)[rule, seed]
     fraction = matched_fraction(config, rule, seed)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from opd_jax.experiment.profiles import by_sentence, mean_profile
+from opd_jax.experiment.profile_means import by_sentence, mean_profile
 
 MIN_SHARE = 0.02  # sentence indices reached by fewer of the rollouts are not drawn
 
@@ -95,7 +95,7 @@ def margin_by_sentence(records: dict[str, list[list[dict[str, Any]]]], path: Pat
 
 
 def ideal_vs_teacher_by_sentence(summary: dict[str, Any], path: Path) -> Path:
-    """From a profile's summary (``opd_jax.experiment.profile``, its ``ideal`` part); indices
+    """From a profile's summary (``opd_jax.experiment.margin_profile``, its ``ideal`` part); indices
     covered in fewer than :data:`MIN_SHARE` of the rows with a first sentence are left out."""
     plt = _pyplot()
     ideal = summary["ideal"]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from opd_jax.config import Config
-from opd_jax.eval.metrics import mean_and_stderr, paired_difference
+from opd_jax.eval.accuracy import mean_and_stderr, paired_difference
 from opd_jax.eval.tables import AVERAGE, benchmark_table, to_markdown
 from opd_jax.experiment.inference import (
     PerSeed,
@@ -42,7 +42,7 @@ from opd_jax.experiment.inference import (
     pooled_estimate,
 )
 from opd_jax.experiment.layout import CURVE_FILE, EVAL_FILE, MATCHED_FILE, model_dirs, run_dirs
-from opd_jax.experiment.profiles import by_sentence, mean_profile
+from opd_jax.experiment.profile_means import by_sentence, mean_profile
 from opd_jax.files import atomic_write_text
 from opd_jax.train.metrics import read_metrics
 

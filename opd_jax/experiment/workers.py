@@ -35,7 +35,7 @@ def _start_worker(compilation_cache: str) -> None:
     keep_freed_memory()
     from absl import logging as absl_logging
 
-    from opd_jax.cli import use_compilation_cache
+    from opd_jax.compilation_cache import use_compilation_cache
 
     use_compilation_cache(compilation_cache)
     absl_logging.set_verbosity(absl_logging.ERROR)

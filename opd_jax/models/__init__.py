@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opd_jax.errors import InputError
+from opd_jax.models.architecture import ModelConfig
 from opd_jax.models.attention import ATTENTION_KINDS, resolve_attention
-from opd_jax.models.config import ModelConfig
 from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.models.hf import load_hf_weights, model_from_tensors, read_config, save_hf
 from opd_jax.models.tokenizer import (

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opd_jax.models import attention as kernels
-from opd_jax.models.config import ModelConfig
+from opd_jax.models.architecture import ModelConfig
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 
 # A layer's view of the cache: every layer's keys and values `[L, B, K, S, H]`, the layer's
@@ -90,7 +90,7 @@ class RMSNorm(nnx.Module):
 def _dense(x_BxTxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
     """`x @ w` as one `[B T, I] @ [I, O]` matmul. With the rows flattened XLA:CPU's backward
     needs no transposed copies of the activations: an MLP's gradient 1.3x faster, the
-    SmolLM2 OPD step 7% (benchmarks/step_profile.py). Batch-sharded rows stay sharded; a mesh
+    SmolLM2 OPD step 7% (benchmarks/step_parts.py). Batch-sharded rows stay sharded; a mesh
     that shards the sequence alone may regather the rows here."""
     B, T, width = x_BxTxI.shape
     return (x_BxTxI.reshape(B * T, width) @ w_IxO).reshape(B, T, w_IxO.shape[1])

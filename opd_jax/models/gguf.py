@@ -2,7 +2,8 @@
 
 `read_gguf(path)` returns `(hf_config, get_tensor, names, tokenizer)`:
 
-* `hf_config` is a `config.json`-style dict (`model_type` `llama`, `qwen2` or `qwen3`).
+* `hf_config` is a `config.json`-style dict of the family whose `gguf_architecture` the file's
+  `general.architecture` names (`llama`, `qwen2` or `qwen3`; see `families.FAMILIES`).
 * `get_tensor(hf_name)` dequantises one tensor on demand to float32 in HF layout (`[out, in]` for
   linear weights; GGUF lists dims innermost first, so its shape is reversed here). The file is
   memory-mapped by `gguf.GGUFReader`, so only the tensor being asked for is ever materialised.
@@ -12,13 +13,13 @@
 
 Dequantisation uses this module's own vectorised NumPy decoders (one structured-dtype view of the
 block bytes, no loop over blocks), bit-identical to `gguf.quants.dequantize` for every supported
-type (`tests/test_gguf.py` checks each against it) and about 4x faster: 0.2 s against 0.85 s for all
-of SmolLM2-135M Q4_1 on one CPU core, mainly by multiplying int quants straight into float32 ufunc
-output.
+type (`tests/test_gguf_dequantize.py` checks each against it) and about 4x faster: 0.2 s against
+0.85 s for all of SmolLM2-135M Q4_1 on one CPU core, mainly by multiplying int quants straight
+into float32 ufunc output.
 
 llama.cpp's converter permutes the rows of `q_proj`/`k_proj` of llama models from HF's rotate-half
-rotary layout into GPT-J's interleaved one; `_unpermute_rotary` undoes it. Qwen2/Qwen3 are stored
-unpermuted.
+rotary layout into GPT-J's interleaved one; `_unpermute_rotary` undoes it for every family marked
+`gguf_rotary_permuted`. Qwen2/Qwen3 are stored unpermuted.
 """
 
 from __future__ import annotations
@@ -31,14 +32,8 @@ from typing import Any
 import numpy as np
 
 from opd_jax.errors import InputError
+from opd_jax.models.families import gguf_architectures, gguf_family
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-_HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-_ROTARY_PERMUTED = ("llama",)
 _GGUF_MAGIC = b"GGUF"
 
 # GGUF name -> HF name for tensors outside the decoder blocks.
@@ -194,16 +189,19 @@ def _rope_scaling(reader: Any, arch: str) -> dict[str, Any] | None:
 
 
 def hf_config_from_metadata(reader: Any, tensor_names: set[str]) -> dict[str, Any]:
-    """A `config.json`-style dict for a llama/qwen2/qwen3 GGUF (`reader`: a `gguf.GGUFReader`)."""
+    """A `config.json`-style dict for a GGUF of a registered family (`reader`: a `GGUFReader`)."""
     arch = _field(reader, "general.architecture")
+    family = gguf_family(arch)
+    if family is None:
+        raise InputError(f"unsupported GGUF architecture {arch!r}")
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     n_head = int(_field(reader, f"{arch}.attention.head_count"))
     vocab = _field(reader, f"{arch}.vocab_size")
     if vocab is None:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     config: dict[str, Any] = {
-        "architectures": [_HF_ARCHITECTURES[arch]],
-        "model_type": arch,
+        "architectures": [family.hf_architecture],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
         "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
@@ -256,17 +254,17 @@ def _check_supported(path: str, reader: Any) -> None:
             "`gguf_convert_endian in.gguf little`) first"
         )
     arch, tensors = _field(reader, "general.architecture"), reader.tensors
-    if arch not in SUPPORTED_ARCHITECTURES:
+    supported = gguf_architectures()
+    if gguf_family(arch) is None:
         raise InputError(
-            f"{path!r}: unsupported GGUF architecture {arch!r}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}. "
+            f"{path!r}: unsupported GGUF architecture {arch!r}; supported: {', '.join(supported)}. "
             "Load the original Hugging Face checkpoint instead"
         )
     unknown = [t.name for t in tensors if hf_tensor_name(t.name) is None]
     if unknown:
         raise InputError(
             f"{path!r}: GGUF tensors with no Hugging Face {arch} counterpart: {unknown[:5]}; "
-            "only dense llama/qwen2/qwen3 decoders are read, load the HF checkpoint instead"
+            f"only dense {'/'.join(supported)} decoders are read, load the HF checkpoint instead"
         )
     bad = sorted(
         {f"{t.name}: {t.tensor_type.name}" for t in tensors if t.tensor_type.name not in _DECODERS}
@@ -321,7 +319,7 @@ def read_gguf(
             "truncated (an interrupted download or copy): download or copy it again"
         ) from None
     _check_supported(path, reader)
-    arch = _field(reader, "general.architecture")
+    family = gguf_family(_field(reader, "general.architecture"))
     config = hf_config_from_metadata(reader, {t.name for t in reader.tensors})
     by_hf_name = {hf_tensor_name(t.name): t for t in reader.tensors}
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
@@ -338,7 +336,7 @@ def read_gguf(
             tensor.data, tensor.tensor_type.name, tuple(int(d) for d in reversed(tensor.shape))
         )
         module = name.split(".")[-2]
-        if arch in _ROTARY_PERMUTED and module in heads:
+        if family.gguf_rotary_permuted and module in heads:
             w = _unpermute_rotary(w, heads[module])
         return w
 

@@ -22,7 +22,7 @@ import safetensors.numpy
 from flax import nnx
 
 from opd_jax.errors import InputError
-from opd_jax.models.config import ModelConfig
+from opd_jax.models.architecture import ModelConfig
 from opd_jax.models.decoder import Decoder
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules
 

@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from opd_jax.models.config import ModelConfig
+from opd_jax.models.architecture import ModelConfig
 from opd_jax.models.decoder import Decoder
 from opd_jax.models.hf import save_hf
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import transformers
 
+from opd_jax.models.families import family
 from opd_jax.models.tokenizer import train_bpe_tokenizer
 
 SENTENCES = (
@@ -31,14 +32,10 @@ def train_tiny_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokeni
 
 
 def tiny_hf_config(model_type: str = "qwen3", **overrides: Any) -> dict[str, Any]:
-    """A HF `config.json` dict of a 2-layer model (D=32, N=4, K=2, H=16, V=320)."""
-    architectures = {
-        "qwen3": "Qwen3ForCausalLM",
-        "qwen2": "Qwen2ForCausalLM",
-        "llama": "LlamaForCausalLM",
-    }
+    """A HF `config.json` dict of a 2-layer model (D=32, N=4, K=2, H=16, V=320) of a family
+    in `families.FAMILIES`."""
     config = {
-        "architectures": [architectures[model_type]],
+        "architectures": [family(model_type).hf_architecture],
         "model_type": model_type,
         "vocab_size": 320,
         "hidden_size": 32,

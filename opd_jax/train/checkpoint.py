@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, with fallback past corrupt steps; stop signals.
+"""Orbax checkpoints of a training run, with fallback past corrupt steps; a run's student.
 
 Layout: ``<run dir>/checkpoints/<step>/{state,meta}``; ``state`` is a pytree of jax arrays
 (params, optimizer state, PRNG keys) saved with ``StandardSave``, ``meta`` a JSON dict (data
@@ -20,7 +20,7 @@ corrupt step aside, which the primary process does between two global barriers.
 
 Typical loop::
 
-    with Checkpointer(run_dir, keep=3) as ckpt, on_stop_signals() as flag:
+    with Checkpointer(run_dir, keep=3) as ckpt, on_stop_signals() as flag:  # stop_signals
         restored = ckpt.restore(abstract_state)
         ...
         for step in range(start, num_steps):
@@ -37,11 +37,9 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
-from types import FrameType, TracebackType
+from pathlib import Path
+from types import TracebackType
 from typing import Any, NamedTuple
 
 import jax
@@ -49,8 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
+from opd_jax.config import load_config
 from opd_jax.distributed import any_process
+from opd_jax.models import Decoder, Tokenizer
+from opd_jax.run_models import load_model
+from opd_jax.train.optimizer import make_optimizer
+from opd_jax.train.state import abstract_state
 
 PyTree = Any
 STATE = "state"
@@ -345,42 +349,25 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:200]}"
 
 
-@dataclass
-class PreemptionFlag:
-    """Set by the handler of :func:`on_stop_signals`; the loop checks ``requested``."""
+def restore_student(run_dir: str | Path) -> tuple[Decoder, Tokenizer]:
+    """A run's student at its last good checkpoint, and its tokenizer.
 
-    requested: bool = False
-    signum: int | None = None
+    The run is only read, so this is safe while it trains: its checkpoints are opened
+    read-only (no removal of the temporary directory of a save in progress, no move of a
+    corrupt step).
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        del frame
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C again: abandon the step in flight
-        self.requested, self.signum = True, signum
-
-    @property
-    def interrupted(self) -> bool:
-        """Whether the stop came from the keyboard (SIGINT) rather than a scheduler."""
-        return self.signum == signal.SIGINT
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@contextlib.contextmanager
-def on_stop_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[PreemptionFlag]:
-    """Records the first of ``signums`` (SIGTERM from a scheduler, SIGINT from Ctrl-C) in a
-    :class:`PreemptionFlag` instead of dying; restores the old handlers.
-
-    Must be entered in the main thread (a Python signal-handling rule). The loop checks
-    ``flag.requested`` after each step, saves with ``force=True`` and exits cleanly. A second
-    SIGINT raises ``KeyboardInterrupt`` at once (the step in flight is abandoned; the
-    :class:`Checkpointer` then removes the partial save it leaves, see ``__exit__``).
+    Raises:
+      FileNotFoundError: the run has no checkpoint yet.
+      CheckpointRestoreError: it has checkpoints, none of them readable.
     """
-    flag = PreemptionFlag()
-    previous = {signum: signal.signal(signum, flag._handle) for signum in signums}
-    try:
-        yield flag
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    model, tokenizer = load_model(config.student)
+    params = nnx.state(model, nnx.Param)
+    target = abstract_state(make_optimizer(config.optim, config.train.steps), params)
+    with Checkpointer(run_dir, read_only=True) as checkpointer:
+        restored = checkpointer.restore(target._asdict())
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet: train first, then convert.")
+    nnx.update(model, restored.state["params"])
+    return model, tokenizer

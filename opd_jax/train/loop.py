@@ -38,7 +38,7 @@ from opd_jax.config import Config, ConfigError, config_from_dict, dump_config, v
 from opd_jax.distributed import any_process, is_primary
 from opd_jax.files import atomic_write_text
 from opd_jax.run_lock import hold
-from opd_jax.train.checkpoint import Checkpointer, PreemptionFlag, on_stop_signals
+from opd_jax.train.checkpoint import Checkpointer
 from opd_jax.train.metrics import MetricsWriter
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.preflight import (
@@ -51,6 +51,7 @@ from opd_jax.train.preflight import (
 )
 from opd_jax.train.session import Session
 from opd_jax.train.state import RunState, abstract_like, abstract_state
+from opd_jax.train.stop_signals import PreemptionFlag, on_stop_signals
 
 RESUME_FIX = "free space (or fix the cause) and run the same command again to resume"
 
@@ -93,7 +94,7 @@ def train(
     Before any model is loaded: the config is validated; ``run.dir`` is locked for this run
     (:mod:`opd_jax.run_lock`: another run on it is refused) and must be writable; when
     it holds a checkpoint, the keys that decide the training trajectory
-    (:func:`opd_jax.config.trajectory`) must equal that checkpoint's (``run.allow_changes``
+    (:func:`opd_jax.trajectory.trajectory`) must equal that checkpoint's (``run.allow_changes``
     lets them differ, with a warning, recorded in later checkpoints' meta); the model
     directories must hold tokenizers, the same one; the data source must open with records.
     ``config.yaml`` is written (atomically) once the models are loaded.

@@ -14,9 +14,10 @@ import tensorflow_datasets as tfds
 import yaml
 
 from opd_jax import data, models
-from opd_jax.config import HORIZON, Config, ConfigError, trajectory_changes
+from opd_jax.config import Config, ConfigError
 from opd_jax.data.loader import Source
 from opd_jax.distributed import primary_first
+from opd_jax.trajectory import HORIZON, trajectory_changes
 
 CONFIG_FILE = "config.yaml"  # the run's config in its directory, written once it starts
 

@@ -23,10 +23,10 @@ from opd_jax.config import Config, ConfigError
 from opd_jax.core.rules import CUT_RULES
 from opd_jax.data.oracle import ANSWER_PATTERN
 from opd_jax.models import Tokenizer, encode_prompts, eos_ids, pad_id
+from opd_jax.run_models import load_pair
 from opd_jax.sharding import DEFAULT_RULES, make_mesh
 from opd_jax.text_segments import response_segments
 from opd_jax.train.optimizer import make_optimizer
-from opd_jax.train.pair import load_pair
 from opd_jax.train.state import RunState, init_state
 from opd_jax.train.step import StepSettings, make_train_step
 
@@ -76,7 +76,7 @@ def step_settings(config: Config) -> StepSettings:
             rule_options=tuple(sorted(config.rule.options.items())),
             loss=config.loss.kind,
             reduction=config.loss.reduction,
-            beta=config.loss.beta,
+            loss_options=tuple(sorted(config.loss.options.items())),
             k=config.score.k,
             chunk_size=config.score.chunk_size,
         ),

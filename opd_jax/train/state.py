@@ -11,12 +11,10 @@ step updates are placed on the mesh by one method:
 - :func:`init_state` / :func:`abstract_state`: a :class:`RunState` made on the mesh, or its
   abstract twin;
 - :func:`abstract_like`: the abstract twin of live arrays (a checkpoint's restore target);
-- :func:`restore_student`: a run directory's student at its last good checkpoint.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -24,12 +22,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from opd_jax.config import load_config
-from opd_jax.models import Decoder, ModelConfig, Tokenizer
+from opd_jax.models import Decoder, ModelConfig
 from opd_jax.sharding import DEFAULT_RULES, param_shardings
-from opd_jax.train.checkpoint import Checkpointer
-from opd_jax.train.optimizer import make_optimizer
-from opd_jax.train.pair import load_model
 
 PyTree = Any
 
@@ -99,27 +93,3 @@ def abstract_like(tree: PyTree) -> PyTree:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         tree,
     )
-
-
-def restore_student(run_dir: str | Path) -> tuple[Decoder, Tokenizer]:
-    """A run's student at its last good checkpoint, and its tokenizer.
-
-    The run is only read, so this is safe while it trains: its checkpoints are opened
-    read-only (no removal of the temporary directory of a save in progress, no move of a
-    corrupt step).
-
-    Raises:
-      FileNotFoundError: the run has no checkpoint yet.
-      CheckpointRestoreError: it has checkpoints, none of them readable.
-    """
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    model, tokenizer = load_model(config.student)
-    params = nnx.state(model, nnx.Param)
-    target = abstract_state(make_optimizer(config.optim, config.train.steps), params)
-    with Checkpointer(run_dir, read_only=True) as checkpointer:
-        restored = checkpointer.restore(target._asdict())
-    if restored is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet: train first, then convert.")
-    nnx.update(model, restored.state["params"])
-    return model, tokenizer

@@ -17,9 +17,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.config import Config
 from opd_jax.core.rules import CUT_RULES
+from opd_jax.run_models import spec_config
 from opd_jax.sharding import DEFAULT_RULES
 from opd_jax.train.optimizer import make_optimizer
-from opd_jax.train.pair import spec_config
 from opd_jax.train.session import mesh_from_config, step_settings
 from opd_jax.train.state import abstract_model, abstract_state
 from opd_jax.train.step import make_train_step

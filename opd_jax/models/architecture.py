@@ -1,4 +1,4 @@
-"""`ModelConfig`: one decoder family (Qwen3, Qwen2, Llama, SmolLM2) from a HF `config.json`.
+"""`ModelConfig`: a decoder of one family (`families.FAMILIES`) from a HF `config.json`.
 
 The config is a frozen, hashable dataclass (it is static data of the NNX graph, so it keys
 `jit` caches). `ModelConfig.from_hf(dict)` reads a Hugging Face `config.json` in either the
@@ -17,14 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.errors import InputError
+from opd_jax.models import families
 
-# model_type -> (HF architecture name, q/k RMSNorm per head, q/k/v bias always (Qwen2)).
-# Elsewhere `attention_bias` adds biases to q/k/v *and* o (as in transformers).
-FAMILIES: dict[str, tuple[str, bool, bool]] = {
-    "qwen3": ("Qwen3ForCausalLM", True, False),
-    "qwen2": ("Qwen2ForCausalLM", False, True),
-    "llama": ("LlamaForCausalLM", False, False),
-}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -67,11 +61,7 @@ class ModelConfig:
     dtype: jnp.dtype = jnp.dtype(jnp.float32)
 
     def __post_init__(self):
-        if self.model_type not in FAMILIES:
-            raise InputError(
-                f"Unknown model_type {self.model_type!r}; supported: {sorted(FAMILIES)} "
-                "(SmolLM2 checkpoints use model_type 'llama')."
-            )
+        families.family(self.model_type)
         if self.rope_type not in ROPE_TYPES:
             raise InputError(
                 f"Unsupported rope scaling {self.rope_type!r}; supported: {ROPE_TYPES}."
@@ -89,17 +79,12 @@ class ModelConfig:
         cls, hf: Mapping[str, Any], *, param_dtype: Any = jnp.float32, dtype: Any = None
     ) -> ModelConfig:
         """Builds the config from a HF `config.json` dict; `dtype` defaults to `param_dtype`."""
-        model_type = hf.get("model_type")
-        if model_type not in FAMILIES:
+        fam = families.family(hf.get("model_type"), architectures=hf.get("architectures"))
+        archs = hf.get("architectures") or [fam.hf_architecture]
+        if fam.hf_architecture not in archs:
             raise InputError(
-                f"Unknown model_type {model_type!r} (architectures={hf.get('architectures')}); "
-                f"supported: {sorted(FAMILIES)}. SmolLM2 is model_type 'llama'."
-            )
-        archs = hf.get("architectures") or [FAMILIES[model_type][0]]
-        if FAMILIES[model_type][0] not in archs:
-            raise InputError(
-                f"Unknown architecture {archs} for model_type {model_type!r}; expected "
-                f"{FAMILIES[model_type][0]}."
+                f"Unknown architecture {archs} for model_type {fam.model_type!r}; expected "
+                f"{fam.hf_architecture}."
             )
         if hf.get("use_sliding_window"):
             raise InputError(
@@ -118,7 +103,7 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         num_heads = hf["num_attention_heads"]
         return cls(
-            model_type=model_type,
+            model_type=fam.model_type,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -132,8 +117,8 @@ class ModelConfig:
             rope_params=tuple(sorted(rope.items())),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qk_norm=FAMILIES[model_type][1],
-            attention_bias=bool(hf.get("attention_bias", False)) and model_type != "qwen2",
+            qk_norm=fam.qk_norm,
+            attention_bias=bool(hf.get("attention_bias", False)) and not fam.qkv_bias,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=hf.get("pad_token_id"),
@@ -142,18 +127,25 @@ class ModelConfig:
         )
 
     @property
+    def family(self) -> families.Family:
+        """The registered family of `model_type`."""
+        return families.family(self.model_type)
+
+    @property
     def qkv_bias(self) -> bool:
-        return self.attention_bias or FAMILIES[self.model_type][2]
+        """q/k/v projections have biases: `attention_bias`, or always in the family (Qwen2)."""
+        return self.attention_bias or self.family.qkv_bias
 
     @property
     def out_bias(self) -> bool:
-        return self.attention_bias and not FAMILIES[self.model_type][2]
+        """The o projection has a bias: `attention_bias`, unless the family's are q/k/v only."""
+        return self.attention_bias and not self.family.qkv_bias
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict (transformers 5 layout) for this config."""
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         hf: dict[str, Any] = {
-            "architectures": [FAMILIES[self.model_type][0]],
+            "architectures": [self.family.hf_architecture],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -178,11 +170,7 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "dtype": str(self.param_dtype),
         }
-        if self.model_type == "llama":
-            hf["mlp_bias"] = False
-        if self.model_type in ("qwen2", "qwen3"):
-            hf["use_sliding_window"] = False
-        return hf
+        return hf | dict(self.family.hf_defaults)
 
     def rope_inv_freq(self) -> tuple[np.ndarray, float]:
         """RoPE inverse frequencies `[head_dim // 2]` (float32) and the cos/sin scale.

@@ -41,7 +41,7 @@ from opd_jax.experiment.plots import (
     margin_advantage,
     margin_by_sentence,
 )
-from opd_jax.experiment.profiles import by_sentence
+from opd_jax.experiment.profile_means import by_sentence
 from opd_jax.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def _stats_step(session: Session, settings: StepSettings):
         )
         return core.score_chunked(
             h_s, student.unembed_matrix(), h_t, teacher.unembed_matrix(), tokens[:, prompt_len:],
-            k=o.k, loss_kind=o.loss, beta=o.beta, chunk_size=o.chunk_size,
+            k=o.k, loss_kind=o.loss, loss_options=dict(o.loss_options), chunk_size=o.chunk_size,
         ).stats  # fmt: skip
 
     return jax.jit(stats)

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from opd_jax import text_segments as segments
+from opd_jax import text_segments
 
 
 def word_offsets(text):
@@ -17,20 +17,20 @@ def word_offsets(text):
 def test_trained_punkt_keeps_abbreviations_inside_a_sentence():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        spans = segments.sentence_spans("Dr. Smith went home. He slept.")
+        spans = text_segments.sentence_spans("Dr. Smith went home. He slept.")
     assert spans == [(0, 20), (21, 30)]
 
 
 def test_tokens_belong_to_the_sentence_of_their_first_non_space_character():
     text = "Dr. Smith went home. He slept well. Then 12 + 30 = 42."
-    seg = segments.token_sentences(text, word_offsets(text))
+    seg = text_segments.token_sentences(text, word_offsets(text))
     np.testing.assert_array_equal(seg, [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2])
 
 
 def test_whitespace_tokens_join_the_next_sentence_and_trailing_ones_the_last():
     text = "One. Two."
     offsets = [(0, 4), (4, 5), (5, 9), (9, 9), (9, 9)]  # "One.", " ", "Two.", EOS, pad-like
-    np.testing.assert_array_equal(segments.token_sentences(text, offsets), [0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(text_segments.token_sentences(text, offsets), [0, 1, 1, 1, 1])
 
 
 def test_batch_segment_ids_place_sentences_on_the_response_tokens():
@@ -39,21 +39,21 @@ def test_batch_segment_ids_place_sentences_on_the_response_tokens():
     mask = np.zeros((2, 7), bool)
     mask[0, 2:6] = True
     mask[1, 1:3] = True
-    seg = segments.segment_ids("sentence", mask, texts, offsets)
+    seg = text_segments.segment_ids("sentence", mask, texts, offsets)
     np.testing.assert_array_equal(seg, [[-1, -1, 0, 0, 1, 1, -1], [-1, 0, 0, -1, -1, -1, -1]])
 
 
 def test_fixed_and_token_kinds_need_no_text():
     mask = np.array([[0, 1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(
-        segments.segment_ids("fixed", mask, tokens=2), [[-1, 0, 0, 1, 1, 2]]
+        text_segments.segment_ids("fixed", mask, tokens=2), [[-1, 0, 0, 1, 1, 2]]
     )
-    np.testing.assert_array_equal(segments.segment_ids("token", mask), [[-1, 0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(text_segments.segment_ids("token", mask), [[-1, 0, 1, 2, 3, 4]])
 
 
 def test_empty_responses_and_texts_without_sentences():
-    assert segments.token_sentences("", []).shape == (0,)
-    np.testing.assert_array_equal(segments.token_sentences("   ", [(0, 3)]), [0])
+    assert text_segments.token_sentences("", []).shape == (0,)
+    np.testing.assert_array_equal(text_segments.token_sentences("   ", [(0, 3)]), [0])
 
 
 @pytest.mark.parametrize(
@@ -68,4 +68,4 @@ def test_empty_responses_and_texts_without_sentences():
 def test_bad_inputs_are_refused_with_the_fix(kwargs, message):
     mask = np.ones((2, 2), bool)
     with pytest.raises(ValueError, match=message):
-        segments.segment_ids(response_mask=mask, **kwargs)
+        text_segments.segment_ids(response_mask=mask, **kwargs)

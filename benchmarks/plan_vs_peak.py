@@ -36,7 +36,7 @@ checkpoints are written by ``init_checkpoint`` with the tiny tokenizer (prompts 
 sampled ids span the model's 151,936-token vocabulary, so segments are ``fixed`` blocks computed
 without decoding). ``--smoke`` shrinks them to CPU size (vocabulary kept).
 
-Usage: ``python3 benchmarks/memory_plan.py --case CASE [--batch B] [--prompt P] [--response N]
+Usage: ``python3 -m benchmarks.plan_vs_peak --case CASE [--batch B] [--prompt P] [--response N]
 [--accumulate A] [--smoke] [--checkpoints DIR] [--set KEY=VALUE ...]``; prints a table and
 merges the case into ``benchmarks/results/memory_plan_<device>.json``.
 """
@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,15 +55,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-from opd_jax import text_segments as segments  # noqa: E402
-from opd_jax.config import Config, load_config  # noqa: E402
-from opd_jax.models.scratch import init_checkpoint  # noqa: E402
-from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer  # noqa: E402
-from opd_jax.train.plan import GIB, plan  # noqa: E402
-from opd_jax.train.session import Session  # noqa: E402
+from benchmarks import common
+from opd_jax import text_segments as segments
+from opd_jax.config import Config, load_config
+from opd_jax.memory_plan import GIB, plan
+from opd_jax.models.scratch import init_checkpoint
+from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
+from opd_jax.train.session import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN3 = dict(
@@ -278,7 +275,9 @@ def summary(predicted: dict[str, float], measured: dict[str, Any]) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.plan_vs_peak", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--case", required=True, choices=["tiny", "smollm2", *QWEN_CASES])
     parser.add_argument("--batch", type=int, help="data.batch_size (default: the case's)")
     parser.add_argument("--prompt", type=int, help="data.max_prompt_tokens")
@@ -354,6 +353,7 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - start,
         "machine": common.machine(),
     }
+    # the committed results keep the name of this module's former self, memory_plan.py
     out = Path(__file__).parent / "results" / f"memory_plan_{common.device_tag()}.json"
     payload = json.loads(out.read_text()) if out.exists() else {"benchmark": "memory_plan"}
     payload.setdefault("cases", {})[name] = entry

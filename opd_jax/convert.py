@@ -32,7 +32,8 @@ from flax import nnx
 from opd_jax import models
 from opd_jax.models import Decoder, ModelConfig
 from opd_jax.run_lock import holder
-from opd_jax.train.state import abstract_like, restore_student
+from opd_jax.train.checkpoint import restore_student
+from opd_jax.train.state import abstract_like
 from opd_jax.typed_yaml import ConfigError
 
 MARKER = "opd_jax_orbax.json"

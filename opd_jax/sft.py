@@ -97,13 +97,12 @@ def make_sft_step(
 
 @dataclasses.dataclass(frozen=True)
 class SFTSettings:
-    """Supervised fine-tuning of one model (AdamW, warmup then cosine to 10%)."""
+    """Supervised fine-tuning of one model: ``steps`` updates of the optimizer ``optim``
+    (:func:`~opd_jax.train.optimizer.make_optimizer`, as OPD's) on ``prompt_len`` prompt and
+    ``target_len`` target tokens."""
 
     steps: int
-    learning_rate: float
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     prompt_len: int = 96
     target_len: int = 96
     chunk_size: int = 1024
@@ -122,13 +121,7 @@ def sft(
     """Fine-tunes ``model`` in place on ``batches`` of ``{"prompt": [...], "solution": [...]}``
     and returns it; ``log(step, {"loss", "grad_norm", "tokens_per_s"})`` every ``log_every``
     steps and at the end."""
-    optim = OptimConfig(
-        learning_rate=settings.learning_rate,
-        warmup_steps=settings.warmup_steps,
-        weight_decay=settings.weight_decay,
-        clip_norm=settings.clip_norm,
-    )
-    tx = make_optimizer(optim, settings.steps)
+    tx = make_optimizer(settings.optim, settings.steps)
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = init_state(tx, params).opt_state
     step_fn = make_sft_step(graphdef, tx, settings.prompt_len, settings.chunk_size)

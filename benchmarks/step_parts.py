@@ -1,11 +1,13 @@
-"""Where an OPD update's time goes: its parts jitted and timed alone, beside the whole step.
+"""The ``profile`` part of ``benchmarks.opd_step``: where an OPD update's time goes, its parts
+jitted and timed alone beside the whole step.
 
-Used by ``opd_step.py --part profile``. Each part is the step's own code (the models'
-``response_hidden``, ``core.score_chunked``, ``core.objective_from_scores``, the optimizer)
-compiled on its own and timed as the median of ``repeats`` runs, with its model FLOPs and
-achieved GFLOP/s; the ``matmul`` row is one jitted ``[B N, D] @ [D, V]`` float matmul, the
-machine's ceiling at this shape. The parts overlap nothing, so ``step - parts`` is what the
-whole step spends beyond them (the micro-batch scan, fusion lost or won across the parts).
+Each part is the step's own code (the models' ``response_hidden``, ``core.score_chunked``,
+``core.objective_from_scores``, the optimizer) compiled on its own and timed as the median of
+``repeats`` runs, with its model FLOPs and achieved GFLOP/s; the ``matmul`` row is one jitted
+``[B N, D] @ [D, V]`` float matmul, the machine's ceiling at this shape. The parts overlap
+nothing, so ``step - parts`` is what the whole step spends beyond them (the micro-batch scan,
+fusion lost or won across the parts). Used by ``benchmarks.opd_step`` (``--part profile``),
+which sets the environment before these imports start JAX.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from opd_sides import forward_flops  # N = 0: the blocks alone, no vocabulary
 
+from benchmarks import common
+from benchmarks.opd_sides import PAIRS, SHAPES, JaxSide, forward_flops, make_batch
 from opd_jax import core
 
 COLUMNS = ["part", "seconds", "step_frac", "gflop", "gflop_s", "xla_peak_gib"]
@@ -36,8 +39,8 @@ def profile(
     ``step`` row also carries ``compile_s`` and XLA's ``xla_temp_gib``, ``xla_peak_gib``.
 
     Args:
-      side: ``opd_sides.JaxSide`` (models, optimizer, step settings).
-      host: the benchmark batch (``opd_sides.make_batch``).
+      side: ``benchmarks.opd_sides.JaxSide`` (models, optimizer, step settings).
+      host: the benchmark batch (``benchmarks.opd_sides.make_batch``).
       prompt: prompt columns ``P``.
       shapes: the student's and teacher's HF config dicts.
       repeats: timed runs per part (median).
@@ -72,10 +75,10 @@ def profile(
     student_bwd = jax.jit(jax.grad(lambda p, b, c: (hidden(graphdef, p, b) * c).sum()))
     u_s, u_t = unembed_of(graphdef, params), unembed_of(teacher_graphdef, teacher_params)
 
-    def score(h_s, u_s, h_t, u_t, y):
+    def score(h_s, u_s, h_t, u_t, y):  # the loss's own options at their defaults, as the step's
         return core.score_chunked(
             h_s, u_s, h_t, u_t, y, k=objective.k, loss_kind=objective.loss,
-            beta=objective.beta, chunk_size=objective.chunk_size,
+            chunk_size=objective.chunk_size,
         )  # fmt: skip
 
     score_fwd = jax.jit(score)
@@ -94,7 +97,7 @@ def profile(
     matmul = jax.jit(lambda h, u: jnp.dot(h, u, preferred_element_type=jnp.float32))
     run_step, step_batch, _, memory = side.compile_step(host, prompt, "full")
 
-    teacher_body = forward_flops(teacher_hf, B, S, 0)
+    teacher_body = forward_flops(teacher_hf, B, S, 0)  # N = 0: the blocks alone, no vocabulary
     body = forward_flops(student_hf, B, S, 0)
     parts = [
         ("teacher forward", lambda: teacher_fwd(teacher_params, batch), teacher_body),
@@ -121,3 +124,15 @@ def profile(
         row["step_frac"] = row["seconds"] / step
     rows[-1].update(memory)  # the step's compile seconds and XLA's memory
     return rows
+
+
+def part_profile(pair, dirs, args, preset, settings, frameworks):
+    """opd_jax only: the update's parts timed alone beside the whole step (:func:`profile`),
+    and XLA's memory of the step."""
+    B, P, N = settings["batch"], settings["prompt"], settings["response"]
+    host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
+    side = JaxSide(dirs, preset["dtype"], args.chunk_size, args.remat, args.attention)
+    shapes = tuple(SHAPES[s] for s in PAIRS[pair])
+    rows = profile(side, host, P, shapes, preset["repeats"], common.median_seconds)
+    side.close()
+    return [dict(row, case=row["part"], B=B, P=P, N=N) for row in rows]
