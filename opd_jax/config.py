@@ -23,27 +23,19 @@ from pydantic import Field
 from opd_jax.core import LOSSES, REDUCTIONS, RULES, check_loss, loss_options, rule_options
 from opd_jax.typed_yaml import (  # noqa: F401 (re-exported)
     ConfigError,
+    Decay,
+    MeshSize,
+    NonEmpty,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
     all_keys,
     build_tree,
     coerce,
     load_tree,
+    note,
 )
-
-# Declared constraints: every field's type says its range, checked by pydantic as the config is
-# read (NaN and infinities refused everywhere), each error naming the key, the value and the range.
-Positive = Annotated[int, Field(ge=1)]
-NonNegative = Annotated[int, Field(ge=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
-Decay = Annotated[float, Field(ge=0, lt=1)]  # an exponential moving average's rate
-NonEmpty = Annotated[str, Field(min_length=1)]
-MeshSize = Annotated[int, Field(ge=-1, description="-1: the remaining devices")]
-
-
-def note(text: str) -> Any:
-    """What a field's special value means, said in its range errors: ``note("0 disables")``."""
-    return Field(description=text)
 
 
 @dataclasses.dataclass
@@ -53,7 +45,10 @@ class RunConfig:
     checkpoint_every: Positive = 50  # steps between checkpoints (and one at the end)
     keep_checkpoints: Positive = 3  # the last k are kept
     async_checkpoint: bool = True  # write checkpoints in the background where orbax can
-    tensorboard: bool = True  # also write TensorBoard event files
+    # where metrics go besides metrics.jsonl: tensorboard (event files in run.dir/tensorboard),
+    # wandb (Weights & Biases; the `wandb` extra, WANDB_MODE=offline for no network)
+    loggers: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "opd_jax"  # the W&B project of run.loggers' wandb
     progress: bool = True  # a progress bar on the terminal
     # XLA's persistent compilation cache for the command line ("": off): a rerun or a resume
     # loads the compiled step instead of compiling it again
@@ -64,10 +59,22 @@ class RunConfig:
 
 
 @dataclasses.dataclass
+class LoraSpec:
+    """Low-rank adapters on the student (qwix): only they train, the base stays frozen."""
+
+    rank: Annotated[NonNegative, note("0: no adapters, the whole student trains")] = 0
+    alpha: PositiveFloat = 16.0  # the adapters' update is scaled by alpha / rank
+    # regex over module paths whose matmuls get adapters (attention and MLP projections)
+    targets: NonEmpty = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj).*"
+
+
+@dataclasses.dataclass
 class ModelSpec:
     path: str = ""  # a local Hugging Face directory or .gguf file (never a hub id)
     dtype: str = "float32"  # float32 or bfloat16 (parameters and compute)
     layers: list[int] = dataclasses.field(default_factory=list)  # keep only these layers ([]: all)
+    lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)  # student only
+    quantize: str = "none"  # none or int8 (weights, via qwix): teacher only
 
 
 @dataclasses.dataclass
@@ -256,7 +263,10 @@ CHOICES = {
     "teacher.dtype": ("float32", "bfloat16"),
     "train.attention": ("auto", "xla", "cudnn", "flash"),
     "train.on_nonfinite": ("stop", "skip"),
+    "student.quantize": ("none", "int8"),
+    "teacher.quantize": ("none", "int8"),
 }
+LOGGERS = ("tensorboard", "wandb")
 
 
 def validate(config: Config) -> Config:
@@ -270,6 +280,16 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{key}={flat[key]!r} is not one of {list(choices)}.{hint}")
     check_sampling(config.sampling)
     check_mesh(config.mesh)
+    for logger in config.run.loggers:
+        if logger not in LOGGERS:
+            raise ConfigError(f"run.loggers: {logger!r} is not one of {list(LOGGERS)}.")
+    if config.teacher.lora.rank:
+        raise ConfigError("teacher.lora: the teacher is only read; adapters train the student.")
+    if config.student.quantize != "none":
+        raise ConfigError(
+            "student.quantize: the student trains in student.dtype; quantise the teacher "
+            "(teacher.quantize=int8), or train adapters on the student (student.lora.rank)."
+        )
     pattern = config.segments.oracle_pattern
     try:
         re.compile(pattern)
@@ -392,8 +412,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def upgrade_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
     """A config tree of an older opd_jax in today's keys: ``loss.beta`` (one global option)
     became ``loss.options.beta``, the ``jsd`` loss's own option (dropped for other losses, which
-    never read it)."""
+    never read it); ``run.tensorboard: false`` became ``run.loggers: []``."""
     tree = dict(tree)
+    run = tree.get("run")
+    if isinstance(run, Mapping) and "tensorboard" in run:
+        run = dict(run)
+        if not run.pop("tensorboard"):
+            run.setdefault("loggers", [])
+        tree["run"] = run
     loss = tree.get("loss")
     if isinstance(loss, Mapping) and "beta" in loss:
         loss = dict(loss)

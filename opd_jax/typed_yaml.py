@@ -17,10 +17,11 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 import yaml
+from pydantic import Field
 
 from opd_jax.errors import InputError
 
@@ -37,6 +38,24 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
         sub = typing.get_type_hints(cls)[field.name]
         keys.extend(all_keys(sub, key + ".") if dataclasses.is_dataclass(sub) else [key])
     return keys
+
+
+# Declared constraints of config fields: each type says its range, checked by pydantic as the
+# config is read (NaN and infinities refused everywhere), each error naming the key, the value
+# and the range.
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Decay = Annotated[float, Field(ge=0, lt=1)]  # an exponential moving average's rate
+NonEmpty = Annotated[str, Field(min_length=1)]
+MeshSize = Annotated[int, Field(ge=-1, description="-1: the remaining devices")]
+
+
+def note(text: str) -> Any:
+    """What a field's special value means, said in its range errors: ``note("0 disables")``."""
+    return Field(description=text)
 
 
 _LISTED_KEYS = 20  # an unknown key's error lists the valid keys when there are at most this many

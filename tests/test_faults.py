@@ -123,7 +123,7 @@ def test_a_failing_tensorboard_never_stops_the_run(tiny_pair, tmp_path, monkeypa
     monkeypatch.setattr(record_writer.RecordWriter, "write", full)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = train(config(tiny_pair, tmp_path, "run.tensorboard=true"))
+        result = train(config(tiny_pair, tmp_path, "run.loggers=[tensorboard]"))
     assert result.status is Status.FINISHED
     assert [line["step"] for line in read_metrics(tmp_path)] == [1, 2, 3]
     assert sum("TensorBoard" in str(w.message) for w in caught) == 1

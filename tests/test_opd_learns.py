@@ -87,7 +87,7 @@ def test_thirty_steps_of_full_opd_lower_the_held_out_kl(
             f"teacher.path={sharp_pair / 'teacher'}",
             f"run.dir={tmp_path}",
             "run.progress=false",
-            "run.tensorboard=false",
+            "run.loggers=[]",
             "run.checkpoint_every=30",
             f"data.data_dir={sharp_pair / 'data'}",
             f"data.arithmetic={ARITHMETIC}",

@@ -32,7 +32,7 @@ def overrides(pair, run_dir, *extra):
         f"teacher.path={pair / 'teacher'}",
         f"run.dir={run_dir}",
         "run.progress=false",
-        "run.tensorboard=false",
+        "run.loggers=[]",
         f"data.data_dir={pair / 'data'}",
         "data.batch_size=2",
         "data.max_prompt_tokens=96",

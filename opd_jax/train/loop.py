@@ -126,7 +126,7 @@ def train(
         if is_primary():
             atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
         with (
-            MetricsWriter(run_dir, tensorboard=config.run.tensorboard) as writer,
+            MetricsWriter(run_dir, tensorboard="tensorboard" in config.run.loggers) as writer,
             on_stop_signals() as preemption,
             jax.set_mesh(session.mesh),
         ):
