@@ -4,7 +4,8 @@
   parameters (``params/``), ``config.json`` and the tokenizer files.
 - SRC such an orbax directory: DST becomes a Hugging Face directory.
 - SRC a run directory (``config.yaml`` + ``checkpoints/``): its student at the last good
-  checkpoint is written to DST as a Hugging Face directory (loadable by transformers, vLLM).
+  checkpoint is written to DST as a Hugging Face directory (loadable by transformers, vLLM);
+  a LoRA run's adapters are merged into its base (``student.path``) first.
 
 Convert never destroys: an existing non-empty DST is replaced only with ``overwrite``, and
 never when it is, holds or (existing) lies inside the source or one of a run source's models

@@ -4,6 +4,9 @@ Models are built abstractly (``nnx.eval_shape``) from their ``config.json`` or G
 placed by the sharding rules on the configured mesh, and the real jitted train step is
 lowered and compiled for those shapes: XLA's own memory analysis gives the temporary
 (activation) memory, the parameter and optimizer bytes are the per-device shard sizes.
+
+With ``student.lora.rank`` only the adapters train: the optimizer state is theirs, and the
+plan also gives the optimizer state full fine-tuning would hold, for comparison.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ def plan(config: Config) -> dict[str, Any]:
     """The run's memory per device in GiB, and what it is made of."""
     mesh = mesh_from_config(config)
     student_cfg, teacher_cfg = spec_config(config.student), spec_config(config.teacher)
-    graphdef, params = abstract_model(student_cfg, mesh)
-    teacher_graphdef, teacher_params = abstract_model(teacher_cfg, mesh)
+    graphdef, params, frozen = abstract_model(student_cfg, mesh, config.student.lora)
+    teacher_graphdef, teacher_params, _ = abstract_model(
+        teacher_cfg, mesh, quantize=config.teacher.quantize
+    )
     tx = make_optimizer(config.optim, config.train.steps)
     params, opt_state = abstract_state(tx, params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -60,8 +65,9 @@ def plan(config: Config) -> dict[str, Any]:
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     step = make_train_step(graphdef, teacher_graphdef, tx, step_settings(config), shardings)
+    extra = (frozen,) if frozen else ()  # a LoRA student's frozen base
     with jax.set_mesh(mesh):
-        compiled = step.lower(params, opt_state, teacher_params, batch, key).compile()
+        compiled = step.lower(params, opt_state, teacher_params, batch, key, *extra).compile()
     analysis = compiled.memory_analysis()
     kv_itemsize = jnp.dtype(student_cfg.dtype).itemsize
     batch_shards = int(np.prod([mesh.shape[a] for a in DEFAULT_RULES.batch]))
@@ -70,7 +76,7 @@ def plan(config: Config) -> dict[str, Any]:
         * student_cfg.num_kv_heads * student_cfg.head_dim * kv_itemsize
     )  # fmt: skip
     rows = {
-        "student_params": device_bytes(params),
+        "student_params": device_bytes(params) + device_bytes(frozen),
         "optimizer_state": device_bytes(opt_state),
         "teacher_params": device_bytes(teacher_params),
         "step_temporaries": analysis.temp_size_in_bytes,
@@ -82,12 +88,19 @@ def plan(config: Config) -> dict[str, Any]:
         ),
     }
     rows["total"] = sum(rows.values())
-    return {
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    result = {
         "mesh": dict(mesh.shape),
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
-        "student_parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
-        "teacher_parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(teacher_params)),
+        # the tokenizer's ids, over which both models score and sample (embedding rows may pad)
+        "vocab": {
+            "shared": student_cfg.token_vocab or student_cfg.vocab_size,
+            "student_rows": student_cfg.vocab_size,
+            "teacher_rows": teacher_cfg.vocab_size,
+        },
+        "student_parameters": count(params) + count(frozen),
+        "teacher_parameters": count(teacher_params),
         "gib_per_device": {k: v / GIB for k, v in rows.items()},
         "compiled": {
             "argument_gib": analysis.argument_size_in_bytes / GIB,
@@ -95,6 +108,26 @@ def plan(config: Config) -> dict[str, Any]:
             "alias_gib": analysis.alias_size_in_bytes / GIB,
             "temp_gib": analysis.temp_size_in_bytes / GIB,
         },
+    }
+    if frozen:
+        result["lora"] = lora_saving(config, tx, params, frozen, mesh)
+    return result
+
+
+def lora_saving(
+    config: Config, tx: Any, adapters: Any, base: Any, mesh: jax.sharding.Mesh
+) -> dict[str, Any]:
+    """What LoRA saves: the trained parameters and the optimizer state per device in GiB,
+    with the adapters and with full fine-tuning of the same student (its base trained)."""
+    full_opt = abstract_state(tx, base, mesh).opt_state
+    lora_opt = abstract_state(tx, adapters, mesh).opt_state
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    return {
+        "rank": config.student.lora.rank,
+        "trained_parameters": count(adapters),
+        "full_parameters": count(base),
+        "optimizer_gib": device_bytes(lora_opt) / GIB,
+        "full_finetune_optimizer_gib": device_bytes(full_opt) / GIB,
     }
 
 
@@ -104,9 +137,21 @@ def format_plan(result: dict[str, Any]) -> str:
         f"mesh {result['mesh']} on {result['devices']} x {result['device_kind']}",
         f"student {result['student_parameters']:,} parameters, "
         f"teacher {result['teacher_parameters']:,}",
+        f"vocabulary {result['vocab']['shared']:,} tokens (embedding rows: student "
+        f"{result['vocab']['student_rows']:,}, teacher {result['vocab']['teacher_rows']:,})",
         "",
         "| per device | GiB |",
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.4f} |" for k, v in result["gib_per_device"].items()]
+    if "lora" in result:
+        lora = result["lora"]
+        share = lora["trained_parameters"] / lora["full_parameters"]
+        lines += [
+            "",
+            f"LoRA rank {lora['rank']}: {lora['trained_parameters']:,} trained parameters "
+            f"({share:.2%} of the student's {lora['full_parameters']:,}); optimizer state "
+            f"{lora['optimizer_gib']:.4f} GiB per device, full fine-tuning "
+            f"{lora['full_finetune_optimizer_gib']:.4f} GiB",
+        ]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The student and teacher named by a config's ``student`` / ``teacher`` sections.
+"""The student and teacher named by a config's ``student`` / ``teacher`` sections, paired by
+their tokenizer.
 
 A :class:`~opd_jax.config.ModelSpec` is a local checkpoint (``path``), its ``dtype`` and,
 optionally, the ``layers`` to keep: a student derived from a larger checkpoint by dropping
@@ -39,34 +40,44 @@ def load_model(spec: ModelSpec, mesh: jax.sharding.Mesh | None = None) -> tuple[
     model, tokenizer = models.load(spec.path, DTYPES[spec.dtype], mesh=mesh)
     if spec.layers:
         model = keep_layers(model, spec.layers)
+    if spec.lora.rank:
+        from opd_jax.models.lora import apply_lora  # qwix: the `qwix` extra
+
+        model = apply_lora(model, spec.lora.rank, spec.lora.alpha, spec.lora.targets)
+    if spec.quantize == "int8":
+        from opd_jax.models.quantize import quantize_weights  # qwix: the `qwix` extra
+
+        model = quantize_weights(model)
     return model, tokenizer
 
 
 def spec_config(spec: ModelSpec) -> ModelConfig:
-    """The :class:`ModelConfig` of ``spec`` from checkpoint metadata alone (no weights)."""
+    """The :class:`ModelConfig` of ``spec`` from checkpoint metadata and tokenizer alone (no
+    weights), fitted to the tokenizer's ids as :func:`opd_jax.models.load` fits a model."""
     path = models.resolve_path(spec.path)
     if path.suffix == ".gguf":
         from opd_jax.models.gguf import read_gguf
 
-        hf = read_gguf(path)[0]
+        hf, _, _, tokenizer = read_gguf(path)
     else:
-        hf = models.read_config(path)
+        hf, tokenizer = models.read_config(path), models.load_tokenizer(path)
     config = ModelConfig.from_hf(hf, param_dtype=DTYPES[spec.dtype])
+    vocab = models.token_vocab(tokenizer)
+    if config.vocab_size > vocab:
+        config = dataclasses.replace(config, token_vocab=vocab)
     return dataclasses.replace(config, num_layers=len(spec.layers)) if spec.layers else config
 
 
 def load_pair(config: Config, mesh: jax.sharding.Mesh) -> tuple[Decoder, Decoder, Tokenizer]:
-    """Student, teacher and tokenizer; refuses pairs that do not share a vocabulary, and
-    ``sampling.top_k`` or ``score.k`` above its size."""
+    """Student, teacher and tokenizer, paired by their tokenizer: the two tokenizers must be
+    the same (vocabulary and special tokens), the embeddings may be padded to different sizes
+    past it (:func:`opd_jax.models.fit_to_tokenizer`: both models score and sample over the
+    tokenizer's ids alone). Refuses
+    ``sampling.top_k`` or ``score.k`` above the vocabulary."""
     student, tokenizer = load_model(config.student, mesh)
     teacher, teacher_tokenizer = load_model(config.teacher, mesh)
     models.check_same_tokenizer(tokenizer, teacher_tokenizer)
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise InputError(
-            f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
-            f"{teacher.config.vocab_size}: OPD needs one tokenizer and one embedding size."
-        )
-    vocab = student.config.vocab_size
+    vocab = models.token_vocab(tokenizer)  # both models score over it (models.load fits them)
     for key, k in (("sampling.top_k", config.sampling.top_k), ("score.k", config.score.k)):
         if k > vocab:
             raise ConfigError(

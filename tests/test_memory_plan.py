@@ -80,3 +80,18 @@ def test_samples_per_prompt_and_async_rollouts_add_what_they_hold(planned, tiny_
     assert more["sampler_kv_cache"] == pytest.approx(3 * before["sampler_kv_cache"])  # 3x rows
     assert before["rollout_params"] == 0
     assert more["rollout_params"] == before["student_params"]  # the rollouts' own copy
+
+
+def test_an_int8_teachers_row_is_the_bytes_of_its_quantised_weights(tiny_pair):
+    config = load_config(None, [*tiny_args(tiny_pair), "teacher.quantize=int8"])
+    result = plan(config)
+    session = Session.build(config)
+    planned = round(result["gib_per_device"]["teacher_params"] * GIB)
+    assert planned == bytes_per_device(session.teacher_params)
+    fp32 = plan(load_config(None, tiny_args(tiny_pair)))["gib_per_device"]["teacher_params"]
+    assert planned < fp32 * GIB  # the blocks' weights at a quarter, embeddings as they were
+
+
+def test_the_plan_reports_the_shared_vocabulary(planned):
+    _, result, _ = planned
+    assert result["vocab"] == {"shared": 320, "student_rows": 320, "teacher_rows": 320}

@@ -14,15 +14,22 @@
 - ``accuracy_vs_step.png``: in-domain accuracy (the table's measure) on
   ``experiment.curve_problems`` against OPD step per rule (step 0: the student before OPD),
   the mean over seeds with their range shaded.
+
+With ``wandb`` in ``run.loggers``, :func:`log_to_wandb` logs the report's figures as images
+of one new W&B run, ``<run.dir name>-report``, each time the report is written.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from opd_jax.config import Config
+from opd_jax.errors import InputError
 from opd_jax.experiment.profile_means import by_sentence, mean_profile
 
 MIN_SHARE = 0.02  # sentence indices reached by fewer of the rollouts are not drawn
@@ -175,3 +182,33 @@ def write_plots(
     if curves:
         paths.append(accuracy_vs_step(curves, out_dir / "accuracy_vs_step.png"))
     return paths
+
+
+def log_to_wandb(config: Config, paths: Sequence[Path]) -> None:
+    """Logs the figures ``paths`` as images (named by file stem) of a new W&B run
+    ``<run.dir name>-report`` in ``run.wandb_project``, when ``run.loggers`` has wandb. A W&B
+    failure warns: the figures are on disk."""
+    if "wandb" not in config.run.loggers or not paths:
+        return
+    from opd_jax.train.loggers import WandbLogger
+
+    root = Path(config.run.dir)
+    logger = WandbLogger(
+        root,
+        project=config.run.wandb_project,
+        config=config.to_dict(),
+        name=f"{root.name}-report",
+        resume=False,
+    )
+    try:
+        logger.images(0, {path.stem: path for path in paths})
+        logger.close()
+    except InputError:
+        raise
+    except Exception as error:  # W&B is a convenience: the report is written
+        warnings.warn(
+            f"The plots could not be logged to W&B ({type(error).__name__}: {error}); they "
+            f"are in {root / 'plots'}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )

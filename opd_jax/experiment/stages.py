@@ -153,8 +153,11 @@ def _run_stages(config: Config) -> dict[str, Any] | None:
     import tensorflow_datasets as tfds
     from absl import logging as absl_logging
 
+    from opd_jax.experiment.plots import log_to_wandb
     from opd_jax.experiment.report import write_report
+    from opd_jax.train.preflight import check_loggers
 
+    check_loggers(config)  # before any model trains
     tfds.disable_progress_bar()
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's "custom data configuration" notes
     start = time.perf_counter()
@@ -172,5 +175,6 @@ def _run_stages(config: Config) -> dict[str, Any] | None:
         return None
     with clock("report"):
         report = write_report(config)
+        log_to_wandb(config, report["plots"])
     print(f"experiment done in {time.perf_counter() - start:.0f} s: {config.run.dir}", flush=True)
     return report

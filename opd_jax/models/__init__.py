@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -30,6 +31,7 @@ from opd_jax.models.tokenizer import (
     eos_ids,
     load_tokenizer,
     pad_id,
+    token_vocab,
 )
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules, param_shardings
 
@@ -48,6 +50,7 @@ __all__ = [
     "decode_with_offsets",
     "encode_prompts",
     "encode_with_offsets",
+    "fit_to_tokenizer",
     "eos_ids",
     "load",
     "load_hf_weights",
@@ -58,6 +61,7 @@ __all__ = [
     "resolve_attention",
     "resolve_path",
     "save_hf",
+    "token_vocab",
 ]
 
 
@@ -117,8 +121,19 @@ def load(
         shardings = param_shardings(abstract, mesh, rules)
     if gguf:
         _, get_tensor, names, tokenizer = gguf
-        return model_from_tensors(
-            config, get_tensor, names, shardings=shardings, rules=rules
-        ), tokenizer
-    model = load_hf_weights(path, config, shardings=shardings, rules=rules)
-    return model, load_tokenizer(path)
+        model = model_from_tensors(config, get_tensor, names, shardings=shardings, rules=rules)
+    else:
+        model = load_hf_weights(path, config, shardings=shardings, rules=rules)
+        tokenizer = load_tokenizer(path)
+    return fit_to_tokenizer(model, tokenizer), tokenizer
+
+
+def fit_to_tokenizer(model: Decoder, tokenizer: Tokenizer) -> Decoder:
+    """``model`` scoring and sampling over its tokenizer's ids alone: an embedding padded past
+    the vocabulary (Qwen2.5: 151,936 or 152,064 rows for 151,665 tokens) never forms logits
+    for its padding rows. (A tokenizer with ids past the embedding, e.g. an added pad token,
+    changes nothing: the model never produces them.)"""
+    vocab = token_vocab(tokenizer)
+    if model.config.vocab_size > vocab:
+        model.config = dataclasses.replace(model.config, token_vocab=vocab)
+    return model

@@ -59,6 +59,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     param_dtype: jnp.dtype = jnp.dtype(jnp.float32)
     dtype: jnp.dtype = jnp.dtype(jnp.float32)
+    # The tokenizer's vocabulary when the embedding is padded past it (Qwen2.5's 152,064 rows
+    # for 151,665 tokens): logits, sampling and scoring use only these ids. Not in config.json.
+    token_vocab: int | None = None
 
     def __post_init__(self):
         families.family(self.model_type)
@@ -70,6 +73,11 @@ class ModelConfig:
             raise InputError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}."
+            )
+        if self.token_vocab is not None and not 0 < self.token_vocab <= self.vocab_size:
+            raise InputError(
+                f"token_vocab={self.token_vocab} must be in [1, vocab_size={self.vocab_size}]: "
+                "the tokenizer has more tokens than the model's embedding has rows."
             )
         object.__setattr__(self, "param_dtype", _dtype(self.param_dtype))
         object.__setattr__(self, "dtype", _dtype(self.dtype))

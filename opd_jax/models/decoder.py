@@ -87,13 +87,26 @@ class RMSNorm(nnx.Module):
         return (self.scale[...] * x.astype(x_BxTxD.dtype)).astype(self.dtype)
 
 
-def _dense(x_BxTxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
-    """`x @ w` as one `[B T, I] @ [I, O]` matmul. With the rows flattened XLA:CPU's backward
+def _dense(x_BxTxI: jax.Array, w_IxO: jax.Array, contract: int = 1) -> jax.Array:
+    """`x @ w` as one `[B T, I] @ [I, O]` matmul, `I` being `w`'s first `contract` axes and
+    `O` the rest (`[B, T, *O]` out). With the rows flattened XLA:CPU's backward
     needs no transposed copies of the activations: an MLP's gradient 1.3x faster, the
     SmolLM2 OPD step 7% (benchmarks/step_parts.py). Batch-sharded rows stay sharded; a mesh
-    that shards the sequence alone may regather the rows here."""
-    B, T, width = x_BxTxI.shape
-    return (x_BxTxI.reshape(B * T, width) @ w_IxO).reshape(B, T, w_IxO.shape[1])
+    that shards the sequence alone may regather the rows here. A `jax.lax.dot_general`, not
+    `@`, on the weight as stored (never reshaped): qwix intercepts it and finds the parameter
+    (LoRA adapters, `models.lora`), and `w_IxO` may be its int8 weight (`models.quantize`)."""
+    B, T = x_BxTxI.shape[:2]
+    rows = x_BxTxI.reshape(B * T, *w_IxO.shape[:contract])
+    w_axes = tuple(range(contract))
+    x_axes = tuple(a + 1 for a in w_axes)
+    y = jax.lax.dot_general(rows, w_IxO, ((x_axes, w_axes), ((), ())))
+    return y.reshape(B, T, *w_IxO.shape[contract:])
+
+
+def _weight(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`w` in the compute `dtype`. A qwix int8 weight (`models.quantize`) already dequantises
+    to it (its `astype` would fail), as a plain one of that dtype is returned as it is."""
+    return w if w.dtype == dtype else w.astype(dtype)
 
 
 def rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
@@ -125,9 +138,11 @@ class Attention(nnx.Module):
         self.config = c
 
     def _project(self, x_BxTxD: jax.Array, name: str) -> jax.Array:
-        w_DxNxH = getattr(self, f"{name}_proj")[...].astype(self.config.dtype)
-        y = _dense(x_BxTxD, w_DxNxH.reshape(w_DxNxH.shape[0], -1))
-        y = y.reshape(x_BxTxD.shape[:2] + w_DxNxH.shape[1:])
+        c = self.config
+        heads = c.num_heads if name == "q" else c.num_kv_heads
+        w_DxNxH = _weight(getattr(self, f"{name}_proj")[...], c.dtype)
+        y = _dense(x_BxTxD, w_DxNxH)
+        y = y.reshape(*x_BxTxD.shape[:2], heads, c.head_dim)
         if self.config.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(self.config.dtype)
         return y
@@ -184,9 +199,8 @@ class Attention(nnx.Module):
             out_BxTxNxH = kernels.cached_attention(
                 q_BxTxNxH, k_LxBxKxSxH[layer], v_LxBxKxSxH[layer], visible, c.dtype
             )
-        B, T = out_BxTxNxH.shape[:2]
-        o_NHxD = self.o_proj[...].astype(c.dtype).reshape(-1, c.hidden_size)
-        y_BxTxD = _dense(out_BxTxNxH.reshape(B, T, -1), o_NHxD)
+        o_NxHxD = _weight(self.o_proj[...], c.dtype)
+        y_BxTxD = _dense(out_BxTxNxH, o_NxHxD, contract=o_NxHxD.ndim - 1)
         if c.out_bias:
             y_BxTxD = y_BxTxD + self.o_bias[...].astype(c.dtype)
         return y_BxTxD, new_kv
@@ -203,9 +217,9 @@ class MLP(nnx.Module):
         self.dtype = c.dtype
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        gate_BxTxF = _dense(x_BxTxD, self.gate_proj[...].astype(self.dtype))
-        up_BxTxF = _dense(x_BxTxD, self.up_proj[...].astype(self.dtype))
-        return _dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, self.down_proj[...].astype(self.dtype))
+        gate_BxTxF = _dense(x_BxTxD, _weight(self.gate_proj[...], self.dtype))
+        up_BxTxF = _dense(x_BxTxD, _weight(self.up_proj[...], self.dtype))
+        return _dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, _weight(self.down_proj[...], self.dtype))
 
 
 class Block(nnx.Module):
@@ -266,10 +280,15 @@ class Decoder(nnx.Module):
             )
 
     def unembed_matrix(self) -> jax.Array:
-        """`[D, V]`: the tied embedding transposed, or the LM head."""
+        """`[D, V]`: the tied embedding transposed, or the LM head; with
+        `config.token_vocab` set, only its first `token_vocab` columns (an embedding padded
+        past the tokenizer's vocabulary never forms logits for the padding)."""
         if self.config.tie_word_embeddings:
-            return self.embed[...].T
-        return self.lm_head[...]
+            w_DxV = self.embed[...].T
+        else:
+            w_DxV = self.lm_head[...]
+        v = self.config.token_vocab
+        return w_DxV if v is None or v == w_DxV.shape[1] else w_DxV[:, :v]
 
     def _rope(self, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
         inv_freq, scale = self.config.rope_inv_freq()

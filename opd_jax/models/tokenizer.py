@@ -173,18 +173,35 @@ def decode_with_offsets(
     return "".join(pieces), offsets
 
 
-def check_same_tokenizer(tok_a: Tokenizer, tok_b: Tokenizer) -> None:
-    """Raises `ValueError` unless both tokenizers map the same strings to the same ids
-    (teacher and student must share a vocabulary for token-level distillation)."""
+def check_same_tokenizer(tok_a: Tokenizer, tok_b: Tokenizer, names=("student", "teacher")) -> None:
+    """Raises :class:`InputError` unless both tokenizers map the same strings to the same ids
+    and have the same special tokens (token-level distillation needs one tokenizer), naming the
+    first differing id or special token."""
+    a, b = names
     vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
-    if vocab_a == vocab_b:
-        return
-    differing = sorted(set(vocab_a.items()) ^ set(vocab_b.items()), key=lambda kv: kv[1])
-    raise InputError(
-        f"The tokenizers differ: vocabularies of {len(vocab_a)} and {len(vocab_b)} tokens, "
-        f"{len(differing)} (token, id) pairs not shared, e.g. {differing[:3]}. Teacher and "
-        "student must use the same tokenizer; pick models of the same family."
-    )
+    if vocab_a != vocab_b:
+        by_id_a = {i: t for t, i in vocab_a.items()}
+        by_id_b = {i: t for t, i in vocab_b.items()}
+        first = min(i for i in by_id_a.keys() | by_id_b.keys() if by_id_a.get(i) != by_id_b.get(i))
+        raise InputError(
+            f"The tokenizers differ: vocabularies of {len(vocab_a)} ({a}) and {len(vocab_b)} "
+            f"({b}) tokens; the first differing id is {first}: {by_id_a.get(first)!r} in the "
+            f"{a}'s, {by_id_b.get(first)!r} in the {b}'s. Teacher and student must use the same "
+            "tokenizer; pick models of the same family."
+        )
+    special_a, special_b = tok_a.special_tokens_map, tok_b.special_tokens_map
+    for role in sorted(special_a.keys() | special_b.keys()):
+        if special_a.get(role) != special_b.get(role):
+            raise InputError(
+                f"The tokenizers differ in their special tokens: {role} is "
+                f"{special_a.get(role)!r} in the {a}'s, {special_b.get(role)!r} in the {b}'s. "
+                "Teacher and student must use the same tokenizer; pick models of the same family."
+            )
+
+
+def token_vocab(tokenizer: Tokenizer) -> int:
+    """The ids a tokenizer can produce: one past its largest (added tokens included)."""
+    return max(tokenizer.get_vocab().values()) + 1
 
 
 def encode_prompts(

@@ -52,6 +52,7 @@ from flax import nnx
 from opd_jax.config import load_config
 from opd_jax.distributed import any_process
 from opd_jax.models import Decoder, Tokenizer
+from opd_jax.models.lora import merge_lora, split_student
 from opd_jax.run_models import load_model
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.state import abstract_state
@@ -350,7 +351,9 @@ def _describe(error: BaseException) -> str:
 
 
 def restore_student(run_dir: str | Path) -> tuple[Decoder, Tokenizer]:
-    """A run's student at its last good checkpoint, and its tokenizer.
+    """A run's student at its last good checkpoint, and its tokenizer. A LoRA run's
+    checkpoints hold its adapters alone: they are restored onto its base (``student.path``)
+    and merged into it (:func:`~opd_jax.models.lora.merge_lora`), a plain Decoder.
 
     The run is only read, so this is safe while it trains: its checkpoints are opened
     read-only (no removal of the temporary directory of a save in progress, no move of a
@@ -362,12 +365,12 @@ def restore_student(run_dir: str | Path) -> tuple[Decoder, Tokenizer]:
     """
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
-    model, tokenizer = load_model(config.student)
-    params = nnx.state(model, nnx.Param)
-    target = abstract_state(make_optimizer(config.optim, config.train.steps), params)
+    model, tokenizer = load_model(config.student)  # with its adapters (student.lora)
+    _, trained, _ = split_student(model)
+    target = abstract_state(make_optimizer(config.optim, config.train.steps), trained)
     with Checkpointer(run_dir, read_only=True) as checkpointer:
         restored = checkpointer.restore(target._asdict())
     if restored is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet: train first, then convert.")
     nnx.update(model, restored.state["params"])
-    return model, tokenizer
+    return merge_lora(model), tokenizer

@@ -43,6 +43,7 @@ from opd_jax.train.metrics import MetricsWriter
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.preflight import (
     CONFIG_FILE,
+    check_loggers,
     check_models,
     check_resume,
     check_writable,
@@ -54,6 +55,8 @@ from opd_jax.train.state import RunState, abstract_like, abstract_state
 from opd_jax.train.stop_signals import PreemptionFlag, on_stop_signals
 
 RESUME_FIX = "free space (or fix the cause) and run the same command again to resume"
+# Keys that change which parameters a run trains (RunState.params): no resume across them.
+LORA_SHAPE_KEYS = ("student.lora.rank", "student.lora.targets")
 
 
 class Status(enum.Enum):
@@ -120,13 +123,15 @@ def train(
         ) as checkpointer,
     ):
         changes = check_resume(config, checkpointer.read_meta(), run_dir)
+        check_trained_parameters(changes, run_dir)
+        check_loggers(config)
         check_models(config)
         source = open_data(config)
         session = Session.build(config)
         if is_primary():
             atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
         with (
-            MetricsWriter(run_dir, tensorboard="tensorboard" in config.run.loggers) as writer,
+            MetricsWriter.for_run(config) as writer,
             on_stop_signals() as preemption,
             jax.set_mesh(session.mesh),
         ):
@@ -134,6 +139,20 @@ def train(
             run = _Run(config, session, checkpointer, writer, prompts, shards)
             start = run.restore(changes)
             return run.loop(start, preemption, stop_after, on_step)
+
+
+def check_trained_parameters(changes: dict[str, list[Any]], run_dir: Path) -> None:
+    """Refuses allowed ``changes`` of the keys that change which parameters a run trains
+    (``student.lora.rank``, ``targets``): its checkpoints hold others (other adapters, or the
+    whole student), which no resume can continue from."""
+    reshaped = {key: changes[key] for key in changes if key in LORA_SHAPE_KEYS}
+    if reshaped:
+        raise ConfigError(
+            f"{run_dir} was trained with other {' and '.join(reshaped)} "
+            f"({listed_changes(reshaped)}), even with run.allow_changes: its checkpoints hold "
+            "other trained parameters. Choose a new run.dir (to start from this run's "
+            "student: opd-jax convert it and set student.path to the export)."
+        )
 
 
 @dataclasses.dataclass

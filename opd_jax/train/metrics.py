@@ -1,4 +1,4 @@
-"""Host-side metrics: a durable JSON-lines log plus TensorBoard (tensorboardX, no TensorFlow).
+"""Host-side metrics: a durable JSON-lines log, fanned out to the configured loggers.
 
 ``<run dir>/metrics.jsonl`` holds one line per :meth:`MetricsWriter.write` call::
 
@@ -11,13 +11,11 @@ ignored by :func:`read_metrics` (a reader may also meet a line being written) an
 with a warning, by ``truncate_after`` (on resume, before the writer appends). Any other line
 that is not a record raises :class:`MetricsFileError`, naming the file, the line and the fix.
 
-TensorBoard events go to ``<run dir>/tensorboard``: scalars under their names, and each array
-as per-bin scalars ``<name>/00``, ``<name>/01``, ... (a profile is a set of values over
-positions, not a sample of one quantity, so a histogram would misrepresent it). They are
-written synchronously, without tensorboardX's writer thread and queue (whose thread dies on a
-full disk and leaves the queue to block the loop forever), and never stop a run: on any
-failure the writer warns once and goes on without TensorBoard; ``metrics.jsonl`` is complete.
-A failure to write ``metrics.jsonl`` raises (``OSError``), for the loop to end the run.
+Each record also goes to the loggers of ``run.loggers`` (:mod:`opd_jax.train.loggers`:
+TensorBoard events in ``<run dir>/tensorboard``, a Weights & Biases run). They never stop a
+run: on any failure a logger warns once and the writer goes on without it; ``metrics.jsonl``
+is complete. A failure to write ``metrics.jsonl`` raises (``OSError``), for the loop to end
+the run; so does asking for a logger whose package is missing (:class:`InputError`).
 """
 
 from __future__ import annotations
@@ -26,23 +24,22 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.proto.summary_pb2 import Summary
-from tensorboardX.summary import scalar
 
 from opd_jax.errors import InputError
 from opd_jax.files import atomic_write_text
+from opd_jax.train.loggers import LOGGERS, Logger, open_logger
+
+if TYPE_CHECKING:
+    from opd_jax.config import Config
 
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 RESERVED_KEYS = ("step", "time")
 
 
@@ -51,27 +48,49 @@ class MetricsFileError(InputError):
 
 
 class MetricsWriter:
-    """Appends metrics of a run to ``metrics.jsonl`` and TensorBoard; a no-op when disabled.
+    """Appends metrics of a run to ``metrics.jsonl`` and its loggers; a no-op when disabled.
 
     Args:
       run_dir: the run directory (created if needed).
-      tensorboard: also write TensorBoard events.
+      loggers: names of :mod:`opd_jax.train.loggers` to write to as well (``run.loggers``).
+      project: the W&B project (``run.wandb_project``).
+      config: the run's config (``Config.to_dict()``), for W&B.
       enabled: write anything at all; defaults to ``jax.process_index() == 0`` (evaluated
         here, after ``jax.distributed.initialize``), so other processes write nothing.
+      tensorboard: False leaves TensorBoard out of ``loggers`` (the older spelling).
+
+    Raises:
+      InputError: a logger's package is missing (``wandb``: the ``wandb`` extra).
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike, *, tensorboard: bool = True, enabled: bool | None = None
+        self,
+        run_dir: str | os.PathLike,
+        loggers: Sequence[str] = ("tensorboard",),
+        *,
+        project: str = "opd_jax",
+        config: Mapping[str, Any] | None = None,
+        enabled: bool | None = None,
+        tensorboard: bool = True,
     ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._tensorboard = tensorboard and self.enabled
         self._file = None
-        self._tb = None
-        if self.enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._open()
+        self._loggers: dict[str, Logger] = {}
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        for name in dict.fromkeys(loggers):
+            if name != "tensorboard" or tensorboard:
+                self._guarded(name, self._open_logger, name, project, config)
+
+    @classmethod
+    def for_run(cls, config: Config) -> MetricsWriter:
+        """The writer of a run of ``config``: its ``run.dir``, ``run.loggers`` and project."""
+        run = config.run
+        return cls(run.dir, run.loggers, project=run.wandb_project, config=config.to_dict())
 
     def write(
         self,
@@ -86,18 +105,19 @@ class MetricsWriter:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        if self._tb is not None:
-            self._tensorboard_call(self._tb.write, step, scalars, arrays or {})
+        for name, logger in list(self._loggers.items()):
+            self._guarded(name, logger.write, step, scalars, arrays or {})
 
     def truncate_after(self, step: int) -> None:
         """Drops logged lines for steps ``> step`` (on resume from ``step``).
 
-        The JSONL file is rewritten atomically; TensorBoard is told to purge its events from
-        ``step + 1`` on (``purge_step``).
+        The JSONL file is rewritten atomically; each logger is restarted after ``step``
+        (TensorBoard purges its events from ``step + 1`` on).
         """
         if not self.enabled:
             return
-        self._close_files()
+        self._file.close()
+        self._file = None
         lines, torn = _read_lines(self.path)
         if torn:
             warnings.warn(
@@ -108,11 +128,18 @@ class MetricsWriter:
             )
         kept = [line for line, record in lines if record["step"] <= step]
         atomic_write_text(self.path, "".join(kept))
-        self._open(purge_step=step + 1)
+        self._file = self.path.open("a")
+        for name, logger in list(self._loggers.items()):
+            self._guarded(name, logger.restart, step)
 
-    def close(self) -> None:
-        """Flushes and closes the files."""
-        self._close_files()
+    def close(self, failed: bool = False) -> None:
+        """Flushes and closes the file and the loggers (``failed``: the run ended by an error)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        loggers, self._loggers = self._loggers, {}
+        for name, logger in loggers.items():
+            self._guarded(name, logger.close, failed)
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -123,70 +150,28 @@ class MetricsWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(failed=exc_type is not None)
 
-    def _open(self, purge_step: int | None = None) -> None:
-        self._file = self.path.open("a")
-        if self._tensorboard:
-            self._tb = self._tensorboard_call(
-                EventFile, self.run_dir / TENSORBOARD_DIR, purge_step=purge_step
-            )
+    def _open_logger(self, name: str, project: str, config: Mapping[str, Any] | None) -> None:
+        self._loggers[name] = open_logger(name, self.run_dir, project=project, config=config)
 
-    def _close_files(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tensorboard_call(self._tb.close)
-            self._tb = None
-
-    def _tensorboard_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)``; on any error, warns once and turns TensorBoard off."""
+    def _guarded(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        """``fn(*args)`` of logger ``name``; on an error other than bad input, warns once and
+        goes on without that logger."""
         try:
-            return fn(*args, **kwargs)
-        except Exception as error:  # TensorBoard is a convenience: nothing of it stops a run.
-            self._tensorboard, self._tb = False, None
+            fn(*args)
+        except InputError:
+            raise
+        except Exception as error:  # A logger is a convenience: nothing of it stops a run.
+            self._loggers.pop(name, None)
+            kind = LOGGERS[name]
             warnings.warn(
-                f"TensorBoard events in {self.run_dir / TENSORBOARD_DIR} could not be written "
-                f"({type(error).__name__}: {error}); going on without TensorBoard "
+                f"{kind.title} in {self.run_dir / kind.subdir} could not be written "
+                f"({type(error).__name__}: {error}); going on without {kind.title} "
                 f"({self.path} holds every metric).",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return None
-
-
-class EventFile:
-    """One TensorBoard event file under ``logdir``, written and flushed synchronously.
-
-    ``purge_step``: TensorBoard hides the events of earlier files from this step on (a resumed
-    run's restart point), as tensorboardX's ``SummaryWriter(purge_step=)`` marks it.
-    """
-
-    def __init__(self, logdir: Path, *, purge_step: int | None = None):
-        logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = EventsWriter(str(logdir / "events"))
-        if purge_step is not None:
-            start = SessionLog(status=SessionLog.START)
-            self._writer.write_event(
-                Event(wall_time=time.time(), step=purge_step, session_log=start)
-            )
-        self._writer.flush()
-
-    def write(
-        self, step: int, scalars: Mapping[str, float], arrays: Mapping[str, np.ndarray]
-    ) -> None:
-        """One event of ``step``: scalars, and each array as per-bin scalars ``<name>/<bin>``."""
-        values = [
-            value for name, x in _flat_scalars(scalars, arrays) for value in scalar(name, x).value
-        ]
-        self._writer.write_event(
-            Event(wall_time=time.time(), step=step, summary=Summary(value=values))
-        )
-        self._writer.flush()
-
-    def close(self) -> None:
-        self._writer.close()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -212,20 +197,6 @@ def _record(
     record |= {name: float(value) for name, value in scalars.items()}
     record |= {name: np.asarray(value, np.float64).tolist() for name, value in arrays.items()}
     return record
-
-
-def _flat_scalars(
-    scalars: Mapping[str, float], arrays: Mapping[str, np.ndarray]
-) -> list[tuple[str, float]]:
-    """``(tag, value)`` of each scalar, then of each bin ``<name>/<bin>`` of each array."""
-    flat = [(name, float(value)) for name, value in scalars.items()]
-    for name, values in arrays.items():
-        width = len(str(len(values) - 1))
-        flat += [
-            (f"{name}/{i:0{width}d}", float(value))
-            for i, value in enumerate(np.asarray(values, np.float64))
-        ]
-    return flat
 
 
 def _read_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], bytes]:

@@ -17,6 +17,7 @@ from opd_jax import data, models
 from opd_jax.config import Config, ConfigError
 from opd_jax.data.loader import Source
 from opd_jax.distributed import primary_first
+from opd_jax.train.loggers import import_wandb
 from opd_jax.trajectory import HORIZON, trajectory_changes
 
 CONFIG_FILE = "config.yaml"  # the run's config in its directory, written once it starts
@@ -79,6 +80,13 @@ def listed_changes(changes: dict[str, Any]) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def check_loggers(config: Config) -> None:
+    """The packages of ``run.loggers`` import (``wandb`` is an extra), or
+    :class:`opd_jax.errors.InputError` naming the extra."""
+    if "wandb" in config.run.loggers:
+        import_wandb()
 
 
 def check_models(config: Config) -> None:

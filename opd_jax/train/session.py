@@ -23,6 +23,7 @@ from opd_jax.config import Config, ConfigError
 from opd_jax.core.rules import CUT_RULES
 from opd_jax.data.oracle import ANSWER_PATTERN
 from opd_jax.models import Tokenizer, encode_prompts, eos_ids, pad_id
+from opd_jax.models.lora import split_student
 from opd_jax.run_models import load_pair
 from opd_jax.sharding import DEFAULT_RULES, make_mesh
 from opd_jax.text_segments import response_segments
@@ -139,7 +140,9 @@ class Batches:
 
 @dataclasses.dataclass
 class Session:
-    """Everything a step needs; ``state`` is the live (donated) :class:`RunState`."""
+    """Everything a step needs; ``state`` is the live (donated) :class:`RunState`: the trained
+    parameters (a LoRA student's adapters, else the whole student) and their optimizer state.
+    ``frozen`` holds a LoRA student's base (empty without ``student.lora.rank``)."""
 
     config: Config
     mesh: jax.sharding.Mesh
@@ -152,6 +155,7 @@ class Session:
     batches: Batches
     eos: tuple[int, ...]
     rollout_batches: Batches  # rows on the rollout mesh (the training mesh unless set apart)
+    frozen: nnx.State = dataclasses.field(default_factory=lambda: nnx.State({}))
 
     @classmethod
     def build(cls, config: Config) -> Session:
@@ -159,7 +163,7 @@ class Session:
         settings = step_settings(config)  # before loading: a bad attention choice fails fast
         mesh = mesh_from_config(config)
         student, teacher, tokenizer = load_pair(config, mesh)
-        graphdef, params = nnx.split(student, nnx.Param)
+        graphdef, params, frozen = split_student(student)
         teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
         tx = make_optimizer(config.optim, config.train.steps)
         state = init_state(tx, params, mesh)
@@ -169,13 +173,16 @@ class Session:
         rollout_mesh = rollout_mesh_from_config(config, mesh)
         return cls(
             config, mesh, tokenizer, graphdef, teacher_graphdef, state, teacher_params,
-            step_fn, Batches(mesh), eos, Batches(rollout_mesh),
+            step_fn, Batches(mesh), eos, Batches(rollout_mesh), frozen,
         )  # fmt: skip
 
     @property
     def params(self) -> nnx.State:
-        """The student's live parameters."""
-        return self.state.params
+        """The student's live parameters, all of them (with LoRA: the adapters and the frozen
+        base): ``nnx.merge(session.graphdef, session.params)`` is the student."""
+        if not self.frozen:
+            return self.state.params
+        return nnx.merge_state(self.state.params, self.frozen)
 
     @property
     def prompt_len(self) -> int:
@@ -208,10 +215,12 @@ class Session:
 
     def rollout_params(self) -> nnx.State:
         """A copy of the live parameters on the rollout mesh (replicated there when it is
-        apart), which the next update's donation of the live ones leaves intact."""
+        apart), which the next update's donation of the live ones leaves intact (on the
+        training mesh a LoRA student's frozen base is shared, not copied)."""
         mesh = self.rollout_batches.mesh
         if mesh is self.mesh:
-            return jax.tree.map(jnp.copy, self.params)
+            trained = jax.tree.map(jnp.copy, self.state.params)
+            return nnx.merge_state(trained, self.frozen) if self.frozen else trained
         return jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
 
     def rollout(
@@ -266,6 +275,9 @@ class Session:
 
     def update(self, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
         """One jitted optimizer step; replaces the live ``state``."""
-        params, opt_state, metrics = self.step_fn(*self.state, self.teacher_params, batch, key)
+        frozen = (self.frozen,) if self.frozen else ()  # without LoRA: the step as before
+        params, opt_state, metrics = self.step_fn(
+            *self.state, self.teacher_params, batch, key, *frozen
+        )
         self.state = RunState(params, opt_state)
         return metrics

@@ -5,7 +5,7 @@ take the state from here, so that what a plan measures, what a checkpoint holds 
 step updates are placed on the mesh by one method:
 
 - :func:`abstract_model`: a model's graph and ``ShapeDtypeStruct`` parameters in their
-  shardings, without allocating (plans, restore targets);
+  shardings, trained and frozen apart (``student.lora``), without allocating (plans);
 - :func:`opt_shardings`: the optimizer state's shardings, moments following their parameter
   (``optax.tree_map_params``) and everything else (step counts) replicated;
 - :func:`init_state` / :func:`abstract_state`: a :class:`RunState` made on the mesh, or its
@@ -22,30 +22,53 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from opd_jax.config import LoraSpec
 from opd_jax.models import Decoder, ModelConfig
+from opd_jax.models.lora import apply_lora, split_student
 from opd_jax.sharding import DEFAULT_RULES, param_shardings
 
 PyTree = Any
 
 
 class RunState(NamedTuple):
-    """What a step updates and a checkpoint holds."""
+    """What a step updates and a checkpoint holds: the trained parameters (the student's
+    LoRA adapters with ``student.lora.rank``, else all of its parameters) and their optimizer
+    state. A LoRA student's frozen base is neither: it is read from ``student.path``."""
 
     params: nnx.State
     opt_state: optax.OptState
 
 
-def abstract_model(config: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, nnx.State]:
-    """``(graphdef, params)`` of a fresh model, ``ShapeDtypeStruct`` leaves in their shardings."""
-    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    params = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-        params,
-        param_shardings(params, mesh, DEFAULT_RULES),
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return graphdef, params
+def abstract_model(
+    config: ModelConfig,
+    mesh: jax.sharding.Mesh,
+    lora: LoraSpec | None = None,
+    quantize: str = "none",
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, trained, frozen)`` of a fresh model (with ``lora``'s adapters when its rank
+    is set; :func:`~opd_jax.models.lora.split_student`; its weights in int8 with ``quantize``,
+    :func:`~opd_jax.models.quantize.quantize_weights`), ``ShapeDtypeStruct`` leaves in their
+    shardings."""
+
+    def make() -> Decoder:
+        model = Decoder(config, rngs=nnx.Rngs(0))
+        if quantize != "none":
+            from opd_jax.models.quantize import quantize_weights  # qwix: the `qwix` extra
+
+            model = quantize_weights(model, quantize)
+        return apply_lora(model, lora.rank, lora.alpha, lora.targets) if lora else model
+
+    graphdef, trained, frozen = split_student(nnx.eval_shape(make))
+
+    def place(params: nnx.State) -> nnx.State:
+        return jax.tree.map(
+            lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+            params,
+            param_shardings(params, mesh, DEFAULT_RULES),
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+
+    return graphdef, place(trained), place(frozen)
 
 
 def opt_shardings(

@@ -6,7 +6,8 @@ each row's cut, for the rules that read one) and a PRNG key, and returns the upd
 parameters and optimizer state (both donated) with the step's metrics. The batch is cut into
 ``accumulate`` micro-batches scanned with summed gradients. Each micro-batch runs both models'
 forward passes and the public objective, :func:`opd_jax.core.opd_objective` (chunked scoring:
-the ``[B, N, V]`` logits are never formed). The teacher is never differentiated.
+the ``[B, N, V]`` logits are never formed). The teacher is never differentiated, nor is a
+LoRA student's frozen base (``frozen``): only the parameters the step is given to update are.
 """
 
 from __future__ import annotations
@@ -35,8 +36,17 @@ class StepSettings:
     skip_nonfinite: bool = False  # a non-finite step leaves the parameters and optimizer state
 
 
-def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings):
-    model = nnx.merge(graphdef, params)
+def _student(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State | None) -> Any:
+    """The student from its trained parameters and, with LoRA adapters, its frozen base. The
+    base enters through ``stop_gradient``: it gets no gradient, and ``nnx.remat`` (``remat``)
+    under a gradient of part of a model's state needs it."""
+    if not frozen:
+        return nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, params, jax.lax.stop_gradient(frozen))
+
+
+def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings, frozen=None):
+    model = _student(graphdef, params, frozen)
     tokens, mask = micro["tokens"], micro["attention_mask"]
     forward = dict(query_chunk=s.attention_chunk, attention=s.attention)
     h_t = jax.lax.stop_gradient(teacher.response_hidden(tokens, mask, s.prompt_len, **forward))
@@ -73,11 +83,15 @@ def make_train_step(
     settings: StepSettings,
     shardings: tuple[Any, Any] | None = None,
 ):
-    """The jitted, state-donating step ``(params, opt_state, teacher_params, batch, key) ->
-    (params, opt_state, metrics)``.
+    """The jitted, state-donating step ``(params, opt_state, teacher_params, batch, key,
+    frozen=None) -> (params, opt_state, metrics)``.
+
+    ``params`` are the trained parameters; ``frozen`` (not donated, not differentiated), a LoRA
+    student's base: ``(graphdef, params, frozen)`` from
+    :func:`~opd_jax.models.lora.split_student`. Without adapters ``frozen`` is empty or None.
 
     Args:
-      graphdef, teacher_graphdef: from ``nnx.split(model, nnx.Param)``.
+      graphdef, teacher_graphdef: from ``split_student(model)``, ``nnx.split(model, nnx.Param)``.
       tx: the optax transformation.
       settings: static :class:`StepSettings`.
       shardings: ``(param_shardings, opt_shardings)``: the step keeps the state in them.
@@ -89,13 +103,13 @@ def make_train_step(
     ``settings.skip_nonfinite`` such a step returns the state it was given.
     """
 
-    def step(params, opt_state, teacher_params, batch, key):
+    def step(params, opt_state, teacher_params, batch, key, frozen=None):
         teacher = nnx.merge(teacher_graphdef, teacher_params)
         grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
         def accumulate(grads, xs):
             micro, micro_key = xs
-            (loss, diag), g = grad_fn(params, graphdef, teacher, micro, micro_key, settings)
+            (loss, diag), g = grad_fn(params, graphdef, teacher, micro, micro_key, settings, frozen)
             return jax.tree.map(jnp.add, grads, g), (loss, diag)
 
         micro = _split_micro(batch, settings.accumulate)
@@ -126,12 +140,13 @@ def make_train_step(
 
 
 def make_score_step(graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef, settings: StepSettings):
-    """The jitted ``(params, teacher_params, batch, key) -> (loss, diagnostics)``: the step's
-    objective on a batch (one micro-batch) without the gradient or the update, to measure a
-    pair (``opd-jax profile``)."""
+    """The jitted ``(params, teacher_params, batch, key, frozen=None) -> (loss,
+    diagnostics)``: the step's objective on a batch (one micro-batch) without the gradient or
+    the update, to measure a pair (``opd-jax profile``). ``params`` may also be a LoRA
+    student's whole state (``Session.params``), ``frozen`` then None."""
 
-    def score(params, teacher_params, batch, key):
+    def score(params, teacher_params, batch, key, frozen=None):
         teacher = nnx.merge(teacher_graphdef, teacher_params)
-        return _micro_loss(params, graphdef, teacher, batch, key, settings)
+        return _micro_loss(params, graphdef, teacher, batch, key, settings, frozen)
 
     return jax.jit(score)
