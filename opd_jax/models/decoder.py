@@ -13,6 +13,7 @@ default to the running count of real tokens, `cumsum(mask) - 1` (continuing the 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -87,20 +88,36 @@ class RMSNorm(nnx.Module):
         return (self.scale[...] * x.astype(x_BxTxD.dtype)).astype(self.dtype)
 
 
-def _dense(x_BxTxI: jax.Array, w_IxO: jax.Array, contract: int = 1) -> jax.Array:
+def _dense(
+    x_BxTxI: jax.Array, w_IxO: jax.Array, contract: int = 1, as_stored: bool = False
+) -> jax.Array:
     """`x @ w` as one `[B T, I] @ [I, O]` matmul, `I` being `w`'s first `contract` axes and
-    `O` the rest (`[B, T, *O]` out). With the rows flattened XLA:CPU's backward
-    needs no transposed copies of the activations: an MLP's gradient 1.3x faster, the
-    SmolLM2 OPD step 7% (benchmarks/step_parts.py). Batch-sharded rows stay sharded; a mesh
-    that shards the sequence alone may regather the rows here. A `jax.lax.dot_general`, not
-    `@`, on the weight as stored (never reshaped): qwix intercepts it and finds the parameter
-    (LoRA adapters, `models.lora`), and `w_IxO` may be its int8 weight (`models.quantize`)."""
+    `O` the rest (`[B, T, *O]` out). With the rows flattened XLA:CPU's backward needs no
+    transposed copies of the activations: an MLP's gradient 1.3x faster, the SmolLM2 OPD step
+    7% (benchmarks/step_parts.py). Batch-sharded rows stay sharded; a mesh that shards the
+    sequence alone may regather the rows here.
+
+    `as_stored`: one `jax.lax.dot_general` on the weight as stored (never reshaped), so that
+    qwix, which intercepts it, finds the parameter (LoRA adapters, `models.lora`; `w_IxO` an
+    int8 weight, `models.quantize`). Otherwise a weight of several input or output axes is
+    reshaped to 2-D first: XLA:CPU runs that forward and backward 3.5% faster at SmolLM2's
+    shape (the multi-axis dot_general adds transposes)."""
     B, T = x_BxTxI.shape[:2]
-    rows = x_BxTxI.reshape(B * T, *w_IxO.shape[:contract])
+    in_shape, out_shape = w_IxO.shape[:contract], w_IxO.shape[contract:]
+    rows = x_BxTxI.reshape(B * T, *in_shape)
+    if not as_stored:
+        w_2d = w_IxO.reshape(math.prod(in_shape), math.prod(out_shape))
+        return (rows.reshape(B * T, -1) @ w_2d).reshape(B, T, *out_shape)
     w_axes = tuple(range(contract))
     x_axes = tuple(a + 1 for a in w_axes)
     y = jax.lax.dot_general(rows, w_IxO, ((x_axes, w_axes), ((), ())))
-    return y.reshape(B, T, *w_IxO.shape[contract:])
+    return y.reshape(B, T, *out_shape)
+
+
+def _under_qwix(module: nnx.Module) -> bool:
+    """Whether qwix adapts or quantises ``module``'s matmuls (it marks such a module with its
+    path): its weights must then reach ``_dense`` as stored."""
+    return hasattr(module, "qwix_path")
 
 
 def _weight(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -141,7 +158,7 @@ class Attention(nnx.Module):
         c = self.config
         heads = c.num_heads if name == "q" else c.num_kv_heads
         w_DxNxH = _weight(getattr(self, f"{name}_proj")[...], c.dtype)
-        y = _dense(x_BxTxD, w_DxNxH)
+        y = _dense(x_BxTxD, w_DxNxH, as_stored=_under_qwix(self))
         y = y.reshape(*x_BxTxD.shape[:2], heads, c.head_dim)
         if self.config.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(self.config.dtype)
@@ -200,7 +217,8 @@ class Attention(nnx.Module):
                 q_BxTxNxH, k_LxBxKxSxH[layer], v_LxBxKxSxH[layer], visible, c.dtype
             )
         o_NxHxD = _weight(self.o_proj[...], c.dtype)
-        y_BxTxD = _dense(out_BxTxNxH, o_NxHxD, contract=o_NxHxD.ndim - 1)
+        stored = _under_qwix(self)
+        y_BxTxD = _dense(out_BxTxNxH, o_NxHxD, contract=o_NxHxD.ndim - 1, as_stored=stored)
         if c.out_bias:
             y_BxTxD = y_BxTxD + self.o_bias[...].astype(c.dtype)
         return y_BxTxD, new_kv
@@ -217,9 +235,11 @@ class MLP(nnx.Module):
         self.dtype = c.dtype
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        gate_BxTxF = _dense(x_BxTxD, _weight(self.gate_proj[...], self.dtype))
-        up_BxTxF = _dense(x_BxTxD, _weight(self.up_proj[...], self.dtype))
-        return _dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, _weight(self.down_proj[...], self.dtype))
+        stored = _under_qwix(self)
+        gate_BxTxF = _dense(x_BxTxD, _weight(self.gate_proj[...], self.dtype), as_stored=stored)
+        up_BxTxF = _dense(x_BxTxD, _weight(self.up_proj[...], self.dtype), as_stored=stored)
+        down_FxD = _weight(self.down_proj[...], self.dtype)
+        return _dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, down_FxD, as_stored=stored)
 
 
 class Block(nnx.Module):
