@@ -70,6 +70,12 @@ def device_tag() -> str:
     return jax.devices()[0].device_kind.lower().replace(" ", "_").replace("-", "_")
 
 
+def result_path(stem: str) -> str:
+    """``benchmarks/results/<stem>_<device>.json``: where a benchmark writes by default."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(here, "results", f"{stem}_{device_tag()}.json")
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
     """Writes ``payload`` to ``path`` atomically (``opd_jax.files.atomic_write_text``)."""
     atomic_write_text(path, json.dumps(payload, indent=2, default=float) + "\n")

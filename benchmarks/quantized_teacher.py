@@ -191,11 +191,7 @@ def main() -> None:
             "released_fp32", "released_int8", "same_cut_fraction",
         ],
     )  # fmt: skip
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)),
-        "results",
-        f"quantized_teacher_{common.device_tag()}.json",
-    )
+    out = args.out or common.result_path("quantized_teacher")
     common.write_json(
         out,
         {

@@ -17,7 +17,6 @@ V=151,936 (for an accelerator); ``small`` fits a 2-core CPU in a few minutes.
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
@@ -242,11 +241,7 @@ def main() -> None:
         rows[2:], ["measure", "B", "T", "V", "chunked_temp_gib", "full_temp_gib", "full_logits_gib"]
     )
     # the committed results keep the name of this module's former self, release_rule.py
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)),
-        "results",
-        f"release_rule_{common.device_tag()}.json",
-    )
+    out = args.out or common.result_path("release_rule")
     common.write_json(
         out,
         {"benchmark": "release_rule", "size": args.size, "machine": common.machine(), "rows": rows},

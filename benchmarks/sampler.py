@@ -357,9 +357,7 @@ def main() -> None:
         [mixed],
         ["model", "B", "N", "lengths_min_median_max", "drop_tok_s", "keep_tok_s", "drop_speedup"],
     )
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"sampler_{common.device_tag()}.json"
-    )
+    out = args.out or common.result_path("sampler")
     payload = {"benchmark": "sampler", "runs": {}}
     if os.path.exists(out):
         with open(out) as f:

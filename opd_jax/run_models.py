@@ -53,16 +53,21 @@ def load_model(spec: ModelSpec, mesh: jax.sharding.Mesh | None = None) -> tuple[
 
 def spec_config(spec: ModelSpec) -> ModelConfig:
     """The :class:`ModelConfig` of ``spec`` from checkpoint metadata and tokenizer alone (no
-    weights), fitted to the tokenizer's ids as :func:`opd_jax.models.load` fits a model."""
+    weights), fitted to the tokenizer's ids as :func:`opd_jax.models.load` fits a model (a
+    directory without tokenizer files: its embedding's rows)."""
     path = models.resolve_path(spec.path)
     if path.suffix == ".gguf":
         from opd_jax.models.gguf import read_gguf
 
         hf, _, _, tokenizer = read_gguf(path)
     else:
-        hf, tokenizer = models.read_config(path), models.load_tokenizer(path)
+        hf = models.read_config(path)
+        try:
+            tokenizer = models.load_tokenizer(path)
+        except FileNotFoundError:  # a plan from config.json alone: the embedding's rows
+            tokenizer = None
     config = ModelConfig.from_hf(hf, param_dtype=DTYPES[spec.dtype])
-    vocab = models.token_vocab(tokenizer)
+    vocab = config.vocab_size if tokenizer is None else models.token_vocab(tokenizer)
     if config.vocab_size > vocab:
         config = dataclasses.replace(config, token_vocab=vocab)
     return dataclasses.replace(config, num_layers=len(spec.layers)) if spec.layers else config

@@ -13,7 +13,6 @@ default to the running count of real tokens, `cumsum(mask) - 1` (continuing the 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from flax import nnx
 
 from opd_jax.models import attention as kernels
 from opd_jax.models.architecture import ModelConfig
+from opd_jax.models.projections import dense, in_dtype, under_qwix
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 
 # A layer's view of the cache: every layer's keys and values `[L, B, K, S, H]`, the layer's
@@ -88,44 +88,6 @@ class RMSNorm(nnx.Module):
         return (self.scale[...] * x.astype(x_BxTxD.dtype)).astype(self.dtype)
 
 
-def _dense(
-    x_BxTxI: jax.Array, w_IxO: jax.Array, contract: int = 1, as_stored: bool = False
-) -> jax.Array:
-    """`x @ w` as one `[B T, I] @ [I, O]` matmul, `I` being `w`'s first `contract` axes and
-    `O` the rest (`[B, T, *O]` out). With the rows flattened XLA:CPU's backward needs no
-    transposed copies of the activations: an MLP's gradient 1.3x faster, the SmolLM2 OPD step
-    7% (benchmarks/step_parts.py). Batch-sharded rows stay sharded; a mesh that shards the
-    sequence alone may regather the rows here.
-
-    `as_stored`: one `jax.lax.dot_general` on the weight as stored (never reshaped), so that
-    qwix, which intercepts it, finds the parameter (LoRA adapters, `models.lora`; `w_IxO` an
-    int8 weight, `models.quantize`). Otherwise a weight of several input or output axes is
-    reshaped to 2-D first: XLA:CPU runs that forward and backward 3.5% faster at SmolLM2's
-    shape (the multi-axis dot_general adds transposes)."""
-    B, T = x_BxTxI.shape[:2]
-    in_shape, out_shape = w_IxO.shape[:contract], w_IxO.shape[contract:]
-    rows = x_BxTxI.reshape(B * T, *in_shape)
-    if not as_stored:
-        w_2d = w_IxO.reshape(math.prod(in_shape), math.prod(out_shape))
-        return (rows.reshape(B * T, -1) @ w_2d).reshape(B, T, *out_shape)
-    w_axes = tuple(range(contract))
-    x_axes = tuple(a + 1 for a in w_axes)
-    y = jax.lax.dot_general(rows, w_IxO, ((x_axes, w_axes), ((), ())))
-    return y.reshape(B, T, *out_shape)
-
-
-def _under_qwix(module: nnx.Module) -> bool:
-    """Whether qwix adapts or quantises ``module``'s matmuls (it marks such a module with its
-    path): its weights must then reach ``_dense`` as stored."""
-    return hasattr(module, "qwix_path")
-
-
-def _weight(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """`w` in the compute `dtype`. A qwix int8 weight (`models.quantize`) already dequantises
-    to it (its `astype` would fail), as a plain one of that dtype is returned as it is."""
-    return w if w.dtype == dtype else w.astype(dtype)
-
-
 def rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
     """Rotary embedding, half-split convention: `x*cos + concat(-x2, x1)*sin`."""
     x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
@@ -157,8 +119,8 @@ class Attention(nnx.Module):
     def _project(self, x_BxTxD: jax.Array, name: str) -> jax.Array:
         c = self.config
         heads = c.num_heads if name == "q" else c.num_kv_heads
-        w_DxNxH = _weight(getattr(self, f"{name}_proj")[...], c.dtype)
-        y = _dense(x_BxTxD, w_DxNxH, as_stored=_under_qwix(self))
+        w_DxNxH = in_dtype(getattr(self, f"{name}_proj")[...], c.dtype)
+        y = dense(x_BxTxD, w_DxNxH, as_stored=under_qwix(self))
         y = y.reshape(*x_BxTxD.shape[:2], heads, c.head_dim)
         if self.config.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(self.config.dtype)
@@ -216,9 +178,9 @@ class Attention(nnx.Module):
             out_BxTxNxH = kernels.cached_attention(
                 q_BxTxNxH, k_LxBxKxSxH[layer], v_LxBxKxSxH[layer], visible, c.dtype
             )
-        o_NxHxD = _weight(self.o_proj[...], c.dtype)
-        stored = _under_qwix(self)
-        y_BxTxD = _dense(out_BxTxNxH, o_NxHxD, contract=o_NxHxD.ndim - 1, as_stored=stored)
+        o_NxHxD = in_dtype(self.o_proj[...], c.dtype)
+        stored = under_qwix(self)
+        y_BxTxD = dense(out_BxTxNxH, o_NxHxD, contract=o_NxHxD.ndim - 1, as_stored=stored)
         if c.out_bias:
             y_BxTxD = y_BxTxD + self.o_bias[...].astype(c.dtype)
         return y_BxTxD, new_kv
@@ -235,11 +197,11 @@ class MLP(nnx.Module):
         self.dtype = c.dtype
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        stored = _under_qwix(self)
-        gate_BxTxF = _dense(x_BxTxD, _weight(self.gate_proj[...], self.dtype), as_stored=stored)
-        up_BxTxF = _dense(x_BxTxD, _weight(self.up_proj[...], self.dtype), as_stored=stored)
-        down_FxD = _weight(self.down_proj[...], self.dtype)
-        return _dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, down_FxD, as_stored=stored)
+        stored = under_qwix(self)
+        gate_BxTxF = dense(x_BxTxD, in_dtype(self.gate_proj[...], self.dtype), as_stored=stored)
+        up_BxTxF = dense(x_BxTxD, in_dtype(self.up_proj[...], self.dtype), as_stored=stored)
+        down_FxD = in_dtype(self.down_proj[...], self.dtype)
+        return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, down_FxD, as_stored=stored)
 
 
 class Block(nnx.Module):

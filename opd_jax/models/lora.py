@@ -15,7 +15,7 @@ projections (3-D attention weights, logical axes, HF conversion, checkpoints) an
 LoRA code path; ``nnx.LoRA`` / ``nnx.LoRALinear`` would mean rebuilding every projection as a
 ``Linear`` module (2-D kernels, other parameter paths) or writing our own wrapper. The one
 requirement on the Decoder: each projection is a ``dot_general`` on the parameter as stored
-(``decoder._dense``). The same interception serves the int8 teacher (qwix PTQ).
+(``projections.dense``). The same interception serves the int8 teacher (qwix PTQ).
 
 Adapters are sharded like their weight: ``A`` takes the weight's first input axis, ``B`` its
 first output axis (``q_proj [D, N, H]``: ``A ("embed", None)``, ``B (None, "q_heads")``), the

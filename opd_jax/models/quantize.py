@@ -5,7 +5,7 @@ v, o; gate, up, down) as int8 with one scale per output channel (absmax over the
 axes): qwix's ``QArray`` in its PTQ ``WithAux``, with the weight's own shape. Activations,
 norms, biases, the embedding and the unembedding keep the model's dtypes. The returned
 model's class intercepts ``Decoder._forward`` (behind ``hidden``, ``response_hidden``, calls):
-there each block's ``jax.lax.dot_general`` on such a weight (``decoder._dense``) dequantises
+there each block's ``jax.lax.dot_general`` on such a weight (``projections.dense``) dequantises
 it to the compute dtype and multiplies (qwix's ``dot_general``).
 
 The int8 arrays and scales are ``nnx.Param``s: ``nnx.split(model, nnx.Param)`` / ``nnx.merge``,
@@ -85,7 +85,7 @@ def _check_and_label(model: Decoder, quantized: Decoder) -> None:
                     raise RuntimeError(
                         f"{module}.{name} was not quantised in its stored shape {shape}: "
                         "qwix sees the blocks' weights only in `jax.lax.dot_general`s on "
-                        "the parameter itself (models.decoder._dense)."
+                        "the parameter itself (models.projections.dense)."
                     )
                 scale = qarray.scale  # the nnx.Param
                 axes = scale.get_metadata().get("logical_axes")
