@@ -6,14 +6,15 @@ student; the cosine's horizon fixed at 4 steps so that 2 + 2 steps follow the sa
 
 - ``straight``: LoRA (``student.lora.rank``), 4 steps;
 - ``resumed``: the same, stopped after 2 steps and resumed to 4 in the same ``run.dir``;
-- ``full``: full fine-tuning, 2 steps (checkpoint size and step time beside LoRA's).
+- ``full``: full fine-tuning, 4 steps (checkpoint size and update time beside LoRA's).
 
 Reported: the losses of steps 3 and 4 of both LoRA runs and whether their merged students are
-bit-equal; the checkpoint bytes on disk and the median step time of LoRA and of full
-fine-tuning; ``opd-jax convert RUN DST`` of the LoRA run loaded by transformers
-(``AutoModelForCausalLM``) against opd_jax's merged student on the same tokens (max |logit
-difference|). Usage: ``python3 -m benchmarks.lora_smollm2 [--rank 16]``; prints a table and
-writes ``benchmarks/results/lora_smollm2_<device>.json``.
+bit-equal; the checkpoint bytes on disk and the median update time (steps 2-4; a run saves at
+its end only, so no save runs beside a step) of LoRA and of full fine-tuning; ``opd-jax
+convert RUN DST`` of the LoRA run loaded by transformers (``AutoModelForCausalLM``) against
+opd_jax's merged student on the same tokens (max |logit difference|). Usage: ``python3 -m
+benchmarks.lora_smollm2 [--rank 16]``; prints a table and writes
+``benchmarks/results/lora_smollm2_<device>.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ CONFIG = "configs/smollm2_layers.yaml"
 
 def _run(run_dir: Path, *extra: str) -> list[dict]:
     overrides = [f"run.dir={run_dir}", "run.progress=false", "run.loggers=[]",
-                 "optim.decay_steps=4", "run.checkpoint_every=1", *extra]  # fmt: skip
+                 "optim.decay_steps=4", "run.checkpoint_every=100", *extra]  # fmt: skip
     train(load_config(CONFIG, overrides))
     return read_metrics(run_dir)
 
@@ -87,7 +88,7 @@ def main() -> None:
         straight = _run(root / "straight", lora, "train.steps=4")
         _run(root / "resumed", lora, "train.steps=2")
         resumed = _run(root / "resumed", lora, "train.steps=4")
-        full = _run(root / "full", "train.steps=2")
+        full = _run(root / "full", "train.steps=4")
         same = all(
             np.array_equal(a, b)
             for a, b in zip(_params(root / "straight"), _params(root / "resumed"), strict=True)
