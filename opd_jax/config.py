@@ -158,8 +158,8 @@ class MeshConfig:
 class TrainConfig:
     steps: Positive = 100  # optimizer steps in the run
     remat: bool = False  # recompute the student's blocks in the backward pass (long rollouts)
-    # the step's attention kernel (opd_jax.models.attention): auto | xla | cudnn | flash; auto:
-    # cudnn on a CUDA GPU in bfloat16, xla on other GPUs, flash on CPU and TPU
+    # the step's attention kernel (opd_jax.models.attention): auto | xla | cudnn | flash | splash;
+    # auto: cudnn on a CUDA GPU in bfloat16, xla on other GPUs, splash on TPU, flash on CPU
     attention: str = "auto"
     # xla: queries attended at a time (0: all; memory O(chunk*S)); flash: its block (0: 512)
     attention_chunk: Annotated[NonNegative, note("0 attends all queries at once")] = 0
@@ -261,7 +261,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "student.dtype": ("float32", "bfloat16"),
     "teacher.dtype": ("float32", "bfloat16"),
-    "train.attention": ("auto", "xla", "cudnn", "flash"),
+    "train.attention": ("auto", "xla", "cudnn", "flash", "splash"),
     "train.on_nonfinite": ("stop", "skip"),
     "student.quantize": ("none", "int8"),
     "teacher.quantize": ("none", "int8"),
@@ -308,10 +308,10 @@ def validate(config: Config) -> Config:
         check_loss(config.loss.kind, loss)
     except ValueError as error:
         raise ConfigError(f"loss.options: {error}") from None
-    if config.train.attention == "cudnn" and config.train.attention_chunk:
+    if config.train.attention in ("cudnn", "splash") and config.train.attention_chunk:
         raise ConfigError(
-            "train.attention_chunk applies to train.attention xla and flash (cuDNN's fused "
-            "attention has its own blocks): set one of them."
+            "train.attention_chunk applies to train.attention xla and flash (cuDNN's and "
+            "splash's fused attention have their own blocks): set one of them."
         )
     if not config.student.path or not config.teacher.path:
         raise ConfigError(

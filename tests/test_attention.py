@@ -98,4 +98,4 @@ def test_auto_attention_off_gpu_is_flash_and_cudnn_is_refused():
     with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU and bfloat16/float16"):
         attention.resolve_attention("cudnn", (jnp.bfloat16,))
     with pytest.raises(ValueError, match="attention must be 'auto' or one of"):
-        attention.resolve_attention("splash", (jnp.bfloat16,))
+        attention.resolve_attention("ring", (jnp.bfloat16,))

@@ -9,8 +9,10 @@ H head width, C a block of positions, n blocks.
   (`jax.nn.dot_product_attention`; CUDA GPUs, bfloat16/float16).
 - `"flash"`, :func:`flash_attention`: FlashAttention-2's algorithm in `jax.numpy` with its own
   VJP: causal blocks only, online softmax, `O(T)` memory; any backend and dtype (TPU, CPU).
+- `"splash"`, :func:`opd_jax.models.splash.splash_attention`: the maintained Pallas splash
+  attention kernel with its own backward (TPU; elsewhere the Pallas interpreter: slow, tests).
 
-The packed kernels (`cudnn`, `flash`) take rows whose real tokens come first: key `s` is
+The packed kernels (`cudnn`, `flash`, `splash`) take rows whose real tokens come first: key `s` is
 visible to query `t` iff `s <= t` and `s < length` (`Decoder.hidden` packs the rows).
 """
 
@@ -22,10 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax.errors import InputError
+from opd_jax.models.splash import splash_attention
 
 NEG_INF = -1e30  # finite, so rows with no visible key give a uniform, not NaN, softmax
-ATTENTION_KINDS = ("xla", "cudnn", "flash")
-PACKED_KINDS = ("cudnn", "flash")
+ATTENTION_KINDS = ("xla", "cudnn", "flash", "splash")
+PACKED_KINDS = ("cudnn", "flash", "splash")
 FLASH_BLOCK = 512  # flash's default block (train.attention_chunk: 0); fastest on CPU of 128-512
 # The kernel behind "cudnn" (tests run the same path on CPU with XLA's kernel).
 _PACKED_IMPLEMENTATION = "cudnn"
@@ -34,14 +37,17 @@ _PACKED_MULTIPLE = 64
 
 def resolve_attention(kind: str, dtypes: tuple[jnp.dtype, ...], query_chunk: int = 0) -> str:
     """`"auto"` -> `"cudnn"` on a CUDA GPU when every compute dtype is 16-bit and no query
-    chunking is asked for; `"xla"` on other GPUs; `"flash"` elsewhere (CPU, TPU). The named
-    kinds are checked and returned."""
+    chunking is asked for; `"xla"` on other GPUs; `"splash"` on TPU when no query chunking is
+    asked for; `"flash"` elsewhere (CPU; TPU with chunking). The named kinds are checked and
+    returned; `"splash"` runs anywhere (off TPU in the Pallas interpreter: slow)."""
     half = all(jnp.dtype(d) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) for d in dtypes)
     gpu = jax.default_backend() == "gpu"
     cuda = gpu and "rocm" not in jax.devices()[0].client.platform_version
     if kind == "auto":
         if cuda and half and not query_chunk:
             return "cudnn"
+        if jax.default_backend() == "tpu" and not query_chunk:
+            return "splash"
         return "xla" if gpu else "flash"
     if kind not in ATTENTION_KINDS:
         raise InputError(f"attention must be 'auto' or one of {ATTENTION_KINDS}, got {kind!r}.")
@@ -51,8 +57,11 @@ def resolve_attention(kind: str, dtypes: tuple[jnp.dtype, ...], query_chunk: int
             f"backend {jax.default_backend()!r}, dtypes {[str(jnp.dtype(d)) for d in dtypes]}); "
             "use 'auto', 'flash' or 'xla'."
         )
-    if kind == "cudnn" and query_chunk:
-        raise InputError("query chunking applies to attention 'xla' and 'flash', not 'cudnn'.")
+    if kind in ("cudnn", "splash") and query_chunk:
+        raise InputError(
+            f"query chunking applies to attention 'xla' and 'flash', not {kind!r} (its kernel "
+            "has its own blocks)."
+        )
     return kind
 
 
@@ -70,6 +79,8 @@ def attend(
     (`"flash"` in blocks of `chunk`, 0: `FLASH_BLOCK`)."""
     if kind == "cudnn":
         return packed_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, visible)
+    if kind == "splash":
+        return splash_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, visible)
     if kind == "flash":
         return flash_attention(
             q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, visible, chunk or FLASH_BLOCK
