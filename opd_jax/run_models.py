@@ -67,9 +67,8 @@ def spec_config(spec: ModelSpec) -> ModelConfig:
         except FileNotFoundError:  # a plan from config.json alone: the embedding's rows
             tokenizer = None
     config = ModelConfig.from_hf(hf, param_dtype=DTYPES[spec.dtype])
-    vocab = config.vocab_size if tokenizer is None else models.token_vocab(tokenizer)
-    if config.vocab_size > vocab:
-        config = dataclasses.replace(config, token_vocab=vocab)
+    if tokenizer is not None:
+        config = config.fitted_to(models.token_vocab(tokenizer))
     return dataclasses.replace(config, num_layers=len(spec.layers)) if spec.layers else config
 
 

@@ -111,3 +111,13 @@ def shard_model(
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, param_shardings(state, mesh, rules)))
     return model
+
+
+def mesh_of(model: nnx.Module) -> jax.sharding.Mesh | None:
+    """The mesh `model`'s concrete parameters are placed on (a `NamedSharding`'s), or None
+    (unplaced, on one device, or abstract)."""
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        placement = None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
+        if isinstance(placement, NamedSharding):
+            return placement.mesh
+    return None

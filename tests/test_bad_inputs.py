@@ -176,7 +176,7 @@ def test_a_garbage_metrics_line_names_the_file_line_and_fix(tmp_path):
 def test_a_torn_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path):
     (tmp_path / METRICS_FILE).write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]  # a reader skips it
-    with MetricsWriter(tmp_path, tensorboard=False, enabled=True) as writer:
+    with MetricsWriter(tmp_path, (), enabled=True) as writer:
         with pytest.warns(RuntimeWarning, match="dropped its last line, cut short by a crash"):
             writer.truncate_after(2)
         writer.write(3, {"loss": 0.1})

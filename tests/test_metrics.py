@@ -32,7 +32,7 @@ def scalar_values(events: list[event_pb2.Event]) -> dict[tuple[str, int], float]
 
 def test_write_appends_one_json_line_per_step(tmp_path):
     profile = np.linspace(0.0, 1.0, 20, dtype=np.float32)
-    with MetricsWriter(tmp_path, tensorboard=False, enabled=True) as writer:
+    with MetricsWriter(tmp_path, (), enabled=True) as writer:
         writer.write(1, {"loss": np.float32(0.5), "accuracy": 1})
         writer.write(2, {"loss": 0.25}, {"position_profile": profile})
     records = read_metrics(tmp_path)
@@ -43,12 +43,12 @@ def test_write_appends_one_json_line_per_step(tmp_path):
 
 
 def test_truncate_after_drops_later_steps_and_appends(tmp_path):
-    with MetricsWriter(tmp_path, tensorboard=False, enabled=True) as writer:
+    with MetricsWriter(tmp_path, (), enabled=True) as writer:
         for step in range(1, 6):
             writer.write(step, {"loss": float(step)})
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 6, "lo')  # A line torn by a crash.
-    with MetricsWriter(tmp_path, tensorboard=False, enabled=True) as writer:
+    with MetricsWriter(tmp_path, (), enabled=True) as writer:
         writer.truncate_after(3)
         writer.write(4, {"loss": 40.0})
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [
@@ -89,7 +89,7 @@ def test_disabled_writer_writes_nothing(tmp_path):
     [({"step": 1.0}, None), ({"x": 1.0}, {"x": np.zeros(3)}), ({}, {"x": np.zeros((2, 2))})],
 )
 def test_write_rejects_reserved_duplicate_or_non_1d_metrics(tmp_path, scalars, arrays):
-    with MetricsWriter(tmp_path, tensorboard=False, enabled=True) as writer:
+    with MetricsWriter(tmp_path, (), enabled=True) as writer:
         with pytest.raises(ValueError):
             writer.write(1, scalars, arrays)
 

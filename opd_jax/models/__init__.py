@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -133,7 +132,5 @@ def fit_to_tokenizer(model: Decoder, tokenizer: Tokenizer) -> Decoder:
     the vocabulary (Qwen2.5: 151,936 or 152,064 rows for 151,665 tokens) never forms logits
     for its padding rows. (A tokenizer with ids past the embedding, e.g. an added pad token,
     changes nothing: the model never produces them.)"""
-    vocab = token_vocab(tokenizer)
-    if model.config.vocab_size > vocab:
-        model.config = dataclasses.replace(model.config, token_vocab=vocab)
+    model.config = model.config.fitted_to(token_vocab(tokenizer))
     return model

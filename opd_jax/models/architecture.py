@@ -139,6 +139,14 @@ class ModelConfig:
         """The registered family of `model_type`."""
         return families.family(self.model_type)
 
+    def fitted_to(self, vocab: int) -> ModelConfig:
+        """This config scoring over the first ``vocab`` ids when its embedding is padded past
+        them (``token_vocab``); itself otherwise (an embedding smaller than ``vocab`` never
+        produces the ids past it)."""
+        if self.vocab_size > vocab:
+            return dataclasses.replace(self, token_vocab=vocab)
+        return self
+
     @property
     def qkv_bias(self) -> bool:
         """q/k/v projections have biases: `attention_bias`, or always in the family (Qwen2)."""

@@ -35,7 +35,7 @@ from flax import nnx
 
 from opd_jax.errors import InputError
 from opd_jax.models.decoder import Decoder
-from opd_jax.sharding import param_shardings
+from opd_jax.sharding import mesh_of, param_shardings
 
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"  # qwix's names: W's adapters are W_lora_a, W_lora_b
 
@@ -94,7 +94,7 @@ def apply_lora(model: Decoder, rank: int, alpha: float, targets: str, *, seed: i
         )
     _name_axes(adapted)
     adapted.lora = LoraSettings(rank, float(alpha), targets)
-    mesh = _mesh_of(model)
+    mesh = mesh_of(model)
     if mesh is not None:
         adapters = nnx.state(adapted, nnx.LoRAParam)
         nnx.update(adapted, jax.device_put(adapters, param_shardings(adapters, mesh, model.rules)))
@@ -184,10 +184,3 @@ def _name_axes(model: nnx.Module) -> None:
             inputs = rows[0] if rows else 1
             a.set_metadata("logical_axes", (axes[0], None))
             b.set_metadata("logical_axes", (None, axes[inputs]))
-
-
-def _mesh_of(model: nnx.Module) -> jax.sharding.Mesh | None:
-    """The mesh ``model``'s (concrete) parameters are placed on, or None."""
-    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
-    sharding = None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
-    return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None

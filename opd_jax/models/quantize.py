@@ -15,15 +15,13 @@ only to be read (the teacher): neither trained nor saved.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import qwix
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from opd_jax.errors import InputError
 from opd_jax.models.decoder import Decoder
-from opd_jax.sharding import shard_model
+from opd_jax.sharding import mesh_of, shard_model
 
 KINDS = {"int8": jnp.int8}
 # The modules whose dot_generals take quantised weights (qwix paths): every block's
@@ -66,7 +64,7 @@ def quantize_weights(model: Decoder, kind: str = "int8") -> Decoder:
                 block[module][name] = block[module][name].astype(c.dtype)
     nnx.update(quantized, qwix.quantize_params(params, quantized))
     _check_and_label(model, quantized)
-    mesh = _mesh_of(model)
+    mesh = mesh_of(model)
     if mesh is not None:
         shard_model(quantized, mesh, model.rules)
     return quantized
@@ -93,12 +91,3 @@ def _check_and_label(model: Decoder, quantized: Decoder) -> None:
                     sizes = scale.shape
                     axes = tuple(None if n == 1 else a for a, n in zip(axes, sizes, strict=True))
                     scale.set_metadata("logical_axes", axes)
-
-
-def _mesh_of(model: Decoder) -> jax.sharding.Mesh | None:
-    """The mesh ``model``'s parameters are placed on, if any."""
-    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-        placement = getattr(leaf, "sharding", None)
-        if isinstance(placement, NamedSharding):
-            return placement.mesh
-    return None

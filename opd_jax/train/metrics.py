@@ -57,7 +57,6 @@ class MetricsWriter:
       config: the run's config (``Config.to_dict()``), for W&B.
       enabled: write anything at all; defaults to ``jax.process_index() == 0`` (evaluated
         here, after ``jax.distributed.initialize``), so other processes write nothing.
-      tensorboard: False leaves TensorBoard out of ``loggers`` (the older spelling).
 
     Raises:
       InputError: a logger's package is missing (``wandb``: the ``wandb`` extra).
@@ -71,7 +70,6 @@ class MetricsWriter:
         project: str = "opd_jax",
         config: Mapping[str, Any] | None = None,
         enabled: bool | None = None,
-        tensorboard: bool = True,
     ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
@@ -83,8 +81,7 @@ class MetricsWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
         for name in dict.fromkeys(loggers):
-            if name != "tensorboard" or tensorboard:
-                self._guarded(name, self._open_logger, name, project, config)
+            self._guarded(name, self._open_logger, name, project, config)
 
     @classmethod
     def for_run(cls, config: Config) -> MetricsWriter:
