@@ -20,6 +20,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field
 
+from opd_jax.config_checks import check_stopping
+from opd_jax.config_upgrade import upgrade_tree
 from opd_jax.core import LOSSES, REDUCTIONS, RULES, check_loss, loss_options, rule_options
 from opd_jax.typed_yaml import (  # noqa: F401 (re-exported)
     ConfigError,
@@ -99,6 +101,11 @@ class SamplingConfig:
     n: Positive = 1  # samples per prompt, sharing its prefill: a step has data.batch_size * n rows
     # tokens between drops of finished rows
     compact_every: Annotated[NonNegative, note("0 never drops finished rows")] = 16
+    # rule.kind=release: the teacher scores rows while they are sampled, and a row stops once
+    # its cut is certain (docs/method.md §3a); stop_confirm and stop_min_gain say when
+    stop_at_release: bool = False
+    stop_confirm: NonNegative = 1  # further sentence counts whose BIC cut must agree
+    stop_min_gain: NonNegativeFloat = 0.0  # least BIC gain of each of those cuts
 
 
 @dataclasses.dataclass
@@ -279,6 +286,7 @@ def validate(config: Config) -> Config:
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{key}={flat[key]!r} is not one of {list(choices)}.{hint}")
     check_sampling(config.sampling)
+    check_stopping(config)
     check_mesh(config.mesh)
     for logger in config.run.loggers:
         if logger not in LOGGERS:
@@ -407,27 +415,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         is_section = isinstance(value, Mapping) and key not in MAPPING_LEAVES
         flat.update(flatten(value, key + ".") if is_section else {key: value})
     return flat
-
-
-def upgrade_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """A config tree of an older opd_jax in today's keys: ``loss.beta`` (one global option)
-    became ``loss.options.beta``, the ``jsd`` loss's own option (dropped for other losses, which
-    never read it); ``run.tensorboard: false`` became ``run.loggers: []``."""
-    tree = dict(tree)
-    run = tree.get("run")
-    if isinstance(run, Mapping) and "tensorboard" in run:
-        run = dict(run)
-        if not run.pop("tensorboard"):
-            run.setdefault("loggers", [])
-        tree["run"] = run
-    loss = tree.get("loss")
-    if isinstance(loss, Mapping) and "beta" in loss:
-        loss = dict(loss)
-        beta = loss.pop("beta")
-        if loss.get("kind") == "jsd":
-            loss["options"] = {"beta": beta, **(loss.get("options") or {})}
-        tree["loss"] = loss
-    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

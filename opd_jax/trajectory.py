@@ -11,7 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from opd_jax.config import Config, flatten, upgrade_tree
+from opd_jax.config import Config, flatten
+from opd_jax.config_upgrade import upgrade_tree
 from opd_jax.core import LOSSES, RULES, loss_options, rule_options
 
 # Keys a resumed run may change: they leave what each step computes as it was (up to float

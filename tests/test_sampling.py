@@ -173,9 +173,9 @@ def test_new_temperature_or_mass_does_not_recompile(model):
     tokens, mask = _prompts()
     kwargs = dict(key=jax.random.key(0), max_new_tokens=N)
     sampling.sample(model, tokens, mask, method=sampling.TopP(0.9, 1.0), **kwargs)
-    compiled = sampling._decode._cache_size()
+    compiled = sampling.generate._decode._cache_size()
     sampling.sample(model, tokens, mask, method=sampling.TopP(0.5, 0.7), **kwargs)
-    assert sampling._decode._cache_size() == compiled
+    assert sampling.generate._decode._cache_size() == compiled
 
 
 def test_n_samples_share_a_prefill_and_equal_the_repeated_prompts(model):
@@ -199,9 +199,9 @@ def test_dropping_finished_rows_changes_no_sample(model, method, monkeypatch):
     rng = np.random.RandomState(3)
     tokens, mask = rng.randint(2, 64, (16, P)).astype(np.int32), np.ones((16, P), np.int32)
     widths = []
-    take = sampling._take_rows
+    take = sampling.generate._take_rows
     monkeypatch.setattr(
-        sampling, "_take_rows", lambda s, i, **k: widths.append(len(i)) or take(s, i, **k)
+        sampling.generate, "_take_rows", lambda s, i, **k: widths.append(len(i)) or take(s, i, **k)
     )
     kwargs = dict(key=jax.random.key(1), max_new_tokens=N, method=method, eos_ids=range(2, 40))
     every = sampling.sample(model, tokens, mask, compact_every=0, **kwargs)

@@ -6,7 +6,7 @@ release rule and its baselines, losses and diagnostics. Every function is jit-co
 batched over ``[B, T]`` without ``vmap``; the maths is specified in docs/method.md.
 """
 
-from opd_jax.core.changepoint import bic_downward_changepoint, changepoint_options
+from opd_jax.core.changepoint import bic_downward_changepoint, bic_split, changepoint_options
 from opd_jax.core.diagnostics import (
     boundary_histogram,
     kept_fraction,
@@ -30,6 +30,13 @@ from opd_jax.core.objective import (
     ObjectiveSettings,
     objective_from_scores,
     opd_objective,
+)
+from opd_jax.core.online_release import (
+    OnlineCut,
+    OnlineReplay,
+    online_cut,
+    online_options,
+    replay_online,
 )
 from opd_jax.core.release import Release, find_release
 from opd_jax.core.rules import (
@@ -70,9 +77,15 @@ __all__ = [
     "apply_loss",
     "apply_rule",
     "bic_downward_changepoint",
+    "bic_split",
     "changepoint_options",
     "check_loss",
     "find_release",
+    "OnlineCut",
+    "OnlineReplay",
+    "online_cut",
+    "online_options",
+    "replay_online",
     "boundary_histogram",
     "fixed_segments",
     "kept_fraction",

@@ -40,7 +40,7 @@ def _check_options(
             raise ValueError(f"{name} must be >= 0, got {value}.")
 
 
-def bic_downward_changepoint(
+def bic_split(
     series: jax.Array,
     lengths: jax.Array,
     *,
@@ -50,8 +50,8 @@ def bic_downward_changepoint(
     penalty: float = 1.0,
     min_drop_std: float = 0.0,
     eps: float = 1e-8,
-) -> tuple[jax.Array, jax.Array]:
-    """Finds one downward change point per row.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`bic_downward_changepoint` with each row's BIC gain.
 
     Args:
       series: ``[B, N]`` padded series; entries at or past ``lengths[b]`` are ignored.
@@ -60,8 +60,9 @@ def bic_downward_changepoint(
       k0, k1, penalty, min_drop_std, eps: as in the module docstring.
 
     Returns:
-      ``tau [B] int32`` (segments in the kept prefix; ``n_b`` where not released) and
-      ``released [B] bool``.
+      ``tau [B] int32`` (segments in the kept prefix; ``n_b`` where not released),
+      ``released [B] bool`` and ``gain [B] float32``: ``BIC0 - BIC1`` of the best admissible
+      split (``-inf`` where none is admissible; released iff ``gain > 0``).
     """
     checks.require_rank(series, 2, "series", "[B, N]")
     checks.require_rank(lengths, 1, "lengths", "[B]")
@@ -93,8 +94,39 @@ def bic_downward_changepoint(
     bic0 = n * jnp.log(rss0 / n + eps) + k0 * penalty * log_n
     bic1 = jnp.where(admissible, n * jnp.log(rss1 / n + eps) + k1 * penalty * log_n, jnp.inf)
     best = jnp.argmin(bic1, axis=-1)
-    released = jnp.take_along_axis(bic1, best[:, None], axis=-1)[:, 0] < bic0[:, 0]
+    gain = bic0[:, 0] - jnp.take_along_axis(bic1, best[:, None], axis=-1)[:, 0]
+    released = gain > 0
     tau = jnp.where(released, best + 1, n_B).astype(jnp.int32)
+    return tau, released, gain
+
+
+def bic_downward_changepoint(
+    series: jax.Array,
+    lengths: jax.Array,
+    *,
+    min_segments: int = 2,
+    k0: float = 1.0,
+    k1: float = 3.0,
+    penalty: float = 1.0,
+    min_drop_std: float = 0.0,
+    eps: float = 1e-8,
+) -> tuple[jax.Array, jax.Array]:
+    """Finds one downward change point per row.
+
+    Args:
+      series: ``[B, N]`` padded series; entries at or past ``lengths[b]`` are ignored.
+      lengths: ``[B]`` number of valid entries n_b.
+      min_segments: l, the fewest segments on each side; rows with n_b < 2 l never release.
+      k0, k1, penalty, min_drop_std, eps: as in the module docstring.
+
+    Returns:
+      ``tau [B] int32`` (segments in the kept prefix; ``n_b`` where not released) and
+      ``released [B] bool``.
+    """
+    tau, released, _ = bic_split(
+        series, lengths, min_segments=min_segments, k0=k0, k1=k1, penalty=penalty,
+        min_drop_std=min_drop_std, eps=eps,
+    )  # fmt: skip
     return tau, released
 
 
