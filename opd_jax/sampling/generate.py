@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from opd_jax.core.stats import canonical_zeros
 from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.sampling.methods import GREEDY, SamplingMethod
 from opd_jax.sharding import ShardingRules, constrain
@@ -58,6 +60,10 @@ class _State:
     step: jax.Array  # tokens generated so far
     key: jax.Array
     cache: KVCache
+    # the student's top-K ids and raw log-probabilities at each sampled column (K = 0 unless
+    # a watcher reads them: opd_jax.sampling.release_watch)
+    topk_ids_RxSxK: jax.Array
+    topk_logp_RxSxK: jax.Array
 
 
 def _constrain(s: _State, rules: ShardingRules) -> _State:
@@ -72,6 +78,8 @@ def _constrain(s: _State, rules: ShardingRules) -> _State:
         done_R=constrain(s.done_R, ("batch",), rules),
         lengths_R=constrain(s.lengths_R, ("batch",), rules),
         rows_R=constrain(s.rows_R, ("batch",), rules),
+        topk_ids_RxSxK=constrain(s.topk_ids_RxSxK, rows + (None,), rules),
+        topk_logp_RxSxK=constrain(s.topk_logp_RxSxK, rows + (None,), rules),
         cache=KVCache(
             k=constrain(s.cache.k, kv, rules),
             v=constrain(s.cache.v, kv, rules),
@@ -94,6 +102,22 @@ def _put_column(x_RxS: jax.Array, column_R: jax.Array, index: jax.Array) -> jax.
     return jax.lax.dynamic_update_slice(x_RxS, column_R[:, None].astype(x_RxS.dtype), (0, index))
 
 
+def _put_topk(s: _State, logits_RxV: jax.Array, column: jax.Array) -> _State:
+    """Records the student's top-K candidates at `column` (nothing when K = 0)."""
+    k = s.topk_ids_RxSxK.shape[-1]
+    if not k:
+        return s
+    z_RxV = logits_RxV.astype(jnp.float32)
+    ids_RxK = jax.lax.top_k(canonical_zeros(z_RxV), k)[1]
+    logp_RxK = jnp.take_along_axis(z_RxV, ids_RxK, -1) - jax.nn.logsumexp(z_RxV, -1, keepdims=True)
+    put = lambda x, v: jax.lax.dynamic_update_slice(x, v[:, None].astype(x.dtype), (0, column, 0))  # noqa: E731
+    return dataclasses.replace(
+        s,
+        topk_ids_RxSxK=put(s.topk_ids_RxSxK, ids_RxK),
+        topk_logp_RxSxK=put(s.topk_logp_RxSxK, logp_RxK),
+    )
+
+
 def _row_keys(key: jax.Array, step: jax.Array, rows_R: jax.Array) -> jax.Array:
     """Row `r`'s key for token `step`: a function of the result row alone, so compaction and
     batch composition leave every row's samples unchanged."""
@@ -101,7 +125,9 @@ def _row_keys(key: jax.Array, step: jax.Array, rows_R: jax.Array) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows_R)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "n", "rules"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "n", "rules", "record_k")
+)
 def _prefill(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -115,6 +141,7 @@ def _prefill(
     max_new_tokens: int,
     n: int,
     rules: ShardingRules,
+    record_k: int = 0,
 ) -> _State:
     """Runs the left-aligned prompts through the model once, repeats each row's cache `n`
     times (rows `b n .. b n + n - 1` are prompt `b`'s samples) and samples the first tokens."""
@@ -153,8 +180,10 @@ def _prefill(
         step=jnp.ones((), jnp.int32),
         key=key,
         cache=cache,
+        topk_ids_RxSxK=jnp.zeros((R, S, record_k), jnp.int32),
+        topk_logp_RxSxK=jnp.zeros((R, S, record_k), jnp.float32),
     )
-    return _constrain(s, rules)
+    return _constrain(_put_topk(s, logits_BxV, P), rules)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"), donate_argnames=("s",))
@@ -187,6 +216,7 @@ def _decode(
         token_R, logprob_R = method.sample(keys_R, logits_Rx1xV[:, 0])
         live_R = ~s.done_R
         token_R = jnp.where(live_R, token_R, pad_id)
+        s = _put_topk(s, logits_Rx1xV[:, 0], column)
         return dataclasses.replace(
             s,
             tokens_RxS=_put_column(s.tokens_RxS, token_R, column),
@@ -214,6 +244,8 @@ def _take_rows(s: _State, index_R: jax.Array, *, rules: ShardingRules) -> _State
             done_R=take(s.done_R),
             lengths_R=take(s.lengths_R),
             rows_R=take(s.rows_R),
+            topk_ids_RxSxK=take(s.topk_ids_RxSxK),
+            topk_logp_RxSxK=take(s.topk_logp_RxSxK),
             cache=KVCache(
                 k=jnp.take(cache.k, index_R, axis=1),
                 v=jnp.take(cache.v, index_R, axis=1),
@@ -223,6 +255,28 @@ def _take_rows(s: _State, index_R: jax.Array, *, rules: ShardingRules) -> _State
         ),
         rules,
     )
+
+
+@functools.partial(jax.jit, donate_argnames=("s",))
+def _stop_rows(s: _State, stop_R: jax.Array) -> _State:
+    """Ends the rows `stop_R`: they sample no further token, as after an EOS."""
+    return dataclasses.replace(s, done_R=s.done_R | stop_R)
+
+
+class Watcher(Protocol):
+    """What :func:`sample` tells an observer of its rows (host side; one process)."""
+
+    k: int  # the student's top-K to record at each sampled column (0: none)
+
+    def start(self, tokens_BxP: jax.Array, mask_BxP: jax.Array, n: int) -> None:
+        """The left-aligned prompts, before their rows are repeated `n` times."""
+
+    def look(self, s: _State, prompt_len: int, made: int) -> np.ndarray:
+        """The rows after `made` new tokens (rows finished on the way stay in `s`); returns
+        bool `[R]`, the rows to stop now."""
+
+    def take(self, index_R: np.ndarray) -> None:
+        """The loop goes on with rows `index_R` of the last look's rows, in that order."""
 
 
 @functools.partial(jax.jit, donate_argnames=("out",))
@@ -266,6 +320,7 @@ def sample(
     compact_every: int = 16,
     mesh: jax.sharding.Mesh | None = None,
     rules: ShardingRules | None = None,
+    watcher: Watcher | None = None,
 ) -> SampleResult:
     """Generates up to `max_new_tokens` tokens after each prompt, `n` samples per prompt.
 
@@ -290,10 +345,14 @@ def sample(
         end in one loop, the host never waits).
       mesh: if given, the batch and the cache are sharded over `rules.batch` (default rules:
         the model's) and the model's activation constraints apply.
+      watcher: a :class:`Watcher` that sees the rows at every look (`compact_every >= 1`)
+        and may stop some of them there (they end like rows that sampled an EOS).
 
     Returns:
       A :class:`SampleResult` of `B n` rows and `P + N` columns.
     """
+    if watcher is not None and compact_every < 1:
+        raise ValueError("a watcher looks at the rows every compact_every >= 1 tokens.")
     if n < 1 or max_new_tokens < 1 or compact_every < 0:
         raise ValueError(
             f"need n >= 1, max_new_tokens >= 1 and compact_every >= 0, got n={n}, "
@@ -320,13 +379,19 @@ def sample(
         tokens_BxP, mask_BxP = left_align(tokens_BxP, mask_BxP)
         s = _prefill(
             graphdef, state, tokens_BxP, mask_BxP, key, method, eos_E, pad,
-            max_new_tokens=N, n=n, rules=rules,
+            max_new_tokens=N, n=n, rules=rules, record_k=watcher.k if watcher else 0,
         )  # fmt: skip
+        if watcher is not None:
+            watcher.start(tokens_BxP, mask_BxP, n)
         out = None  # the result's rows, once rows have been dropped from the loop
         made = 1
         while True:
             made = N if compact_every == 0 else min(made + compact_every, N)
             s = _decode(graphdef, state, s, method, eos_E, pad, np.int32(made), max_new_tokens=N)
+            if watcher is not None:
+                stop_R = watcher.look(s, P, made)
+                if stop_R.any():
+                    s = _stop_rows(s, jnp.asarray(stop_R))
             if made >= N:
                 break
             done_R = _global_host(s.done_R)  # every process decides alike
@@ -340,6 +405,8 @@ def sample(
                 # padded with a finished row: it stays finished and writes back its own values
                 index = np.concatenate([live_L, np.full(width - len(live_L), np.argmax(done_R))])
                 s = _take_rows(s, index.astype(np.int32), rules=rules)
+                if watcher is not None:
+                    watcher.take(index)
         tokens, logprobs, response = (
             (s.tokens_RxS, s.logprobs_RxS, s.response_RxS) if out is None else _put_rows(out, s)
         )
