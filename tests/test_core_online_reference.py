@@ -31,7 +31,8 @@ ONLINE_OPTIONS = st.fixed_dictionaries(
         "min_segments": st.sampled_from([1, 2]),
     }
 )
-REPLAY = settings(FAST, max_examples=12)
+DERANDOMIZED = settings(FAST, derandomize=True)  # the same examples on every run
+REPLAY = settings(DERANDOMIZED, max_examples=12)
 
 
 # --------------------------------------------------------------------------- strategies
@@ -47,7 +48,7 @@ def series_batches(draw):
     """(series [B, N] float32, lengths [B] int32): garbage past each row's length."""
     B = draw(st.sampled_from([1, 3]))
     N = draw(st.sampled_from([5, 12]))
-    mode = draw(st.sampled_from(["down", "steps", "grid", "normal", "constant"]))
+    mode = draw(st.sampled_from(["down", "down", "steps", "grid", "normal", "constant"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     if mode == "down":
         x = downward_steps(rng, B, N)
@@ -62,13 +63,18 @@ def series_batches(draw):
         x = rng.normal(0, 1, (B, N))
     else:
         x = np.repeat(rng.normal(0, 2, (B, 1)), N, axis=1)
-    lengths = np.array([draw(st.integers(0, N)) for _ in range(B)], np.int32)
+    lengths = np.array([draw(st.one_of(st.just(N), st.integers(0, N))) for _ in range(B)], np.int32)
     valid = np.arange(N)[None] < lengths[:, None]
     return np.where(valid, x, rng.normal(0, 100, (B, N))).astype(np.float32), lengths
 
 
 def np_all(*arrays):
     return [np.asarray(a) for a in arrays]
+
+
+def opts_cp(opts):
+    """The change point options among online options (all but confirm and min_gain)."""
+    return {k: v for k, v in opts.items() if k not in ("confirm", "min_gain")}
 
 
 def assert_gain_in_interval(got, want, rows):
@@ -86,7 +92,7 @@ def assert_gain_in_interval(got, want, rows):
 
 
 # --------------------------------------------------------------------------- bic_split
-@settings(FAST, max_examples=30)
+@settings(DERANDOMIZED, max_examples=30)
 @given(sl=series_batches(), opts=CHANGEPOINT_OPTIONS)
 def test_bic_split_matches_reference_and_bic_downward_changepoint(sl, opts):
     series, lengths = sl
@@ -117,7 +123,7 @@ def test_bic_split_gain_is_minus_inf_without_an_admissible_split():
 
 
 # --------------------------------------------------------------------------- online_cut
-@settings(FAST, max_examples=25)
+@settings(DERANDOMIZED, max_examples=25)
 @given(sl=series_batches(), opts=ONLINE_OPTIONS)
 def test_online_cut_matches_reference_except_near_ties(sl, opts):
     series, lengths = sl
@@ -130,12 +136,13 @@ def test_online_cut_matches_reference_except_near_ties(sl, opts):
         if want["ambiguous"][b]:
             event("near-tie row skipped")
             continue
+        event("certain row" if want["certain"][b] else "uncertain row")
         assert bool(certain[b]) == want["certain"][b], f"row {b}"
         assert int(tau[b]) == want["tau"][b], f"row {b}"
     assert_gain_in_interval(gain, want, range(len(lengths)))
 
 
-@settings(FAST, max_examples=25)
+@settings(DERANDOMIZED, max_examples=15)
 @given(sl=series_batches(), opts=ONLINE_OPTIONS, data=st.data())
 def test_online_cut_at_n_reads_only_the_first_n_entries(sl, opts, data):
     series, lengths = sl
@@ -166,6 +173,7 @@ def test_replay_online_matches_reference_except_near_ties(sl, opts):
         if want["ambiguous"][b]:
             event("near-tie row skipped")
             continue
+        event("stopped row" if want["stopped"][b] else "unstopped row")
         assert bool(stopped[b]) == want["stopped"][b], f"row {b}"
         assert int(seen[b]) == want["seen"][b], f"row {b}"
         assert int(tau[b]) == want["tau"][b], f"row {b}"
@@ -185,10 +193,6 @@ def test_a_stopped_row_has_seen_the_cut_plus_confirm_and_min_segments(sl, opts):
             assert tau[b] + opts["confirm"] + opts["min_segments"] <= seen[b] <= lengths[b], b
         else:
             assert (seen[b], tau[b]) == (lengths[b], offline_tau[b]), f"row {b}"
-
-
-def opts_cp(opts):
-    return {k: v for k, v in opts.items() if k not in ("confirm", "min_gain")}
 
 
 @REPLAY

@@ -32,7 +32,7 @@ from opd_jax.core.stats import TokenStats, sampled_advantage
 # The rules whose kept fraction is logged beside the training rule's (deterministic ones).
 COMPARED_RULES = ("release", "prefix_fraction", "ta_opd", "entropy", "tip")
 # Diagnostics that are counts (they add up over micro-batches); the others are means.
-COUNTS = ("boundary_histogram", "tokens_by_position", "rows_by_sentence")
+COUNTS = ("boundary_histogram", "tokens_by_position", "rows_by_sentence", "kept_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,8 @@ def objective_from_scores(
       :class:`ObjectiveAux`. Diagnostics: ``margin_by_position``, ``advantage_by_position``,
       ``tokens_by_position``, ``boundary_histogram`` ``[bins]``; ``margin_by_sentence``,
       ``advantage_by_sentence``, ``rows_by_sentence`` ``[segment_bins]``; ``kept_fraction``,
-      ``released_fraction``, ``margin_mean``, ``advantage_mean``, ``response_tokens`` and
+      ``released_fraction``, ``margin_mean``, ``advantage_mean``, ``response_tokens``,
+      ``kept_tokens`` (the weights' sum) and
       ``kept/<rule>`` for each compared rule (scalars). The margin and the cut are the
       release rule's, with the training rule's options when it is ``release``.
     """
@@ -166,6 +167,7 @@ def objective_from_scores(
     diagnostics["advantage_mean"] = jnp.where(r, advantage, 0).sum() / n
     diagnostics["margin_mean"] = jnp.where(r, margin, 0).sum() / n
     diagnostics["response_tokens"] = r.sum(-1).mean()
+    diagnostics["kept_tokens"] = jnp.where(r, w, 0).sum()
     for name in s.compared_rules:
         if name == s.rule:
             kept = w

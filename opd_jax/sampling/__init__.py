@@ -15,16 +15,20 @@ from opd_jax.sampling.methods import (
     TopP,
     method_from,
 )
+from opd_jax.sampling.release_watch import ReleaseWatch, final_cuts, split_release_options
 
 __all__ = [
     "Greedy",
+    "ReleaseWatch",
     "SampleResult",
     "SamplingMethod",
     "Temperature",
     "TopK",
     "TopP",
     "compacted_width",
+    "final_cuts",
     "left_align",
     "method_from",
     "sample",
+    "split_release_options",
 ]

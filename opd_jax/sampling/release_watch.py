@@ -69,8 +69,8 @@ def _teacher_margins(
     cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)  # noqa: E731
     tokens_RxC, response_RxC = cut(s.tokens_RxS), cut(s.response_RxS)
     h_RxCxD, cache = teacher.hidden_cached(tokens_RxC, cache, attention_mask=response_RxC)
-    h_RxCxD = jnp.concatenate([last_RxD[:, None], h_RxCxD[:, :-1]], axis=1)  # predicts column
-    z_RxCxV = teacher.logits(h_RxCxD)
+    before_RxCxD = jnp.concatenate([last_RxD[:, None], h_RxCxD[:, :-1]], axis=1)  # predicts
+    z_RxCxV = teacher.logits(before_RxCxD)
     lse_RxCx1 = jax.nn.logsumexp(z_RxCxV, axis=-1, keepdims=True)
     ids_RxCxK = cut(s.topk_ids_RxSxK)
     q_at = lambda ids: jnp.take_along_axis(z_RxCxV, ids, axis=-1) - lse_RxCx1  # noqa: E731

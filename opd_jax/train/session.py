@@ -69,12 +69,16 @@ def rollout_mesh_from_config(config: Config, mesh: jax.sharding.Mesh) -> jax.sha
 
 
 def step_settings(config: Config) -> StepSettings:
-    """The jitted step's static settings from ``config``."""
+    """The jitted step's static settings from ``config``. With ``sampling.stop_at_release``
+    the rows come cut at their release boundary (:meth:`Session.device_batch`): the step's rule
+    is ``full`` on them, and no rule is compared on rows that keep only their prefix."""
+    stop = config.sampling.stop_at_release
     return StepSettings(
         prompt_len=config.data.max_prompt_tokens,
         objective=core.ObjectiveSettings(
-            rule=config.rule.kind,
-            rule_options=tuple(sorted(config.rule.options.items())),
+            rule="full" if stop else config.rule.kind,
+            rule_options=() if stop else tuple(sorted(config.rule.options.items())),
+            compared_rules=() if stop else core.ObjectiveSettings.compared_rules,
             loss=config.loss.kind,
             reduction=config.loss.reduction,
             loss_options=tuple(sorted(config.loss.options.items())),
@@ -138,6 +142,33 @@ class Batches:
         return jax.tree.map(np.asarray, local)
 
 
+def kept_width(keep: int, max_new_tokens: int) -> int:
+    """The response columns a batch whose longest row keeps ``keep`` tokens is cut to: a
+    multiple of ``ceil(N / 8)`` (at most 8 widths compile), at most ``N``."""
+    quantum = -(-max_new_tokens // 8)
+    return min(max_new_tokens, max(1, -(-keep // quantum)) * quantum)
+
+
+def cut_rows(
+    host: dict[str, np.ndarray], keep: np.ndarray, prompt_len: int, sampling_config: Any
+) -> dict[str, np.ndarray]:
+    """Host rows ``tokens, attention_mask, response_mask [B, S]`` and ``seg [B, N]`` with
+    each row's response cut after its first ``keep[b]`` tokens (padding after them) and the
+    columns narrowed to :func:`kept_width`."""
+    width = kept_width(int(keep.max(initial=0)), sampling_config.max_new_tokens)
+    kept = np.arange(host["seg"].shape[1])[None, :] < keep[:, None]
+    out = dict(host)
+    for name in ("attention_mask", "response_mask"):
+        column = host[name].copy()
+        column[:, prompt_len:] *= kept.astype(column.dtype)
+        out[name] = column
+    out["seg"] = np.where(kept, host["seg"], -1)
+    out["seg"] = out["seg"][:, :width]
+    for name in ("tokens", "attention_mask", "response_mask"):
+        out[name] = out[name][:, : prompt_len + width]
+    return out
+
+
 @dataclasses.dataclass
 class Session:
     """Everything a step needs; ``state`` is the live (donated) :class:`RunState`: the trained
@@ -187,6 +218,16 @@ class Session:
     @property
     def prompt_len(self) -> int:
         return self.config.data.max_prompt_tokens
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The rollouts' budget: ``sampling.max_new_tokens``, or the ``n`` of
+        ``rule.kind=prefix_tokens`` where smaller (no token past it would be trained)."""
+        budget = self.config.sampling.max_new_tokens
+        if self.config.rule.kind == "prefix_tokens":
+            options = core.rule_options("prefix_tokens") | self.config.rule.options
+            budget = min(budget, int(options["n"]))
+        return budget
 
     def prompt_iterator(self, source: Any) -> tuple[Any, int]:
         """This process's checkpointable iterator of prompt batches over ``source``
@@ -238,19 +279,43 @@ class Session:
         batches = self.rollout_batches
         if params is None:
             params = self.params if batches.mesh is self.mesh else self.rollout_params()
+        watch = self.release_watch() if c.stop_at_release else None
         result = sampling.sample(
             nnx.merge(self.graphdef, params),
             *batches.to_device((tokens, mask)),
             key=key,
-            max_new_tokens=c.max_new_tokens,
+            max_new_tokens=self.max_new_tokens,
             method=sampling.method_from(c.temperature, c.top_k, c.top_p),
             eos_ids=self.eos,
             pad_id=pad_id(self.tokenizer),
             n=c.n,
             compact_every=c.compact_every,
             mesh=batches.mesh,
+            watcher=watch,
         )
-        return batches.to_host((result.tokens, result.response_mask, result.prompt_mask))
+        rows = batches.to_host((result.tokens, result.response_mask, result.prompt_mask))
+        if watch is None:
+            return rows
+        record = {"margin": watch.margin, "stopped": watch.stopped, "tau": watch.tau}
+        return (*rows, record | {"scored_tokens": np.asarray(watch.scored_tokens)})
+
+    def release_watch(self) -> sampling.ReleaseWatch:
+        """The watcher of ``sampling.stop_at_release`` for one call of :meth:`rollout`."""
+        if jax.process_count() > 1:
+            raise ConfigError(
+                "sampling.stop_at_release runs in a single process: set it to false for a "
+                "multi-process run."
+            )
+        c = self.config
+        return sampling.ReleaseWatch(
+            nnx.merge(self.teacher_graphdef, self.teacher_params),
+            self.tokenizer,
+            max_new_tokens=self.max_new_tokens,
+            segments=(c.segments.kind, c.segments.tokens),
+            rule_options=c.rule.options,
+            confirm=c.sampling.stop_confirm,
+            min_gain=c.sampling.stop_min_gain,
+        )
 
     def segments(self, rollout: tuple[np.ndarray, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
         """Host: what the rule reads about the responses, ``{"seg": [B, N]}`` and, for the rules
@@ -261,17 +326,49 @@ class Session:
         pattern = None
         if self.config.rule.kind in CUT_RULES:
             pattern = c.oracle_pattern or ANSWER_PATTERN
-        return response_segments(
+        rows, texts = response_segments(
             self.tokenizer, rollout[0][:, p:], rollout[1][:, p:], c.kind, c.tokens, pattern
         )
+        if len(rollout) == 4:  # sampling.stop_at_release: where each row is cut
+            record = rollout[3]
+            _, changepoint = sampling.split_release_options(self.config.rule.options)
+            rows["keep"], rows["released"] = sampling.final_cuts(
+                record["margin"], rows["seg"], rollout[1][:, p:], record["stopped"],
+                record["tau"], changepoint,
+            )  # fmt: skip
+        return rows, texts
 
     def device_batch(
         self, rollout: tuple[np.ndarray, ...], segments: dict[str, np.ndarray]
     ) -> dict[str, jax.Array]:
-        """The step's global batch from this process's rollouts and :meth:`segments`."""
-        tokens, response, prompt = rollout
+        """The step's global batch from this process's rollouts and :meth:`segments`. Rows
+        that come with ``keep`` (``sampling.stop_at_release``) are cut after their kept
+        tokens, and the columns narrowed to the longest kept row (:func:`kept_width`)."""
+        tokens, response, prompt = rollout[:3]
         host = {"tokens": tokens, "attention_mask": response | prompt, "response_mask": response}
-        return self.batches.to_device(host | segments)
+        host |= {k: v for k, v in segments.items() if k not in ("keep", "released")}
+        if "keep" in segments:
+            host = cut_rows(host, segments["keep"], self.prompt_len, self.config.sampling)
+        return self.batches.to_device(host)
+
+    def token_counts(
+        self, rollout: tuple[np.ndarray, ...], segments: dict[str, np.ndarray], kept: float
+    ) -> dict[str, float]:
+        """A step's ``sampled_tokens``, ``scored_tokens`` (the teacher's forward passes:
+        during sampling and in the update) and ``kept_tokens`` (``kept``, the step's count),
+        with ``kept_fraction`` = kept / sampled; with ``sampling.stop_at_release`` also
+        ``stopped_fraction`` (rows stopped early) and ``released_fraction``."""
+        shards = self.batches.process_rows(self.config.data.batch_size)[1]
+        sampled = float(rollout[1].sum()) * shards
+        counts = {"sampled_tokens": sampled, "kept_tokens": kept}
+        counts["kept_fraction"] = kept / max(sampled, 1.0)
+        if len(rollout) < 4:
+            return counts | {"scored_tokens": sampled}
+        record = rollout[3]
+        counts["scored_tokens"] = float(record["scored_tokens"]) + kept
+        counts["stopped_fraction"] = float(np.mean(record["stopped"]))
+        counts["released_fraction"] = float(np.mean(segments["released"]))
+        return counts
 
     def update(self, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
         """One jitted optimizer step; replaces the live ``state``."""

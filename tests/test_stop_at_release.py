@@ -1,0 +1,243 @@
+"""Release-aware sampling (``sampling.stop_at_release``): the teacher's margins scored during
+decoding, rows that stop there, the update on what is kept, the token counts, the refusals."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opd_jax import core, models, sampling
+from opd_jax.config import ConfigError, load_config
+from opd_jax.sampling.generate import _State
+from opd_jax.train.loop import train
+from opd_jax.train.metrics import read_metrics
+from opd_jax.train.session import cut_rows, kept_width
+
+from test_train import overrides
+
+NEVER = 1e30  # a BIC gain no series reaches: the watcher scores every row and stops none
+
+
+@pytest.fixture(scope="module")
+def pair_models(tiny_pair):
+    student, tokenizer = models.load(tiny_pair / "student")
+    teacher, _ = models.load(tiny_pair / "teacher")
+    return student, teacher, tokenizer
+
+
+def _prompts(tokenizer, batch=3):
+    texts = ["Add 3 and 4.", "What is 12 - 5? Say it.", "Multiply 6 by 7, then add 1."][:batch]
+    return models.encode_prompts(tokenizer, texts, 32, chat_template=False, system_prompt="")
+
+
+def _watch(teacher, tokenizer, n_new, **kw):
+    options = dict(segments=("fixed", 4), rule_options={}, min_gain=NEVER) | kw
+    return sampling.ReleaseWatch(teacher, tokenizer, max_new_tokens=n_new, **options)
+
+
+def _sample(student, tokens, mask, n_new, watcher=None, n=1, compact_every=4):
+    return sampling.sample(
+        student, tokens, mask, key=jax.random.key(3), max_new_tokens=n_new,
+        method=sampling.Temperature(1.0), n=n, compact_every=compact_every, watcher=watcher,
+    )  # fmt: skip
+
+
+def test_margins_scored_while_sampling_equal_a_full_forwards(pair_models, n=2):
+    """The teacher's cached chunks and the student's top-K recorded by decoding give the margin
+    that the step's full forward passes give, at every sampled token (prompts of different
+    lengths, `n` samples sharing a prefill, rows finishing early)."""
+    student, teacher, tokenizer = pair_models
+    tokens, mask = _prompts(tokenizer)
+    N = 13  # not a multiple of compact_every: the last look scores a shorter chunk
+    watch = _watch(teacher, tokenizer, N)
+    result = _sample(student, tokens, mask, N, watch, n=n)
+    P = tokens.shape[1]
+    attention = result.prompt_mask | result.response_mask
+    h_s = student.response_hidden(result.tokens, attention, P)
+    h_t = teacher.response_hidden(result.tokens, attention, P)
+    stats = core.token_stats(
+        student.logits(h_s), teacher.logits(h_t), result.tokens[:, P:], k=watch.k
+    )
+    want = np.asarray(core.margin_from_stats(stats, "gap"))
+    response = np.asarray(result.response_mask[:, P:]).astype(bool)
+    assert response.sum() == watch.scored_tokens and not watch.stopped.any()
+    # float32 forwards in another order (cached chunks against one pass): rounding only
+    np.testing.assert_allclose(watch.margin[response], want[response], atol=1e-4, rtol=1e-4)
+    assert (watch.margin[~response] == 0).all()
+
+
+class StopAt:
+    """A watcher that stops the rows ``stop`` at their first look."""
+
+    k = 0
+
+    def __init__(self, stop):
+        self.stop, self.looks = np.asarray(stop), 0
+
+    def start(self, tokens, mask, n):
+        pass
+
+    def look(self, s: _State, prompt_len, made):
+        self.looks += 1
+        out = self.stop[np.asarray(s.rows_R)] & ~np.asarray(s.done_R)
+        self.stop = np.zeros_like(self.stop)
+        return out
+
+    def take(self, index):
+        pass
+
+
+def test_a_stopped_row_is_a_prefix_of_its_unstopped_sample(pair_models):
+    """Stopping ends a row like an EOS, and changes no token of any row before it: row r's
+    draws depend on the key, r and the position only."""
+    student, _, tokenizer = pair_models
+    tokens, mask = _prompts(tokenizer)
+    full = _sample(student, tokens, mask, 12)
+    cut = _sample(student, tokens, mask, 12, StopAt([True, False, True]))
+    P = tokens.shape[1]
+    lengths = np.asarray(cut.lengths)
+    # the first look comes after the prefill's token and compact_every = 4 more
+    assert lengths[0] == lengths[2] == 5 and lengths[1] == int(full.lengths[1])
+    for r, length in enumerate(lengths):
+        np.testing.assert_array_equal(cut.tokens[r, : P + length], full.tokens[r, : P + length])
+        assert not np.asarray(cut.response_mask[r, P + length :]).any()
+
+
+def test_a_watcher_needs_looks(pair_models):
+    student, teacher, tokenizer = pair_models
+    tokens, mask = _prompts(tokenizer)
+    with pytest.raises(ValueError, match="compact_every"):
+        _sample(student, tokens, mask, 8, _watch(teacher, tokenizer, 8), compact_every=0)
+
+
+def test_the_watcher_stops_rows_whose_cut_is_certain(pair_models):
+    """With no BIC penalty and one-token segments, the random pair's margins release early:
+    stopped rows end before the budget, their cut lies before their end, and :func:`final_cuts`
+    keeps exactly the tokens before that cut."""
+    student, teacher, tokenizer = pair_models
+    tokens, mask = _prompts(tokenizer)
+    N = 40
+    watch = _watch(
+        teacher, tokenizer, N, segments=("token", 1), min_gain=0.0,
+        rule_options=dict(min_segments=1, penalty=0.0), confirm=0,
+    )  # fmt: skip
+    result = _sample(student, tokens, mask, N, watch)
+    assert watch.stopped.any(), "no row stopped: pick a setting where the rule fires"
+    P = tokens.shape[1]
+    response = np.asarray(result.response_mask[:, P:])
+    lengths = response.sum(-1)
+    seg = np.where(response > 0, np.arange(N), -1)
+    keep, released = sampling.final_cuts(
+        watch.margin, seg, response, watch.stopped, watch.tau, dict(min_segments=1, penalty=0.0)
+    )
+    stopped = watch.stopped
+    assert (lengths[stopped] < N).all() and released[stopped].all()
+    np.testing.assert_array_equal(keep[stopped], watch.tau[stopped])  # one token a segment
+    assert (keep[stopped] < lengths[stopped]).all()
+
+
+def test_cut_rows_pads_after_the_kept_tokens_and_narrows_the_columns():
+    P, N = 2, 16
+    tokens = np.arange(3 * (P + N)).reshape(3, P + N)
+    response = np.zeros((3, P + N), np.int32)
+    response[:, P:] = 1
+    host = {
+        "tokens": tokens,
+        "attention_mask": response | (np.arange(P + N) < P),
+        "response_mask": response,
+        "seg": np.tile(np.arange(N) // 3, (3, 1)),
+    }
+    keep = np.array([3, 5, 0])
+    cut = cut_rows(host, keep, P, dataclasses.make_dataclass("S", [("max_new_tokens", int)])(N))
+    assert kept_width(5, N) == 6 and cut["tokens"].shape == (3, P + 6) and cut["seg"].shape == (3, 6)
+    np.testing.assert_array_equal(cut["response_mask"][:, P:].sum(-1), keep)
+    np.testing.assert_array_equal(cut["attention_mask"][:, :P], 1)
+    assert (cut["seg"][0, 3:] == -1).all() and (cut["seg"][1, :5] == [0, 0, 0, 1, 1]).all()
+
+
+def test_the_prefix_loss_and_gradient_on_cut_rows_equal_the_offline_rules_bit_for_bit():
+    """The update on rows cut at the release boundary (rule ``full``) is the offline release
+    rule's update on the whole rows, where both cut at the same place."""
+    B, T, D, V = 3, 12, 8, 11
+    keys = jax.random.split(jax.random.key(0), 5)
+    h_s = jax.random.normal(keys[0], (B, T, D))
+    h_t = jax.random.normal(keys[1], (B, T, D))
+    w_s, w_t = jax.random.normal(keys[2], (D, V)), jax.random.normal(keys[3], (D, V))
+    tokens = jax.random.randint(keys[4], (B, T), 0, V)
+    response = jnp.ones((B, T), jnp.int32).at[2, 9:].set(0)
+    # sentence means 3, 3, 3, then 0, 0, 0: a clear drop after segment 3 (token 6)
+    seg = jnp.where(response > 0, jnp.arange(T) // 2, -1)
+    release = core.ObjectiveSettings(rule="release", loss="sampled_reverse_kl", k=4)
+
+    def offline(h):
+        scored = core.score_chunked(h, w_s, h_t, w_t, tokens, k=4, chunk_size=8)
+        margin = jnp.where(seg < 3, 3.0, 0.0)
+        forced = scored._replace(stats=_with_margin(scored.stats, margin))
+        return core.objective_from_scores(forced, response, seg, None, release)
+
+    loss, aux = offline(h_s)
+    boundary = int(jnp.argmin(aux.weights[0]))
+    assert aux.weights[:, :boundary].all() and not aux.weights[:, boundary:].any()
+    cut = response * (jnp.arange(T) < boundary)
+    full = dataclasses.replace(release, rule="full", compared_rules=())
+
+    def online(h):
+        scored = core.score_chunked(h, w_s, h_t, w_t, tokens, k=4, chunk_size=8)
+        return core.objective_from_scores(scored, cut, jnp.where(cut > 0, seg, -1), None, full)
+
+    g_offline = jax.grad(lambda h: offline(h)[0])(h_s)
+    g_online = jax.grad(lambda h: online(h)[0])(h_s)
+    assert online(h_s)[0] == loss
+    np.testing.assert_array_equal(g_online, g_offline)
+
+
+def _with_margin(stats, margin):
+    """Statistics whose ``gap`` margin is ``margin``: the top candidate ``margin`` above the
+    rest."""
+    q = jnp.zeros_like(stats.teacher_at_student_topk).at[..., 0].set(margin)
+    return stats._replace(teacher_at_student_topk=q - 10.0)
+
+
+def test_training_with_stopping_logs_what_was_sampled_scored_and_kept(tiny_pair, tmp_path):
+    config = load_config(
+        None,
+        overrides(
+            tiny_pair, tmp_path, "rule.kind=release", "sampling.stop_at_release=true",
+            "sampling.compact_every=4", "segments.kind=token", "rule.options={min_segments: 1}",
+            "sampling.stop_confirm=0",
+        ),
+    )  # fmt: skip
+    train(config)
+    lines = read_metrics(tmp_path)
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    for line in lines:
+        assert 0 < line["kept_tokens"] <= line["sampled_tokens"]
+        assert line["scored_tokens"] == line["sampled_tokens"] + line["kept_tokens"]
+        assert line["kept_fraction"] == line["kept_tokens"] / line["sampled_tokens"]
+        assert 0 <= line["stopped_fraction"] <= line["released_fraction"] <= 1
+        assert "boundary_histogram" not in line
+
+
+def test_prefix_tokens_samples_no_token_past_its_n(tiny_pair, tmp_path):
+    config = load_config(
+        None,
+        overrides(tiny_pair, tmp_path, "rule.kind=prefix_tokens", "rule.options={n: 5}"),
+    )
+    train(config)
+    for line in read_metrics(tmp_path):
+        assert line["sampled_tokens"] <= 5 * config.data.batch_size
+        assert line["kept_tokens"] == line["sampled_tokens"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["rule.kind=full"], "rule.kind=release"),
+        (["rule.kind=release", "sampling.compact_every=0"], "compact_every"),
+    ],
+)
+def test_stopping_is_refused_where_it_cannot_run(tiny_pair, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides(tiny_pair, tmp_path, "sampling.stop_at_release=true", *extra))
