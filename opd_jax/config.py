@@ -22,7 +22,15 @@ from pydantic import Field
 
 from opd_jax.config_checks import check_stopping
 from opd_jax.config_upgrade import upgrade_tree
-from opd_jax.core import LOSSES, REDUCTIONS, RULES, check_loss, loss_options, rule_options
+from opd_jax.core import (
+    LOSSES,
+    REDUCTIONS,
+    RULES,
+    check_loss,
+    loss_options,
+    online_options,
+    rule_options,
+)
 from opd_jax.typed_yaml import (  # noqa: F401 (re-exported)
     ConfigError,
     Decay,
@@ -104,8 +112,8 @@ class SamplingConfig:
     # rule.kind=release: the teacher scores rows while they are sampled, and a row stops once
     # its cut is certain (docs/method.md §3a); stop_confirm and stop_min_gain say when
     stop_at_release: bool = False
-    stop_confirm: NonNegative = 1  # further sentence counts whose BIC cut must agree
-    stop_min_gain: NonNegativeFloat = 0.0  # least BIC gain of each of those cuts
+    stop_confirm: NonNegative = online_options()["confirm"]  # shorter series that must agree
+    stop_min_gain: NonNegativeFloat = online_options()["min_gain"]  # least BIC gain of each
 
 
 @dataclasses.dataclass

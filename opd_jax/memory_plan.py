@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.config import Config
-from opd_jax.core.rules import CUT_RULES
+from opd_jax.core.rules import CUT_RULES, rule_options
 from opd_jax.run_models import spec_config
 from opd_jax.sharding import DEFAULT_RULES
 from opd_jax.train.optimizer import make_optimizer
@@ -69,19 +69,29 @@ def plan(config: Config) -> dict[str, Any]:
     with jax.set_mesh(mesh):
         compiled = step.lower(params, opt_state, teacher_params, batch, key, *extra).compile()
     analysis = compiled.memory_analysis()
-    kv_itemsize = jnp.dtype(student_cfg.dtype).itemsize
     batch_shards = int(np.prod([mesh.shape[a] for a in DEFAULT_RULES.batch]))
-    kv_cache = (
-        2 * student_cfg.num_layers * (b // batch_shards) * (p + n)
-        * student_cfg.num_kv_heads * student_cfg.head_dim * kv_itemsize
-    )  # fmt: skip
+    rows_here = b // batch_shards
+
+    def kv_cache(c: Any) -> int:
+        itemsize = jnp.dtype(c.dtype).itemsize
+        return 2 * c.num_layers * rows_here * (p + n) * c.num_kv_heads * c.head_dim * itemsize
+
+    stop = config.sampling.stop_at_release
+    vocab = student_cfg.token_vocab or student_cfg.vocab_size
+    k = int((rule_options("release") | config.rule.options)["margin_k"]) if stop else 0
     rows = {
         "student_params": device_bytes(params) + device_bytes(frozen),
         "optimizer_state": device_bytes(opt_state),
         "teacher_params": device_bytes(teacher_params),
         "step_temporaries": analysis.temp_size_in_bytes,
         # sampled on the training devices, or on the mesh.rollout devices set apart
-        "sampler_kv_cache": 0 if config.mesh.rollout else kv_cache,
+        "sampler_kv_cache": 0 if config.mesh.rollout else kv_cache(student_cfg),
+        # sampling.stop_at_release: the teacher's cache while it scores the rows being sampled,
+        # the student's top-K at every column, one look's [rows, compact_every, V] logits
+        "teacher_kv_cache": kv_cache(teacher_cfg) if stop else 0,
+        "release_watch_buffers": (
+            rows_here * ((p + n) * k * 8 + config.sampling.compact_every * vocab * 4) if stop else 0
+        ),
         # train.async_rollouts on the training devices: the copy the next rollouts sample from
         "rollout_params": (
             device_bytes(params) if config.train.async_rollouts and not config.mesh.rollout else 0

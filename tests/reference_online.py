@@ -127,7 +127,7 @@ def bic_split(series, lengths, **changepoint) -> dict:
 
 
 # --------------------------------------------------------------------------- online cut
-def cut_row(M, n: int, *, confirm=1, min_gain=0.0, _splits=None, **changepoint) -> dict:
+def cut_row(M, n: int, *, confirm=0, min_gain=8.0, _splits=None, **changepoint) -> dict:
     """The online cut of a row seen up to length n: splits of M[:max(n - j, 0)], j = 0..confirm."""
     splits = {} if _splits is None else _splits  # length -> split_row, shared by a replay
     js = []
@@ -155,7 +155,7 @@ def cut_row(M, n: int, *, confirm=1, min_gain=0.0, _splits=None, **changepoint) 
 CUT_KEYS = ("certain", "tau", "gain", "gain_lo", "gain_hi", "ambiguous", "gain_ambiguous")
 
 
-def online_cut(means, lengths, *, confirm=1, min_gain=0.0, **changepoint) -> dict:
+def online_cut(means, lengths, *, confirm=0, min_gain=8.0, **changepoint) -> dict:
     """Per row, `cut_row` at n = lengths[b], as arrays keyed by CUT_KEYS."""
     return _rows(
         cut_row, means, lengths, CUT_KEYS, confirm=confirm, min_gain=min_gain, **changepoint
@@ -163,7 +163,7 @@ def online_cut(means, lengths, *, confirm=1, min_gain=0.0, **changepoint) -> dic
 
 
 # --------------------------------------------------------------------------- replay
-def replay_row(M, n_b: int, N: int, *, confirm=1, min_gain=0.0, **changepoint) -> dict:
+def replay_row(M, n_b: int, N: int, *, confirm=0, min_gain=8.0, **changepoint) -> dict:
     """Online cuts at n = 1..N on length min(n, n_b); stop at the first certain n <= n_b.
 
     `ambiguous`: some cut up to the stop (or, never stopping, the offline split) is a near-tie.
@@ -186,7 +186,7 @@ def replay_row(M, n_b: int, N: int, *, confirm=1, min_gain=0.0, **changepoint) -
     }
 
 
-def replay_online(means, lengths, *, confirm=1, min_gain=0.0, **changepoint) -> dict:
+def replay_online(means, lengths, *, confirm=0, min_gain=8.0, **changepoint) -> dict:
     """Per row, `replay_row`, as arrays keyed by stopped, seen, tau, ambiguous."""
     N = np.shape(means)[1]
     return _rows(

@@ -219,13 +219,16 @@ def test_a_clear_downward_step_stops_at_the_offline_cut(data, opts):
 
 def test_confirm_zero_with_two_min_segments_can_cut_one_segment_early():
     # seen up to n = 9, one suffix entry: the split before the last two entries already
-    # drops (means 2 vs 1) and wins BIC; confirm = 1 waits for the real cut at 8
+    # drops (means 2 vs 1) and wins BIC; confirm = 1 waits for the real cut at 8, and so does
+    # the default least gain (8) with confirm = 0, one sentence sooner
     row = jnp.asarray([[2.0] * 8 + [0.0] * 4])
     lengths = jnp.asarray([12], jnp.int32)
-    early = replay_online(row, lengths, confirm=0, min_segments=2)
+    early = replay_online(row, lengths, confirm=0, min_gain=0.0, min_segments=2)
     assert bool(early.stopped[0]) and (int(early.seen[0]), int(early.tau[0])) == (9, 7)
-    late = replay_online(row, lengths, confirm=1, min_segments=2)
+    late = replay_online(row, lengths, confirm=1, min_gain=0.0, min_segments=2)
     assert bool(late.stopped[0]) and (int(late.seen[0]), int(late.tau[0])) == (11, 8)
+    gained = replay_online(row, lengths, min_segments=2)  # confirm 0, min_gain 8
+    assert bool(gained.stopped[0]) and (int(gained.seen[0]), int(gained.tau[0])) == (10, 8)
 
 
 def max_drop_in_std(N: int, lmin: int) -> float:
@@ -286,7 +289,7 @@ def test_online_functions_give_the_same_result_under_jit():
 
 
 def test_online_options_are_the_defaults():
-    assert online_options() == {"confirm": 1, "min_gain": 0.0}
+    assert online_options() == {"confirm": 0, "min_gain": 8.0}
     series = jnp.asarray(downward_steps(np.random.default_rng(1), 3, 12).astype(np.float32))
     lengths = jnp.asarray([12, 7, 12], jnp.int32)
     for fn in (online_cut, replay_online):

@@ -14,8 +14,7 @@ from opd_jax.sampling.generate import _State
 from opd_jax.train.loop import train
 from opd_jax.train.metrics import read_metrics
 from opd_jax.train.session import cut_rows, kept_width
-
-from test_train import overrides
+from tests.test_train import overrides
 
 NEVER = 1e30  # a BIC gain no series reaches: the watcher scores every row and stops none
 
@@ -151,7 +150,8 @@ def test_cut_rows_pads_after_the_kept_tokens_and_narrows_the_columns():
     }
     keep = np.array([3, 5, 0])
     cut = cut_rows(host, keep, P, dataclasses.make_dataclass("S", [("max_new_tokens", int)])(N))
-    assert kept_width(5, N) == 6 and cut["tokens"].shape == (3, P + 6) and cut["seg"].shape == (3, 6)
+    assert kept_width(5, N) == 6  # a multiple of ceil(16 / 8) = 2
+    assert cut["tokens"].shape == (3, P + 6) and cut["seg"].shape == (3, 6)
     np.testing.assert_array_equal(cut["response_mask"][:, P:].sum(-1), keep)
     np.testing.assert_array_equal(cut["attention_mask"][:, :P], 1)
     assert (cut["seg"][0, 3:] == -1).all() and (cut["seg"][1, :5] == [0, 0, 0, 1, 1]).all()
@@ -205,8 +205,8 @@ def test_training_with_stopping_logs_what_was_sampled_scored_and_kept(tiny_pair,
         None,
         overrides(
             tiny_pair, tmp_path, "rule.kind=release", "sampling.stop_at_release=true",
-            "sampling.compact_every=4", "segments.kind=token", "rule.options={min_segments: 1}",
-            "sampling.stop_confirm=0",
+            "sampling.compact_every=4", "segments.kind=token", "sampling.stop_min_gain=0",
+            "rule.options={min_segments: 1, penalty: 0.0}",
         ),
     )  # fmt: skip
     train(config)
@@ -218,6 +218,7 @@ def test_training_with_stopping_logs_what_was_sampled_scored_and_kept(tiny_pair,
         assert line["kept_fraction"] == line["kept_tokens"] / line["sampled_tokens"]
         assert 0 <= line["stopped_fraction"] <= line["released_fraction"] <= 1
         assert "boundary_histogram" not in line
+    assert any(line["stopped_fraction"] > 0 for line in lines), "no row stopped"
 
 
 def test_prefix_tokens_samples_no_token_past_its_n(tiny_pair, tmp_path):

@@ -145,7 +145,7 @@ def objective_from_scores(
       ``tokens_by_position``, ``boundary_histogram`` ``[bins]``; ``margin_by_sentence``,
       ``advantage_by_sentence``, ``rows_by_sentence`` ``[segment_bins]``; ``kept_fraction``,
       ``released_fraction``, ``margin_mean``, ``advantage_mean``, ``response_tokens``,
-      ``kept_tokens`` (the weights' sum) and
+      ``kept_tokens`` (tokens of weight > 0) and
       ``kept/<rule>`` for each compared rule (scalars). The margin and the cut are the
       release rule's, with the training rule's options when it is ``release``.
     """
@@ -167,7 +167,7 @@ def objective_from_scores(
     diagnostics["advantage_mean"] = jnp.where(r, advantage, 0).sum() / n
     diagnostics["margin_mean"] = jnp.where(r, margin, 0).sum() / n
     diagnostics["response_tokens"] = r.sum(-1).mean()
-    diagnostics["kept_tokens"] = jnp.where(r, w, 0).sum()
+    diagnostics["kept_tokens"] = (r & (w > 0)).sum()
     for name in s.compared_rules:
         if name == s.rule:
             kept = w

@@ -11,6 +11,7 @@ rollout sampled to its end, :func:`replay_online` finds where sampling would hav
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -43,8 +44,8 @@ def online_cut(
     means: jax.Array,
     lengths: jax.Array,
     *,
-    confirm: int = 1,
-    min_gain: float = 0.0,
+    confirm: int = 0,
+    min_gain: float = 8.0,
     **changepoint: Any,
 ) -> OnlineCut:
     """Whether each row's cut is certain after its first ``lengths[b]`` sentences.
@@ -54,6 +55,7 @@ def online_cut(
       lengths: ``[B]`` complete sentences ``n_b`` so far.
       confirm: ``m``, the further series ``n - 1 .. n - m`` that must agree.
       min_gain: the smallest ``BIC0 - BIC1`` each of those series must show (> 0 always).
+        The defaults (0, 8) are docs/method.md §3a's measured choice.
       **changepoint: options of :func:`~opd_jax.core.changepoint.bic_downward_changepoint`.
 
     Returns:
@@ -77,8 +79,8 @@ def replay_online(
     means: jax.Array,
     lengths: jax.Array,
     *,
-    confirm: int = 1,
-    min_gain: float = 0.0,
+    confirm: int = 0,
+    min_gain: float = 8.0,
     **changepoint: Any,
 ) -> OnlineReplay:
     """The online rule replayed on whole rows: the first ``n <= lengths[b]`` at which
@@ -114,5 +116,7 @@ def replay_online(
 
 
 def online_options() -> dict[str, Any]:
-    """The online rule's own options and their defaults (beside the change point's)."""
-    return {"confirm": 1, "min_gain": 0.0}
+    """The online rule's own options and their defaults (beside the change point's): the
+    keyword-only parameters of :func:`online_cut` that are not the change point's."""
+    params = inspect.signature(online_cut).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}

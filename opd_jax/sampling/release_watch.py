@@ -142,8 +142,8 @@ class ReleaseWatch:
         max_new_tokens: int,
         segments: tuple[str, int],
         rule_options: Mapping[str, Any],
-        confirm: int = 1,
-        min_gain: float = 0.0,
+        confirm: int = 0,
+        min_gain: float = 8.0,
     ) -> None:
         self.graphdef, self.params = nnx.split(teacher)
         self.tokenizer, self.N, self.segments = tokenizer, max_new_tokens, segments
@@ -176,22 +176,22 @@ class ReleaseWatch:
         new = slice(made - width, made)  # the response columns scored now
         self.margin[self.rows, new] = np.asarray(margin)
         self.column = P + made
-        tokens, response = (np.asarray(x[:, P : P + made]) for x in (s.tokens_RxS, s.response_RxS))
+        # whole to the host, then sliced: a device slice would compile for every (rows, made)
+        tokens, response = (np.asarray(x)[:, P : P + made] for x in (s.tokens_RxS, s.response_RxS))
         self.scored_tokens += int(response[:, new].sum())
-        done = np.asarray(s.done_R) | (made >= self.N)
-        live = ~done
+        live = ~(np.asarray(s.done_R) | (made >= self.N))
         if not live.any():
             return live
-        rows, seg = self.rows[live], self._seg(tokens[live], response[live])
-        means, count = segment_means_host(self.margin[rows, :made], seg, self.N)
+        # every row of the loop (its row count compiles once): finished rows are never stopped
+        seg = self._seg(tokens, response)
+        means, count = segment_means_host(self.margin[self.rows, :made], seg, self.N)
         cut = _online(means, np.maximum(count - 1, 0), self.online)  # the last may go on
-        stop = np.asarray(cut.certain)
-        self.stopped[rows[stop]] = True
-        self.tau[rows[stop]] = np.asarray(cut.tau)[stop]
-        self.seen[rows[stop]] = (count - 1)[stop]
-        out = np.zeros_like(live)
-        out[np.flatnonzero(live)[stop]] = True
-        return out
+        stop = np.asarray(cut.certain) & live
+        rows = self.rows[stop]
+        self.stopped[rows] = True
+        self.tau[rows] = np.asarray(cut.tau)[stop]
+        self.seen[rows] = (count - 1)[stop]
+        return stop
 
     def take(self, index_R: np.ndarray) -> None:
         self.rows = self.rows[index_R]
