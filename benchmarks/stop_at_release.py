@@ -44,7 +44,9 @@ def timed_step(session: Session, tokens, mask, key, rule_key) -> dict[str, float
     metrics = jax.device_get(session.update(session.device_batch(rollout, seg), rule_key))
     seconds = time.perf_counter() - start
     counts = session.token_counts(rollout, seg, float(metrics["kept_tokens"]))
-    return {"step_s": seconds, **counts}
+    # decoding runs until its last row ends: its iterations are the longest row's tokens
+    longest = float(rollout[1].sum(-1).max())
+    return {"step_s": seconds, **counts, "longest_row": longest}
 
 
 def replayed_cuts(session: Session, tokens, mask, key) -> dict[str, np.ndarray]:
@@ -127,7 +129,7 @@ def main() -> None:
         for name, rows in steps.items()
     }
     table = [{"session": name, **values} for name, values in med.items()]
-    columns = ["session", "step_s", "sampled_tokens", "scored_tokens", "kept_tokens"]
+    columns = ["session", "step_s", "sampled_tokens", "scored_tokens", "kept_tokens", "longest_row"]
     common.print_table(table, columns)
     agreement = agreement_summary(replays)
     _, changepoint = sampling.split_release_options(config.rule.options)

@@ -303,6 +303,19 @@ def test_decode_with_offsets_keeps_trailing_partial_character(tokenizer):
     assert "".join(decoded[s:e] for s, e in offsets) == decoded
 
 
+@pytest.mark.parametrize(
+    "text", ["We began with 12. The peak was 84.", "ok \u00fc\u4e2d\U0001f600 fin"]
+)
+def test_an_offset_decoder_fed_piece_by_piece_equals_decoding_at_once(tokenizer, text):
+    """Sampling feeds a response a few tokens at a time; at every point the text and spans
+    are those of decoding the tokens so far at once (a split character included)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoder = models.OffsetDecoder(tokenizer)
+    for start in range(0, len(ids), 3):
+        decoder.feed(ids[start : start + 3])
+        assert decoder.result() == models.decode_with_offsets(tokenizer, ids[: start + 3])
+
+
 def test_load_gguf_goes_through_read_gguf_and_model_from_tensors(
     checkpoints, tmp_path, monkeypatch
 ):

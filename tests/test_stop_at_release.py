@@ -242,3 +242,25 @@ def test_prefix_tokens_samples_no_token_past_its_n(tiny_pair, tmp_path):
 def test_stopping_is_refused_where_it_cannot_run(tiny_pair, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides(tiny_pair, tmp_path, "sampling.stop_at_release=true", *extra))
+
+
+def test_the_watchers_sentences_grown_look_by_look_equal_the_hosts_at_once(pair_models):
+    """Each look decodes only a row's new tokens; the sentence ids are
+    :func:`~opd_jax.text_segments.response_segments`' on the response so far."""
+    from opd_jax.text_segments import response_segments
+
+    _, teacher, tokenizer = pair_models
+    texts = ["We began with 12. The peak was 84. Check: 7 = 3 + 4.", "One. Two! Three? Four"]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    width = max(map(len, ids))
+    tokens = np.zeros((2, width), np.int32)
+    response = np.zeros((2, width), np.int32)
+    for r, row in enumerate(ids):
+        tokens[r, : len(row)], response[r, : len(row)] = row, 1
+    watch = _watch(teacher, tokenizer, width, segments=("sentence", 0))
+    watch.rows, watch.decoders = np.arange(2), {}
+    for made in (5, 11, width):
+        got = watch._seg(tokens[:, :made], response[:, :made])
+        want = response_segments(tokenizer, tokens[:, :made], response[:, :made], "sentence", 0)
+        np.testing.assert_array_equal(got, want[0]["seg"])
+    assert got.max() >= 2  # the texts' sentences were found

@@ -21,6 +21,7 @@ from opd_jax.models.attention import ATTENTION_KINDS, resolve_attention
 from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.models.hf import load_hf_weights, model_from_tensors, read_config, save_hf
 from opd_jax.models.tokenizer import (
+    OffsetDecoder,
     Tokenizer,
     apply_chat_template,
     check_same_tokenizer,
@@ -46,6 +47,7 @@ __all__ = [
     "Tokenizer",
     "apply_chat_template",
     "check_same_tokenizer",
+    "OffsetDecoder",
     "decode_with_offsets",
     "encode_prompts",
     "encode_with_offsets",

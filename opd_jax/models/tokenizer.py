@@ -144,33 +144,54 @@ def decode_with_offsets(
     (byte-level BPE) adds nothing until the token completing the character, which gets the
     whole character; the spans tile the text: `text == "".join(text[s:e] for s, e in offsets)`.
     """
-    ids = [int(t) for t in token_ids]
+    decoder = OffsetDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+    decoder.feed(token_ids)
+    return decoder.result()
 
-    def decode(window: list[int]) -> str:
-        return tokenizer.decode(
-            window, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+
+class OffsetDecoder:
+    """:func:`decode_with_offsets` of a growing response: :meth:`feed` the tokens as they are
+    sampled, read :meth:`result` at any point (each token is decoded once)."""
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False) -> None:
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.pieces: list[str] = []
+        self.offsets: Offsets = []
+        self.prefix = self.read = 0  # window start; tokens before `read` have been emitted
+        self.length = 0
+
+    def _decode(self, window: list[int]) -> str:
+        return self.tokenizer.decode(
+            window, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False
         )
 
-    pieces: list[str] = []
-    offsets: Offsets = []
-    prefix = read = 0  # window start; tokens before `read` have been emitted
-    length = 0
-    for i in range(len(ids)):
-        prefix_text = decode(ids[prefix:read])
-        new_text = decode(ids[prefix : i + 1])
-        if new_text.endswith(_REPLACEMENT) or not new_text.startswith(prefix_text):
-            offsets.append((length, length))
-            continue
-        delta = new_text[len(prefix_text) :]
-        pieces.append(delta)
-        offsets.append((length, length + len(delta)))
-        length += len(delta)
-        prefix, read = read, i + 1
-    if read < len(ids):  # trailing incomplete bytes decode to replacement characters
-        tail = decode(ids[prefix:])[len(decode(ids[prefix:read])) :]
-        pieces.append(tail)
-        offsets[-1] = (length, length + len(tail))
-    return "".join(pieces), offsets
+    def feed(self, token_ids: Sequence[int]) -> None:
+        """Appends tokens to the response."""
+        ids = self.ids
+        for token in token_ids:
+            ids.append(int(token))
+            prefix_text = self._decode(ids[self.prefix : self.read])
+            new_text = self._decode(ids[self.prefix :])
+            if new_text.endswith(_REPLACEMENT) or not new_text.startswith(prefix_text):
+                self.offsets.append((self.length, self.length))
+                continue
+            delta = new_text[len(prefix_text) :]
+            self.pieces.append(delta)
+            self.offsets.append((self.length, self.length + len(delta)))
+            self.length += len(delta)
+            self.prefix, self.read = self.read, len(ids)
+
+    def result(self) -> tuple[str, Offsets]:
+        """The text so far and each token's span (trailing incomplete bytes decoded as
+        replacement characters, given to the last token)."""
+        if self.read == len(self.ids):
+            return "".join(self.pieces), list(self.offsets)
+        window = self.ids[self.prefix :]
+        tail = self._decode(window)[len(self._decode(self.ids[self.prefix : self.read])) :]
+        offsets = list(self.offsets)
+        offsets[-1] = (self.length, self.length + len(tail))
+        return "".join(self.pieces) + tail, offsets
 
 
 def check_same_tokenizer(tok_a: Tokenizer, tok_b: Tokenizer, names=("student", "teacher")) -> None:

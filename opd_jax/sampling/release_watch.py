@@ -28,9 +28,9 @@ from flax import nnx
 from opd_jax import core
 from opd_jax.core.stats import TokenStats, margin_from_stats
 from opd_jax.models.decoder import Decoder, KVCache
-from opd_jax.models.tokenizer import Tokenizer
+from opd_jax.models.tokenizer import OffsetDecoder, Tokenizer
 from opd_jax.sampling.generate import _State
-from opd_jax.text_segments import response_segments
+from opd_jax.text_segments import token_sentences
 
 MARGIN_OPTIONS = ("margin_kind", "margin_k", "renormalize")
 
@@ -165,6 +165,7 @@ class ReleaseWatch:
         self.tau = np.full(B * n, -1, np.int32)
         self.seen = np.zeros(B * n, np.int32)
         self.scored_tokens = 0
+        self.decoders: dict[int, OffsetDecoder] = {}
 
     def look(self, s: _State, prompt_len: int, made: int) -> np.ndarray:
         P, width = prompt_len, prompt_len + made - self.column
@@ -198,8 +199,21 @@ class ReleaseWatch:
         self.cache, self.last = _take(self.cache, self.last, jnp.asarray(index_R, jnp.int32))
 
     def _seg(self, tokens: np.ndarray, response: np.ndarray) -> np.ndarray:
+        """The segment ids of the loop's rows so far, ``[R, made]``, as
+        :func:`~opd_jax.text_segments.response_segments` gives them; each row's tokens are
+        decoded once (:class:`~opd_jax.models.OffsetDecoder`)."""
         kind, block = self.segments
-        return response_segments(self.tokenizer, tokens, response, kind, block)[0]["seg"]
+        seg = np.full(tokens.shape, -1, np.int32)
+        for i, row in enumerate(self.rows):
+            real = response[i].astype(bool)
+            n = int(real.sum())  # a row's response is its first n columns
+            if kind == "sentence":
+                decoder = self.decoders.setdefault(row, OffsetDecoder(self.tokenizer))
+                decoder.feed(tokens[i, len(decoder.ids) : n])
+                seg[i, :n] = token_sentences(*decoder.result())
+            else:
+                seg[i, :n] = np.arange(n) // (block if kind == "fixed" else 1)
+        return seg
 
 
 @jax.jit
