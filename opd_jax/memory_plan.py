@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.config import Config
+from opd_jax.core import SAMPLED_TOKEN_LOSSES, TeacherScores
 from opd_jax.core.rules import CUT_RULES, rule_options
 from opd_jax.run_models import spec_config
 from opd_jax.sharding import DEFAULT_RULES
@@ -62,6 +63,11 @@ def plan(config: Config) -> dict[str, Any]:
     }
     if config.rule.kind in CUT_RULES:
         batch["cut"] = sds((b,))
+    if config.sampling.stop_at_release and config.loss.kind in SAMPLED_TOKEN_LOSSES:
+        for name in TeacherScores._fields:  # the teacher's scores kept from sampling
+            shape = (b, n) if name == "teacher_logp" else (b, n, config.score.k)
+            dtype = jnp.int32 if name.endswith("_ids") else jnp.float32
+            batch[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     step = make_train_step(graphdef, teacher_graphdef, tx, step_settings(config), shardings)

@@ -200,11 +200,15 @@ def _with_margin(stats, margin):
     return stats._replace(teacher_at_student_topk=q - 10.0)
 
 
-def test_training_with_stopping_logs_what_was_sampled_scored_and_kept(tiny_pair, tmp_path):
+@pytest.mark.parametrize("loss", ["sampled_reverse_kl", "reverse_kl"])
+def test_training_with_stopping_logs_what_was_sampled_scored_and_kept(tiny_pair, tmp_path, loss):
+    """A loss that reads only q[y] trains on the teacher's scores kept from sampling (the
+    teacher scores each token once); one that needs its distribution scores the kept again."""
     config = load_config(
         None,
         overrides(
             tiny_pair, tmp_path, "rule.kind=release", "sampling.stop_at_release=true",
+            f"loss.kind={loss}",
             "sampling.compact_every=4", "segments.kind=token", "sampling.stop_min_gain=0",
             "rule.options={min_segments: 1, penalty: 0.0}",
         ),
@@ -214,7 +218,8 @@ def test_training_with_stopping_logs_what_was_sampled_scored_and_kept(tiny_pair,
     assert [line["step"] for line in lines] == [1, 2, 3]
     for line in lines:
         assert 0 < line["kept_tokens"] <= line["sampled_tokens"]
-        assert line["scored_tokens"] == line["sampled_tokens"] + line["kept_tokens"]
+        rescored = 0 if loss == "sampled_reverse_kl" else line["kept_tokens"]
+        assert line["scored_tokens"] == line["sampled_tokens"] + rescored
         assert line["kept_fraction"] == line["kept_tokens"] / line["sampled_tokens"]
         assert 0 <= line["stopped_fraction"] <= line["released_fraction"] <= 1
         assert "boundary_histogram" not in line

@@ -17,6 +17,7 @@ from opd_jax.core.diagnostics import (
 from opd_jax.core.losses import (
     LOSSES,
     REDUCTIONS,
+    SAMPLED_TOKEN_LOSSES,
     apply_loss,
     check_loss,
     loss_options,
@@ -30,6 +31,7 @@ from opd_jax.core.objective import (
     ObjectiveSettings,
     objective_from_scores,
     opd_objective,
+    opd_objective_given_teacher,
 )
 from opd_jax.core.online_release import (
     OnlineCut,
@@ -60,11 +62,17 @@ from opd_jax.core.stats import (
     topk_margin,
     union_forward_kl,
 )
+from opd_jax.core.teacher_scores import (
+    TeacherScores,
+    score_given_teacher,
+    teacher_scores_from_logits,
+)
 
 __all__ = [
     "COMPARED_RULES",
     "COUNTS",
     "LOSSES",
+    "SAMPLED_TOKEN_LOSSES",
     "MARGIN_KINDS",
     "ObjectiveAux",
     "ObjectiveSettings",
@@ -93,6 +101,7 @@ __all__ = [
     "margin_from_stats",
     "objective_from_scores",
     "opd_objective",
+    "opd_objective_given_teacher",
     "position_profile",
     "reduce_loss",
     "release_with_margin",
@@ -100,6 +109,9 @@ __all__ = [
     "rule_options",
     "sampled_advantage",
     "score_chunked",
+    "score_given_teacher",
+    "TeacherScores",
+    "teacher_scores_from_logits",
     "segment_means",
     "segment_profile",
     "select_top",

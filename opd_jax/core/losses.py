@@ -50,9 +50,21 @@ def sampled_reverse_kl(z_s: jax.Array, z_t: jax.Array, tokens: jax.Array) -> jax
     y = tokens.astype(jnp.int32)[..., None]
     s_y = (jnp.take_along_axis(z_s, y, axis=-1) - jax.nn.logsumexp(z_s, -1, keepdims=True))[..., 0]
     q_y = (jnp.take_along_axis(z_t, y, axis=-1) - jax.nn.logsumexp(z_t, -1, keepdims=True))[..., 0]
+    return policy_gradient_term(s_y, q_y)
+
+
+def policy_gradient_term(s_y: jax.Array, q_y: jax.Array) -> jax.Array:
+    """``-sg(q[y] - s[y]) * s[y]`` from the two log-probabilities of the sampled tokens."""
     # Named so that a rematerialised caller can keep it and not recompute the teacher.
     advantage = checkpoint_name(jax.lax.stop_gradient(q_y - s_y), SAVED_ADVANTAGE)
     return -advantage * s_y
+
+
+# The losses whose term needs nothing of the teacher but q[y]: they train on teacher scores
+# kept from sampling (opd_jax.core.teacher_scores), as function(s_y, q_y, **options).
+SAMPLED_TOKEN_LOSSES: dict[str, Callable[..., jax.Array]] = {
+    "sampled_reverse_kl": policy_gradient_term
+}
 
 
 def reverse_kl(z_s: jax.Array, z_t: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ from opd_jax.core.losses import reduce_loss
 from opd_jax.core.rules import RULES, RuleBatch, apply_rule, release_with_margin, rule_options
 from opd_jax.core.scoring import Scored, score_chunked
 from opd_jax.core.stats import TokenStats, sampled_advantage
+from opd_jax.core.teacher_scores import TeacherScores, score_given_teacher
 
 # The rules whose kept fraction is logged beside the training rule's (deterministic ones).
 COMPARED_RULES = ("release", "prefix_fraction", "ta_opd", "entropy", "tip")
@@ -121,6 +122,34 @@ def opd_objective(
         teacher_unembed,
         tokens,
         k=s.k,
+        loss_kind=s.loss,
+        loss_options=dict(s.loss_options),
+        chunk_size=s.chunk_size,
+    )
+    return objective_from_scores(scored, response_mask, seg, key, settings, cut)
+
+
+def opd_objective_given_teacher(
+    student_hidden: jax.Array,
+    student_unembed: jax.Array,
+    teacher: TeacherScores,
+    tokens: jax.Array,
+    response_mask: jax.Array,
+    seg: jax.Array,
+    key: jax.Array | None,
+    settings: ObjectiveSettings = ObjectiveSettings(),
+    cut: jax.Array | None = None,
+) -> tuple[jax.Array, ObjectiveAux]:
+    """:func:`opd_objective` with the teacher's scores given (:class:`TeacherScores` kept from
+    sampling) instead of its hidden states: :func:`score_given_teacher`, then
+    :func:`objective_from_scores`. ``settings.loss`` must read only ``q[y]``
+    (:data:`~opd_jax.core.losses.SAMPLED_TOKEN_LOSSES`)."""
+    s = settings
+    scored = score_given_teacher(
+        student_hidden,
+        student_unembed,
+        teacher,
+        tokens,
         loss_kind=s.loss,
         loss_options=dict(s.loss_options),
         chunk_size=s.chunk_size,

@@ -58,13 +58,16 @@ def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: in
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "width", "kind", "k", "renormalize"), donate_argnums=(2,)
+    jax.jit,
+    static_argnames=("graphdef", "width", "kind", "k", "renormalize", "scores"),
+    donate_argnums=(2,),
 )
 def _teacher_margins(
-    graphdef, params, cache, last_RxD, s: _State, start, *, width, kind, k, renormalize
+    graphdef, params, cache, last_RxD, s: _State, start, *, width, kind, k, renormalize, scores
 ):
     """The teacher over columns ``[start, start + width)`` of the sampler's rows: the margin
-    ``[R, width]`` there (0 off the response), the cache after them and the last hidden."""
+    ``[R, width]`` there (0 off the response), the cache after them, the last hidden and, with
+    ``scores``, the :class:`~opd_jax.core.TeacherScores` there (else None)."""
     teacher: Decoder = nnx.merge(graphdef, params)
     cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)  # noqa: E731
     tokens_RxC, response_RxC = cut(s.tokens_RxS), cut(s.response_RxS)
@@ -87,7 +90,8 @@ def _teacher_margins(
         student_at_teacher_topk=zeros,
     )
     margin_RxC = margin_from_stats(stats, kind, k=k, renormalize=renormalize)
-    return jnp.where(response_RxC > 0, margin_RxC, 0.0), cache, h_RxCxD[:, -1]
+    kept = core.teacher_scores_from_logits(ids_RxCxK, z_RxCxV, tokens_RxC) if scores else None
+    return jnp.where(response_RxC > 0, margin_RxC, 0.0), cache, h_RxCxD[:, -1], kept
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
@@ -128,10 +132,13 @@ class ReleaseWatch:
       segments: ``(kind, tokens)`` of the ``segments`` section.
       rule_options: the release rule's options (margin and change point).
       confirm, min_gain: :func:`~opd_jax.core.online_cut`'s.
+      k: the student's candidates recorded (the margin reads its first ``margin_k``).
+      keep_scores: also keep :class:`~opd_jax.core.TeacherScores` of every sampled token.
 
     After :func:`sample`, ``margin [R0, N]`` holds every sampled token's margin, ``stopped``
     ``[R0]`` the rows it stopped, ``tau [R0]`` their cut (sentences kept), ``seen [R0]`` the
-    complete sentences at that look and ``scored_tokens`` the tokens the teacher scored.
+    complete sentences at that look and ``scored_tokens`` the tokens the teacher scored;
+    with ``keep_scores``, ``scores`` holds the teacher's scores ``[R0, N(, k)]`` by field.
     """
 
     def __init__(
@@ -144,11 +151,14 @@ class ReleaseWatch:
         rule_options: Mapping[str, Any],
         confirm: int = 0,
         min_gain: float = 8.0,
+        k: int | None = None,
+        keep_scores: bool = False,
     ) -> None:
         self.graphdef, self.params = nnx.split(teacher)
         self.tokenizer, self.N, self.segments = tokenizer, max_new_tokens, segments
         self.margin_options, changepoint = split_release_options(rule_options)
-        self.k = int(self.margin_options["margin_k"])
+        self.k = int(self.margin_options["margin_k"]) if k is None else k
+        self.keep_scores = keep_scores
         self.online = tuple(
             sorted((changepoint | dict(confirm=confirm, min_gain=min_gain)).items())
         )
@@ -166,16 +176,24 @@ class ReleaseWatch:
         self.seen = np.zeros(B * n, np.int32)
         self.scored_tokens = 0
         self.decoders: dict[int, OffsetDecoder] = {}
+        self.scores: dict[str, np.ndarray] = {}
 
     def look(self, s: _State, prompt_len: int, made: int) -> np.ndarray:
         P, width = prompt_len, prompt_len + made - self.column
         o = self.margin_options
-        margin, self.cache, self.last = _teacher_margins(
+        margin, self.cache, self.last, scores = _teacher_margins(
             self.graphdef, self.params, self.cache, self.last, s, np.int32(self.column),
-            width=width, kind=o["margin_kind"], k=self.k, renormalize=o["renormalize"],
+            width=width, kind=o["margin_kind"], k=o["margin_k"], renormalize=o["renormalize"],
+            scores=self.keep_scores,
         )  # fmt: skip
         new = slice(made - width, made)  # the response columns scored now
         self.margin[self.rows, new] = np.asarray(margin)
+        if scores is not None:
+            for name, value in scores._asdict().items():
+                if name not in self.scores:
+                    shape = (len(self.margin), self.N) + value.shape[2:]
+                    self.scores[name] = np.zeros(shape, value.dtype)
+                self.scores[name][self.rows, new] = np.asarray(value)
         self.column = P + made
         # whole to the host, then sliced: a device slice would compile for every (rows, made)
         tokens, response = (np.asarray(x)[:, P : P + made] for x in (s.tokens_RxS, s.response_RxS))

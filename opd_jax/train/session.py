@@ -150,11 +150,16 @@ def kept_width(keep: int, max_new_tokens: int) -> int:
 
 
 def cut_rows(
-    host: dict[str, np.ndarray], keep: np.ndarray, prompt_len: int, sampling_config: Any
+    host: dict[str, np.ndarray],
+    keep: np.ndarray,
+    prompt_len: int,
+    sampling_config: Any,
+    response_columns: tuple[str, ...] = ("seg",),
 ) -> dict[str, np.ndarray]:
     """Host rows ``tokens, attention_mask, response_mask [B, S]`` and ``seg [B, N]`` with
     each row's response cut after its first ``keep[b]`` tokens (padding after them) and the
-    columns narrowed to :func:`kept_width`."""
+    columns narrowed to :func:`kept_width` (those of ``response_columns`` ``[B, N, ...]`` too,
+    where present)."""
     width = kept_width(int(keep.max(initial=0)), sampling_config.max_new_tokens)
     kept = np.arange(host["seg"].shape[1])[None, :] < keep[:, None]
     out = dict(host)
@@ -163,7 +168,9 @@ def cut_rows(
         column[:, prompt_len:] *= kept.astype(column.dtype)
         out[name] = column
     out["seg"] = np.where(kept, host["seg"], -1)
-    out["seg"] = out["seg"][:, :width]
+    for name in response_columns:
+        if name in out:
+            out[name] = out[name][:, :width]
     for name in ("tokens", "attention_mask", "response_mask"):
         out[name] = out[name][:, : prompt_len + width]
     return out
@@ -297,7 +304,8 @@ class Session:
         if watch is None:
             return rows
         record = {"margin": watch.margin, "stopped": watch.stopped, "tau": watch.tau}
-        return (*rows, record | {"scored_tokens": np.asarray(watch.scored_tokens)})
+        record |= {"scored_tokens": np.asarray(watch.scored_tokens), "scores": watch.scores}
+        return (*rows, record)
 
     def release_watch(self) -> sampling.ReleaseWatch:
         """The watcher of ``sampling.stop_at_release`` for one call of :meth:`rollout`."""
@@ -315,6 +323,8 @@ class Session:
             rule_options=c.rule.options,
             confirm=c.sampling.stop_confirm,
             min_gain=c.sampling.stop_min_gain,
+            k=c.score.k,
+            keep_scores=c.loss.kind in core.SAMPLED_TOKEN_LOSSES,
         )
 
     def segments(self, rollout: tuple[np.ndarray, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -331,6 +341,7 @@ class Session:
         )
         if len(rollout) == 4:  # sampling.stop_at_release: where each row is cut
             record = rollout[3]
+            rows |= record["scores"]  # the teacher's scores kept from sampling, if any
             _, changepoint = sampling.split_release_options(self.config.rule.options)
             rows["keep"], rows["released"] = sampling.final_cuts(
                 record["margin"], rows["seg"], rollout[1][:, p:], record["stopped"],
@@ -347,8 +358,11 @@ class Session:
         tokens, response, prompt = rollout[:3]
         host = {"tokens": tokens, "attention_mask": response | prompt, "response_mask": response}
         host |= {k: v for k, v in segments.items() if k not in ("keep", "released")}
+        response_columns = ("seg", *core.TeacherScores._fields)
         if "keep" in segments:
-            host = cut_rows(host, segments["keep"], self.prompt_len, self.config.sampling)
+            host = cut_rows(
+                host, segments["keep"], self.prompt_len, self.config.sampling, response_columns
+            )
         return self.batches.to_device(host)
 
     def token_counts(
@@ -365,7 +379,8 @@ class Session:
         if len(rollout) < 4:
             return counts | {"scored_tokens": sampled}
         record = rollout[3]
-        counts["scored_tokens"] = float(record["scored_tokens"]) + kept
+        rescored = 0.0 if record["scores"] else kept  # no teacher pass where scores are kept
+        counts["scored_tokens"] = float(record["scored_tokens"]) + rescored
         counts["stopped_fraction"] = float(np.mean(record["stopped"]))
         counts["released_fraction"] = float(np.mean(segments["released"]))
         return counts

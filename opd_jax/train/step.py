@@ -45,23 +45,29 @@ def _student(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State | None
     return nnx.merge(graphdef, params, jax.lax.stop_gradient(frozen))
 
 
+TEACHER_SCORES = core.TeacherScores._fields  # batch keys of teacher scores kept from sampling
+
+
 def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings, frozen=None):
     model = _student(graphdef, params, frozen)
     tokens, mask = micro["tokens"], micro["attention_mask"]
     forward = dict(query_chunk=s.attention_chunk, attention=s.attention)
-    h_t = jax.lax.stop_gradient(teacher.response_hidden(tokens, mask, s.prompt_len, **forward))
     h_s = model.response_hidden(tokens, mask, s.prompt_len, remat=s.remat, **forward)
-    loss, aux = core.opd_objective(
-        h_s,
-        model.unembed_matrix(),
-        h_t,
-        jax.lax.stop_gradient(teacher.unembed_matrix()),
+    rows = (
         tokens[:, s.prompt_len :],
         micro["response_mask"][:, s.prompt_len :],
         micro["seg"],
         key,
         s.objective,
         micro.get("cut"),
+    )
+    if TEACHER_SCORES[0] in micro:  # kept from sampling: no teacher forward pass
+        given = core.TeacherScores(*(micro[name] for name in TEACHER_SCORES))
+        loss, aux = core.opd_objective_given_teacher(h_s, model.unembed_matrix(), given, *rows)
+        return loss, aux.diagnostics
+    h_t = jax.lax.stop_gradient(teacher.response_hidden(tokens, mask, s.prompt_len, **forward))
+    loss, aux = core.opd_objective(
+        h_s, model.unembed_matrix(), h_t, jax.lax.stop_gradient(teacher.unembed_matrix()), *rows
     )
     return loss, aux.diagnostics
 
@@ -97,7 +103,9 @@ def make_train_step(
       shardings: ``(param_shardings, opt_shardings)``: the step keeps the state in them.
 
     The batch holds ``tokens``, ``attention_mask``, ``response_mask`` ``[B, S]``, ``seg [B, N]``
-    and, for the rules of :data:`opd_jax.core.rules.CUT_RULES` only, ``cut [B]``; metrics are
+    and, for the rules of :data:`opd_jax.core.rules.CUT_RULES` only, ``cut [B]``; with the
+    fields of :class:`~opd_jax.core.TeacherScores` (``[B, N(, K)]``, kept from sampling) the
+    teacher runs no forward pass (:func:`~opd_jax.core.opd_objective_given_teacher`); metrics are
     scalars (loss, gradient norm, diagnostics, ``nonfinite``: 1 when the loss, the gradient or
     an updated parameter is not finite) and ``[bins]`` position profiles. With
     ``settings.skip_nonfinite`` such a step returns the state it was given.
