@@ -20,9 +20,11 @@ def check_stopping(config: Config) -> None:
             f"sampling.stop_at_release stops rollouts at the release rule's cut, but rule.kind "
             f"is {config.rule.kind!r}: set rule.kind=release or sampling.stop_at_release=false."
         )
-    if not config.sampling.compact_every:
+    every, budget = config.sampling.compact_every, config.sampling.max_new_tokens
+    if not 1 <= every < budget:
         raise ConfigError(
-            "sampling.stop_at_release decides every sampling.compact_every tokens: set it >= 1."
+            f"sampling.stop_at_release decides every sampling.compact_every tokens, "
+            f"{every} here: set it between 1 and sampling.max_new_tokens - 1 = {budget - 1}."
         )
     if config.mesh.rollout:
         raise ConfigError(

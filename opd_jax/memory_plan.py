@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.config import Config
 from opd_jax.core import SAMPLED_TOKEN_LOSSES, TeacherScores
-from opd_jax.core.rules import CUT_RULES, rule_options
+from opd_jax.core.rules import CUT_RULES
 from opd_jax.run_models import spec_config
 from opd_jax.sharding import DEFAULT_RULES
 from opd_jax.train.optimizer import make_optimizer
@@ -84,7 +84,6 @@ def plan(config: Config) -> dict[str, Any]:
 
     stop = config.sampling.stop_at_release
     vocab = student_cfg.token_vocab or student_cfg.vocab_size
-    k = int((rule_options("release") | config.rule.options)["margin_k"]) if stop else 0
     rows = {
         "student_params": device_bytes(params) + device_bytes(frozen),
         "optimizer_state": device_bytes(opt_state),
@@ -93,10 +92,11 @@ def plan(config: Config) -> dict[str, Any]:
         # sampled on the training devices, or on the mesh.rollout devices set apart
         "sampler_kv_cache": 0 if config.mesh.rollout else kv_cache(student_cfg),
         # sampling.stop_at_release: the teacher's cache while it scores the rows being sampled,
-        # the student's top-K at every column, one look's [rows, compact_every, V] logits
+        # the student's top-K (score.k ids and log-probs) at every column, and one column's
+        # [rows, V] teacher logits with their ranking copy at a look
         "teacher_kv_cache": kv_cache(teacher_cfg) if stop else 0,
         "release_watch_buffers": (
-            rows_here * ((p + n) * k * 8 + config.sampling.compact_every * vocab * 4) if stop else 0
+            rows_here * ((p + n) * config.score.k * 8 + 2 * vocab * 4) if stop else 0
         ),
         # train.async_rollouts on the training devices: the copy the next rollouts sample from
         "rollout_params": (

@@ -100,13 +100,14 @@ def test_the_plan_reports_the_shared_vocabulary(planned):
 def test_stopping_at_release_adds_the_teachers_cache_and_the_watchers_buffers(tiny_pair):
     """The teacher's cache is the one :class:`~opd_jax.sampling.ReleaseWatch` fills, of the
     teacher's shape; without stopping neither row holds anything."""
-    config = load_config(None, tiny_args(tiny_pair) + ["sampling.stop_at_release=true"])
+    stop = ["sampling.stop_at_release=true", "sampling.compact_every=4"]
+    config = load_config(None, tiny_args(tiny_pair) + stop)
     rows = plan(config)["gib_per_device"]
     cache = jax.eval_shape(lambda: KVCache.init(spec_config(config.teacher), B, P + N))
     expected = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (cache.k, cache.v))
     assert round(rows["teacher_kv_cache"] * GIB) == expected
     vocab = spec_config(config.student).vocab_size
-    k, c = 16, config.sampling.compact_every  # the release rule's margin_k, the look's width
-    assert round(rows["release_watch_buffers"] * GIB) == B * ((P + N) * k * 8 + c * vocab * 4)
+    k = config.score.k  # the student's candidates recorded; a look's logits: one column
+    assert round(rows["release_watch_buffers"] * GIB) == B * ((P + N) * k * 8 + 2 * vocab * 4)
     off = plan(load_config(None, tiny_args(tiny_pair)))["gib_per_device"]
     assert off["teacher_kv_cache"] == off["release_watch_buffers"] == 0

@@ -242,6 +242,7 @@ def test_prefix_tokens_samples_no_token_past_its_n(tiny_pair, tmp_path):
     [
         (["rule.kind=full"], "rule.kind=release"),
         (["rule.kind=release", "sampling.compact_every=0"], "compact_every"),
+        (["rule.kind=release", "sampling.compact_every=12"], "compact_every"),
     ],
 )
 def test_stopping_is_refused_where_it_cannot_run(tiny_pair, tmp_path, extra, message):
@@ -263,9 +264,32 @@ def test_the_watchers_sentences_grown_look_by_look_equal_the_hosts_at_once(pair_
     for r, row in enumerate(ids):
         tokens[r, : len(row)], response[r, : len(row)] = row, 1
     watch = _watch(teacher, tokenizer, width, segments=("sentence", 0))
-    watch.rows, watch.decoders = np.arange(2), {}
+    watch.tokens, watch.response, watch.decoders = tokens, response, {}
     for made in (5, 11, width):
-        got = watch._seg(tokens[:, :made], response[:, :made])
+        got = watch._seg(np.arange(2), made)
         want = response_segments(tokenizer, tokens[:, :made], response[:, :made], "sentence", 0)
         np.testing.assert_array_equal(got, want[0]["seg"])
     assert got.max() >= 2  # the texts' sentences were found
+
+
+def test_the_live_decision_is_the_replay_of_the_sampled_rows(pair_models):
+    """Looks check every sentence count that completed since the last one: on the rollouts
+    it made, :func:`~opd_jax.core.replay_online` stops the rows the watcher stopped, at the same
+    count and cut, and no other row."""
+    student, teacher, tokenizer = pair_models
+    tokens, mask = _prompts(tokenizer)
+    N, options = 40, dict(min_segments=1, penalty=0.0)
+    watch = _watch(
+        teacher, tokenizer, N, segments=("token", 1), min_gain=0.0, rule_options=options,
+        confirm=0,
+    )  # fmt: skip
+    result = _sample(student, tokens, mask, N, watch, n=2)
+    P = tokens.shape[1]
+    response = np.asarray(result.response_mask[:, P:])
+    seg = np.where(response > 0, np.arange(N), -1)
+    means, count = sampling.release_watch.segment_means_host(watch.margin, seg, N)
+    replay = jax.device_get(core.replay_online(means, count, confirm=0, min_gain=0.0, **options))
+    assert watch.stopped.any()
+    np.testing.assert_array_equal(watch.stopped, replay.stopped)
+    np.testing.assert_array_equal(watch.seen[watch.stopped], replay.seen[watch.stopped])
+    np.testing.assert_array_equal(watch.tau[watch.stopped], replay.tau[watch.stopped])

@@ -36,6 +36,7 @@ from opd_jax.core.objective import (
 from opd_jax.core.online_release import (
     OnlineCut,
     OnlineReplay,
+    first_certain,
     online_cut,
     online_options,
     replay_online,
@@ -91,6 +92,7 @@ __all__ = [
     "find_release",
     "OnlineCut",
     "OnlineReplay",
+    "first_certain",
     "online_cut",
     "online_options",
     "replay_online",

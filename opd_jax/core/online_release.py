@@ -75,6 +75,52 @@ def online_cut(
     return OnlineCut(certain=certain_B, tau=tau_JxB[0], gain=gain_B)
 
 
+def first_certain(
+    means: jax.Array,
+    seen: jax.Array,
+    lengths: jax.Array,
+    *,
+    window: int,
+    confirm: int = 0,
+    min_gain: float = 8.0,
+    **changepoint: Any,
+) -> OnlineReplay:
+    """The first ``n`` in ``(seen[b], lengths[b]]`` (at most ``window`` of them) at which
+    :func:`online_cut` is certain: what a look decides when sentences ``seen + 1 ..
+    lengths`` completed since the last one, every count checked as if looked at alone.
+
+    Args:
+      means: ``[B, N]``; seen: ``[B]`` sentence counts already checked; lengths: ``[B]``
+        complete sentences now; window: static bound on ``lengths - seen``; options as
+        :func:`online_cut`.
+
+    Returns:
+      :class:`OnlineReplay`: ``stopped``, the first certain ``n`` as ``seen`` (``lengths``
+      where none) and its cut ``tau`` (the offline cut on ``lengths`` where none).
+    """
+    checks.require_rank(means, 2, "means", "[B, N]")
+    checks.require_rank(lengths, 1, "lengths", "[B]")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}.")
+    n_B = lengths.astype(jnp.int32)
+    n_WxB = seen.astype(jnp.int32)[None, :] + jnp.arange(1, window + 1, dtype=jnp.int32)[:, None]
+    cuts = jax.vmap(
+        lambda n: online_cut(
+            means, jnp.minimum(n, n_B), confirm=confirm, min_gain=min_gain, **changepoint
+        )
+    )(n_WxB)  # [W, B] each
+    certain_WxB = cuts.certain & (n_WxB <= n_B[None, :])
+    stopped_B = certain_WxB.any(0)
+    first_B = jnp.argmax(certain_WxB, axis=0)
+    online_tau_B = jnp.take_along_axis(cuts.tau, first_B[None, :], axis=0)[0]
+    offline_tau_B, _, _ = bic_split(means, n_B, **changepoint)
+    return OnlineReplay(
+        stopped=stopped_B,
+        seen=jnp.where(stopped_B, n_WxB[first_B, jnp.arange(n_B.shape[0])], n_B).astype(jnp.int32),
+        tau=jnp.where(stopped_B, online_tau_B, offline_tau_B).astype(jnp.int32),
+    )
+
+
 def replay_online(
     means: jax.Array,
     lengths: jax.Array,
@@ -85,7 +131,8 @@ def replay_online(
 ) -> OnlineReplay:
     """The online rule replayed on whole rows: the first ``n <= lengths[b]`` at which
     :func:`online_cut` is certain, and its cut; rows never certain keep the offline cut on all
-    ``lengths[b]`` sentences (what a row sampled to its end is cut at).
+    ``lengths[b]`` sentences (what a row sampled to its end is cut at). Release-aware sampling
+    checks every count as it completes (:func:`first_certain`), so this is where it stops.
 
     Args:
       means: ``[B, N]``; lengths: ``[B]`` all sentences of each row; options as
@@ -95,24 +142,11 @@ def replay_online(
       :class:`OnlineReplay`.
     """
     checks.require_rank(means, 2, "means", "[B, N]")
-    checks.require_rank(lengths, 1, "lengths", "[B]")
-    n_B = lengths.astype(jnp.int32)
-    seen_N = jnp.arange(1, means.shape[1] + 1, dtype=jnp.int32)
-    cuts = jax.vmap(
-        lambda n: online_cut(
-            means, jnp.minimum(n, n_B), confirm=confirm, min_gain=min_gain, **changepoint
-        )
-    )(seen_N)  # [N, B] each
-    certain_NxB = cuts.certain & (seen_N[:, None] <= n_B[None, :])
-    stopped_B = certain_NxB.any(0)
-    first_B = jnp.argmax(certain_NxB, axis=0)
-    online_tau_B = jnp.take_along_axis(cuts.tau, first_B[None, :], axis=0)[0]
-    offline_tau_B, _, _ = bic_split(means, n_B, **changepoint)
-    return OnlineReplay(
-        stopped=stopped_B,
-        seen=jnp.where(stopped_B, seen_N[first_B], n_B).astype(jnp.int32),
-        tau=jnp.where(stopped_B, online_tau_B, offline_tau_B).astype(jnp.int32),
-    )
+    seen = jnp.zeros(means.shape[:1], jnp.int32)
+    return first_certain(
+        means, seen, lengths, window=max(means.shape[1], 1), confirm=confirm,
+        min_gain=min_gain, **changepoint,
+    )  # fmt: skip
 
 
 def online_options() -> dict[str, Any]:

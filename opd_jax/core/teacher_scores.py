@@ -6,7 +6,9 @@ the rows are sampled. For a loss of :data:`~opd_jax.core.losses.SAMPLED_TOKEN_LO
 reads the teacher only through ``q[y]``) what it kept there is enough: the update scores the
 student alone, chunk by chunk as :func:`~opd_jax.core.scoring.score_chunked` does, and takes the
 teacher's side of :class:`~opd_jax.core.stats.TokenStats` from :class:`TeacherScores`. The
-student's candidates ``S_t`` are those decoding recorded (the same parameters' top-K).
+student's candidates ``S_t`` are those decoding recorded: the same parameters' top-K, or the
+previous step's with ``train.async_rollouts`` (only the diagnostics read them; the loss reads
+``s[y]`` and ``q[y]``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ margin over all tokens falls, the fall is the data's, not the teacher's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -226,6 +227,10 @@ def profile(
             f"the ideal teacher is the arithmetic task's generator, but data.source is "
             f"{config.data.source!r}: profile without it, or set data.source=arithmetic."
         )
+    # the profile reads whole rollouts and the offline rule's diagnostics: never stopped early
+    config = dataclasses.replace(
+        config, sampling=dataclasses.replace(config.sampling, stop_at_release=False)
+    )
     source = open_data(config)
     session = Session.build(config)
     prompts, _ = session.prompt_iterator(source)

@@ -30,6 +30,7 @@ from opd_jax.core.stats import TokenStats, margin_from_stats
 from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.models.tokenizer import OffsetDecoder, Tokenizer
 from opd_jax.sampling.generate import _State
+from opd_jax.sharding import ShardingRules, constrain
 from opd_jax.text_segments import token_sentences
 
 MARGIN_OPTIONS = ("margin_kind", "margin_k", "renormalize")
@@ -43,6 +44,21 @@ def split_release_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], d
     return margin, {k: v for k, v in full.items() if k not in MARGIN_OPTIONS}
 
 
+KV_AXES = ("layers", "batch", "kv_heads", "sequence", "head_dim")
+
+
+def _constrain(cache: KVCache, last_RxD: jax.Array, rules: ShardingRules):
+    """The teacher's cache and last hidden with their rows over the mesh's batch axes, as the
+    sampler's (under an ambient mesh; identity without)."""
+    cache = KVCache(
+        k=constrain(cache.k, KV_AXES, rules),
+        v=constrain(cache.v, KV_AXES, rules),
+        mask=constrain(cache.mask, ("batch", None), rules),
+        index=cache.index,
+    )
+    return cache, constrain(last_RxD, ("batch", None), rules)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "size", "n"))
 def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: int):
     """The teacher's cache over the prompts (``size`` slots), repeated ``n`` times like the
@@ -54,7 +70,7 @@ def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: in
     cache = KVCache(
         k=repeat(cache.k, 1), v=repeat(cache.v, 1), mask=repeat(cache.mask, 0), index=cache.index
     )
-    return cache, repeat(h_BxPxD[:, -1], 0)
+    return _constrain(cache, repeat(h_BxPxD[:, -1], 0), teacher.rules)
 
 
 @functools.partial(
@@ -62,41 +78,52 @@ def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: in
     static_argnames=("graphdef", "width", "kind", "k", "renormalize", "scores"),
     donate_argnums=(2,),
 )
-def _teacher_margins(
+def _teacher_look(
     graphdef, params, cache, last_RxD, s: _State, start, *, width, kind, k, renormalize, scores
 ):
-    """The teacher over columns ``[start, start + width)`` of the sampler's rows: the margin
-    ``[R, width]`` there (0 off the response), the cache after them, the last hidden and, with
-    ``scores``, the :class:`~opd_jax.core.TeacherScores` there (else None)."""
+    """The teacher over columns ``[start, start + width)`` of the sampler's rows, one chunked
+    forward with its cache. Returns those columns' tokens and response mask ``[R, width]``,
+    the margin there (0 off the response), the cache after them, the last hidden and, with
+    ``scores``, the :class:`~opd_jax.core.TeacherScores` there (else None). Logits are formed
+    one column at a time: ``[R, V]`` alive at once."""
     teacher: Decoder = nnx.merge(graphdef, params)
     cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)  # noqa: E731
     tokens_RxC, response_RxC = cut(s.tokens_RxS), cut(s.response_RxS)
     h_RxCxD, cache = teacher.hidden_cached(tokens_RxC, cache, attention_mask=response_RxC)
     before_RxCxD = jnp.concatenate([last_RxD[:, None], h_RxCxD[:, :-1]], axis=1)  # predicts
-    z_RxCxV = teacher.logits(before_RxCxD)
-    lse_RxCx1 = jax.nn.logsumexp(z_RxCxV, axis=-1, keepdims=True)
-    ids_RxCxK = cut(s.topk_ids_RxSxK)
-    q_at = lambda ids: jnp.take_along_axis(z_RxCxV, ids, axis=-1) - lse_RxCx1  # noqa: E731
-    zeros = jnp.zeros_like(ids_RxCxK, jnp.float32)
-    stats = TokenStats(
-        tokens=tokens_RxC,
-        student_logp=zeros[..., 0],  # no margin kind reads these four
-        teacher_logp=q_at(tokens_RxC[..., None])[..., 0],
-        student_topk_ids=ids_RxCxK,
-        student_topk_logp=cut(s.topk_logp_RxSxK),
-        teacher_at_student_topk=q_at(ids_RxCxK),
-        teacher_topk_ids=ids_RxCxK,
-        teacher_topk_logp=zeros,
-        student_at_teacher_topk=zeros,
-    )
-    margin_RxC = margin_from_stats(stats, kind, k=k, renormalize=renormalize)
-    kept = core.teacher_scores_from_logits(ids_RxCxK, z_RxCxV, tokens_RxC) if scores else None
-    return jnp.where(response_RxC > 0, margin_RxC, 0.0), cache, h_RxCxD[:, -1], kept
+    ids_RxCxK, logp_RxCxK = cut(s.topk_ids_RxSxK), cut(s.topk_logp_RxSxK)
+
+    def column(xs):
+        h_RxD, y_R, ids_RxK, logp_RxK = xs
+        z_RxV = teacher.logits(h_RxD[:, None])[:, 0]
+        kept = core.teacher_scores_from_logits(ids_RxK, z_RxV, y_R)
+        zeros = jnp.zeros_like(logp_RxK)
+        stats = TokenStats(
+            tokens=y_R,
+            student_logp=zeros[:, 0],  # no margin kind reads these two
+            teacher_logp=kept.teacher_logp,
+            student_topk_ids=ids_RxK,
+            student_topk_logp=logp_RxK,
+            teacher_at_student_topk=kept.teacher_at_student_topk,
+            teacher_topk_ids=kept.teacher_topk_ids,
+            teacher_topk_logp=kept.teacher_topk_logp,
+            student_at_teacher_topk=zeros,
+        )
+        margin_R = margin_from_stats(stats, kind, k=k, renormalize=renormalize)
+        return margin_R, kept if scores else None
+
+    columns = (before_RxCxD, tokens_RxC, ids_RxCxK, logp_RxCxK)
+    margin_CxR, kept = jax.lax.map(column, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), columns))
+    rows_first = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+    margin_RxC = jnp.where(response_RxC > 0, rows_first(margin_CxR), 0.0)
+    kept = None if kept is None else jax.tree.map(rows_first, kept)
+    cache, last_RxD = _constrain(cache, h_RxCxD[:, -1], teacher.rules)
+    return tokens_RxC, response_RxC, margin_RxC, cache, last_RxD, kept
 
 
-@functools.partial(jax.jit, static_argnames=("options",))
-def _online(means_RxN, complete_R, options: tuple):
-    return core.online_cut(means_RxN, complete_R, **dict(options))
+@functools.partial(jax.jit, static_argnames=("window", "options"))
+def _first_certain(means_RxN, seen_R, complete_R, *, window: int, options: tuple):
+    return core.first_certain(means_RxN, seen_R, complete_R, window=window, **dict(options))
 
 
 def segment_means_host(
@@ -104,13 +131,12 @@ def segment_means_host(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Host: the margin's mean over each segment, ``[R, width]``, and each row's segment
     count ``[R]`` (1 + its largest id; ids >= ``width`` ignored)."""
-    rows, n = margin_RxN.shape
+    rows = margin_RxN.shape[0]
     valid = (seg_RxN >= 0) & (seg_RxN < width)
-    r_idx = np.broadcast_to(np.arange(rows)[:, None], (rows, n))[valid]
-    sums = np.zeros((rows, width), np.float64)
-    counts = np.zeros((rows, width), np.float64)
-    np.add.at(sums, (r_idx, seg_RxN[valid]), margin_RxN[valid])
-    np.add.at(counts, (r_idx, seg_RxN[valid]), 1.0)
+    flat = (np.arange(rows)[:, None] * width + seg_RxN)[valid]
+    sums = np.bincount(flat, margin_RxN[valid].astype(np.float64), minlength=rows * width)
+    counts = np.bincount(flat, minlength=rows * width).astype(np.float64)
+    sums, counts = sums.reshape(rows, width), counts.reshape(rows, width)
     means = np.where(counts > 0, sums / np.maximum(counts, 1.0), 0.0).astype(np.float32)
     segments = np.where(valid, seg_RxN + 1, 0).max(axis=-1, initial=0).astype(np.int32)
     return means, segments
@@ -155,6 +181,7 @@ class ReleaseWatch:
         keep_scores: bool = False,
     ) -> None:
         self.graphdef, self.params = nnx.split(teacher)
+        self.rules = teacher.rules
         self.tokenizer, self.N, self.segments = tokenizer, max_new_tokens, segments
         self.margin_options, changepoint = split_release_options(rule_options)
         self.k = int(self.margin_options["margin_k"]) if k is None else k
@@ -168,81 +195,95 @@ class ReleaseWatch:
         self.cache, self.last = _teacher_prefill(
             self.graphdef, self.params, tokens_BxP, mask_BxP, size=P + self.N, n=n
         )
-        self.rows = np.arange(B * n)
+        R0 = B * n
+        self.rows = np.arange(R0)
         self.column = P
-        self.margin = np.zeros((B * n, self.N), np.float32)
-        self.stopped = np.zeros(B * n, bool)
-        self.tau = np.full(B * n, -1, np.int32)
-        self.seen = np.zeros(B * n, np.int32)
+        self.tokens = np.zeros((R0, self.N), np.int32)  # the response columns, as scored
+        self.response = np.zeros((R0, self.N), np.int32)
+        self.margin = np.zeros((R0, self.N), np.float32)
+        self.checked = np.zeros(R0, np.int32)  # sentence counts already checked, per row
+        self.stopped = np.zeros(R0, bool)
+        self.tau = np.full(R0, -1, np.int32)
+        self.seen = np.zeros(R0, np.int32)
         self.scored_tokens = 0
         self.decoders: dict[int, OffsetDecoder] = {}
         self.scores: dict[str, np.ndarray] = {}
 
     def look(self, s: _State, prompt_len: int, made: int) -> np.ndarray:
-        P, width = prompt_len, prompt_len + made - self.column
+        width = prompt_len + made - self.column
+        new = slice(self.column - prompt_len, made)  # the response columns scored now
         o = self.margin_options
-        margin, self.cache, self.last, scores = _teacher_margins(
+        tokens, response, margin, self.cache, self.last, scores = _teacher_look(
             self.graphdef, self.params, self.cache, self.last, s, np.int32(self.column),
             width=width, kind=o["margin_kind"], k=o["margin_k"], renormalize=o["renormalize"],
             scores=self.keep_scores,
         )  # fmt: skip
-        new = slice(made - width, made)  # the response columns scored now
-        self.margin[self.rows, new] = np.asarray(margin)
-        if scores is not None:
-            for name, value in scores._asdict().items():
-                if name not in self.scores:
-                    shape = (len(self.margin), self.N) + value.shape[2:]
-                    self.scores[name] = np.zeros(shape, value.dtype)
-                self.scores[name][self.rows, new] = np.asarray(value)
-        self.column = P + made
-        # whole to the host, then sliced: a device slice would compile for every (rows, made)
-        tokens, response = (np.asarray(x)[:, P : P + made] for x in (s.tokens_RxS, s.response_RxS))
-        self.scored_tokens += int(response[:, new].sum())
-        live = ~(np.asarray(s.done_R) | (made >= self.N))
-        if not live.any():
-            return live
-        # every row of the loop (its row count compiles once): finished rows are never stopped
-        seg = self._seg(tokens, response)
-        means, count = segment_means_host(self.margin[self.rows, :made], seg, self.N)
-        cut = _online(means, np.maximum(count - 1, 0), self.online)  # the last may go on
-        stop = np.asarray(cut.certain) & live
-        rows = self.rows[stop]
-        self.stopped[rows] = True
-        self.tau[rows] = np.asarray(cut.tau)[stop]
-        self.seen[rows] = (count - 1)[stop]
+        self.column = prompt_len + made
+        rows = self.rows
+        self.tokens[rows, new], self.response[rows, new] = np.asarray(tokens), np.asarray(response)
+        self.margin[rows, new] = np.asarray(margin)
+        self.scored_tokens += int(self.response[rows, new].sum())
+        for name, value in ({} if scores is None else scores._asdict()).items():
+            if name not in self.scores:
+                shape = (len(self.margin), self.N) + value.shape[2:]
+                self.scores[name] = np.zeros(shape, value.dtype)
+            self.scores[name][rows, new] = np.asarray(value)
+        # the rows that sampled now; a row's sentences are complete but for a live row's last
+        done = np.asarray(s.done_R) | (made >= self.N)
+        active = self.response[rows, new].any(-1)
+        stop = np.zeros_like(active)
+        if not active.any():
+            return stop
+        # rows finished before are neither split nor checked: every row of the loop enters the
+        # decision (its row count compiles once), those with no count left to check
+        at = np.flatnonzero(active)
+        seg = np.full((len(rows), made), -1, np.int32)
+        seg[at] = self._seg(rows[at], made)
+        means, count = segment_means_host(self.margin[rows, :made], seg, self.N)
+        complete = np.maximum(np.where(done, count, count - 1), self.checked[rows])
+        complete = np.where(active, complete, self.checked[rows])
+        cut = jax.device_get(
+            _first_certain(means, self.checked[rows], complete, window=width, options=self.online)
+        )
+        stop = cut.stopped & active
+        self.checked[rows] = complete
+        decided = rows[stop]
+        self.stopped[decided] = True
+        self.tau[decided], self.seen[decided] = cut.tau[stop], cut.seen[stop]
         return stop
 
     def take(self, index_R: np.ndarray) -> None:
         self.rows = self.rows[index_R]
-        self.cache, self.last = _take(self.cache, self.last, jnp.asarray(index_R, jnp.int32))
+        self.cache, self.last = _take(
+            self.cache, self.last, jnp.asarray(index_R, jnp.int32), rules=self.rules
+        )
 
-    def _seg(self, tokens: np.ndarray, response: np.ndarray) -> np.ndarray:
-        """The segment ids of the loop's rows so far, ``[R, made]``, as
+    def _seg(self, rows: np.ndarray, made: int) -> np.ndarray:
+        """The segment ids of result rows ``rows`` so far, ``[len(rows), made]``, as
         :func:`~opd_jax.text_segments.response_segments` gives them; each row's tokens are
         decoded once (:class:`~opd_jax.models.OffsetDecoder`)."""
         kind, block = self.segments
-        seg = np.full(tokens.shape, -1, np.int32)
-        for i, row in enumerate(self.rows):
-            real = response[i].astype(bool)
-            n = int(real.sum())  # a row's response is its first n columns
+        seg = np.full((len(rows), made), -1, np.int32)
+        for i, row in enumerate(rows):
+            n = int(self.response[row, :made].sum())  # a row's response is its first n columns
             if kind == "sentence":
                 decoder = self.decoders.setdefault(row, OffsetDecoder(self.tokenizer))
-                decoder.feed(tokens[i, len(decoder.ids) : n])
+                decoder.feed(self.tokens[row, len(decoder.ids) : n])
                 seg[i, :n] = token_sentences(*decoder.result())
             else:
                 seg[i, :n] = np.arange(n) // (block if kind == "fixed" else 1)
         return seg
 
 
-@jax.jit
-def _take(cache: KVCache, last_RxD: jax.Array, index_R: jax.Array):
+@functools.partial(jax.jit, static_argnames=("rules",))
+def _take(cache: KVCache, last_RxD: jax.Array, index_R: jax.Array, *, rules: ShardingRules):
     taken = KVCache(
         k=jnp.take(cache.k, index_R, axis=1),
         v=jnp.take(cache.v, index_R, axis=1),
         mask=jnp.take(cache.mask, index_R, axis=0),
         index=cache.index,
     )
-    return taken, jnp.take(last_RxD, index_R, axis=0)
+    return _constrain(taken, jnp.take(last_RxD, index_R, axis=0), rules)
 
 
 def final_cuts(

@@ -199,6 +199,11 @@ class Session:
     def build(cls, config: Config) -> Session:
         """Loads the models onto the configured mesh and compiles nothing yet."""
         settings = step_settings(config)  # before loading: a bad attention choice fails fast
+        if config.sampling.stop_at_release and jax.process_count() > 1:
+            raise ConfigError(
+                "sampling.stop_at_release runs in a single process: set it to false for a "
+                "multi-process run."
+            )
         mesh = mesh_from_config(config)
         student, teacher, tokenizer = load_pair(config, mesh)
         graphdef, params, frozen = split_student(student)
@@ -309,11 +314,6 @@ class Session:
 
     def release_watch(self) -> sampling.ReleaseWatch:
         """The watcher of ``sampling.stop_at_release`` for one call of :meth:`rollout`."""
-        if jax.process_count() > 1:
-            raise ConfigError(
-                "sampling.stop_at_release runs in a single process: set it to false for a "
-                "multi-process run."
-            )
         c = self.config
         return sampling.ReleaseWatch(
             nnx.merge(self.teacher_graphdef, self.teacher_params),
@@ -369,16 +369,17 @@ class Session:
         self, rollout: tuple[np.ndarray, ...], segments: dict[str, np.ndarray], kept: float
     ) -> dict[str, float]:
         """A step's ``sampled_tokens``, ``scored_tokens`` (the teacher's forward passes:
-        during sampling and in the update) and ``kept_tokens`` (``kept``, the step's count),
-        with ``kept_fraction`` = kept / sampled; with ``sampling.stop_at_release`` also
-        ``stopped_fraction`` (rows stopped early) and ``released_fraction``."""
+        during sampling and in the update) and ``kept_tokens`` (``kept``, the step's count);
+        with ``sampling.stop_at_release`` also ``kept_fraction`` = kept / sampled (the step saw
+        the cut rows only), ``stopped_fraction`` (rows stopped early) and
+        ``released_fraction``."""
         shards = self.batches.process_rows(self.config.data.batch_size)[1]
         sampled = float(rollout[1].sum()) * shards
-        counts = {"sampled_tokens": sampled, "kept_tokens": kept}
-        counts["kept_fraction"] = kept / max(sampled, 1.0)
-        if len(rollout) < 4:
-            return counts | {"scored_tokens": sampled}
+        counts = {"sampled_tokens": sampled, "kept_tokens": kept, "scored_tokens": sampled}
+        if len(rollout) < 4:  # the step's own kept_fraction stands
+            return counts
         record = rollout[3]
+        counts["kept_fraction"] = kept / max(sampled, 1.0)  # the step saw only the kept
         rescored = 0.0 if record["scores"] else kept  # no teacher pass where scores are kept
         counts["scored_tokens"] = float(record["scored_tokens"]) + rescored
         counts["stopped_fraction"] = float(np.mean(record["stopped"]))
