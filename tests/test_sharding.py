@@ -116,6 +116,22 @@ def _sharded_checks() -> None:
     np.testing.assert_array_equal(got.response_mask, want.response_mask)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=5e-4)
 
+    # release-aware sampling on the mesh: the teacher's margins as on one device, its cache
+    # still split over the batch after rows were dropped
+    def watch(teacher):
+        return sampling.ReleaseWatch(
+            teacher, None, max_new_tokens=8, segments=("fixed", 2), rule_options={},
+            min_gain=1e30,
+        )  # fmt: skip
+
+    on_mesh, alone = watch(sharded), watch(single)
+    got = sampling.sample(sharded, rows, mesh=mesh, compact_every=2, watcher=on_mesh, **kwargs)
+    want = sampling.sample(single, rows, compact_every=2, watcher=alone, **kwargs)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(on_mesh.margin, alone.margin, atol=1e-3)
+    assert on_mesh.cache.k.shape[1] < 16, "no row was dropped"
+    assert not on_mesh.cache.k.sharding.is_fully_replicated, on_mesh.cache.k.sharding
+
     model = sharding.shard_model(Decoder(single.config, rngs=nnx.Rngs(1)), mesh)
     assert model.lm_head[...].sharding.spec == PartitionSpec("fsdp", "tensor")
     print("SHARDED OK")
