@@ -101,37 +101,27 @@ def bic_split(
 
 
 def bic_downward_changepoint(
-    series: jax.Array,
-    lengths: jax.Array,
-    *,
-    min_segments: int = 2,
-    k0: float = 1.0,
-    k1: float = 3.0,
-    penalty: float = 1.0,
-    min_drop_std: float = 0.0,
-    eps: float = 1e-8,
+    series: jax.Array, lengths: jax.Array, **options: Any
 ) -> tuple[jax.Array, jax.Array]:
     """Finds one downward change point per row.
 
     Args:
       series: ``[B, N]`` padded series; entries at or past ``lengths[b]`` are ignored.
       lengths: ``[B]`` number of valid entries n_b.
-      min_segments: l, the fewest segments on each side; rows with n_b < 2 l never release.
-      k0, k1, penalty, min_drop_std, eps: as in the module docstring.
+      **options: those of :func:`bic_split` (:func:`changepoint_options`): ``min_segments``
+        (l, the fewest segments on each side; rows with n_b < 2 l never release), ``k0``,
+        ``k1``, ``penalty``, ``min_drop_std``, ``eps`` as in the module docstring.
 
     Returns:
       ``tau [B] int32`` (segments in the kept prefix; ``n_b`` where not released) and
       ``released [B] bool``.
     """
-    tau, released, _ = bic_split(
-        series, lengths, min_segments=min_segments, k0=k0, k1=k1, penalty=penalty,
-        min_drop_std=min_drop_std, eps=eps,
-    )  # fmt: skip
+    tau, released, _ = bic_split(series, lengths, **options)
     return tau, released
 
 
 def changepoint_options() -> dict[str, Any]:
     """The change point's options and their defaults: the keyword-only parameters of
-    :func:`bic_downward_changepoint`, which the release rule passes on unchanged."""
-    params = inspect.signature(bic_downward_changepoint).parameters.values()
+    :func:`bic_split`, which the release rule passes on unchanged."""
+    params = inspect.signature(bic_split).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
