@@ -11,9 +11,9 @@ and at which sentence it would have been cut, against the offline rule on the wh
 row's tokens are a function of the key, its index and its position: the stopped rollout is a
 prefix of the whole one).
 
-Usage: ``python3 -m benchmarks.stop_at_release CONFIG [--set KEY=VALUE ...] [--steps N]
-[--warmup N] [--case NAME]``; prints a table and writes
-``benchmarks/results/stop_at_release_<case>_<device>.json``.
+Usage: ``python3 -m benchmarks.stop_at_release [CONFIG] [--set KEY=VALUE ...] [--steps N]
+[--warmup N] [--case NAME] [--out FILE]``; prints tables and writes
+``benchmarks/results/stop_at_release_<case>_<device>.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -40,13 +40,18 @@ def timed_step(session: Session, tokens, mask, key, rule_key) -> dict[str, float
     """One whole step (rollouts, segments, update) and its token counts."""
     start = time.perf_counter()
     rollout = session.rollout(tokens, mask, key)
+    sampled = time.perf_counter()
     seg, _ = session.segments(rollout)
-    metrics = jax.device_get(session.update(session.device_batch(rollout, seg), rule_key))
-    seconds = time.perf_counter() - start
+    batch = session.device_batch(rollout, seg)
+    segmented = time.perf_counter()
+    metrics = jax.device_get(session.update(batch, rule_key))
+    end = time.perf_counter()
+    phases = {"sample_s": sampled - start, "segment_s": segmented - sampled}
+    phases["update_s"], seconds = end - segmented, end - start
     counts = session.token_counts(rollout, seg, float(metrics["kept_tokens"]))
     # decoding runs until its last row ends: its iterations are the longest row's tokens
     longest = float(rollout[1].sum(-1).max())
-    return {"step_s": seconds, **counts, "longest_row": longest}
+    return {"step_s": seconds, **phases, **counts, "longest_row": longest}
 
 
 def replayed_cuts(session: Session, tokens, mask, key) -> dict[str, np.ndarray]:
@@ -96,8 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python3 -m benchmarks.stop_at_release", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("config")
+    parser.add_argument("config", nargs="?", help="a training config (default: the defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", help="the result file (default: benchmarks/results/...)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each session")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps (compiles)")
     parser.add_argument("--case", default=None, help="name in the result file (config stem)")
@@ -129,7 +135,8 @@ def main() -> None:
         for name, rows in steps.items()
     }
     table = [{"session": name, **values} for name, values in med.items()]
-    columns = ["session", "step_s", "sampled_tokens", "scored_tokens", "kept_tokens", "longest_row"]
+    columns = ["session", "step_s", "sample_s", "segment_s", "update_s", "sampled_tokens"]
+    columns += ["scored_tokens", "kept_tokens", "longest_row"]
     common.print_table(table, columns)
     agreement = agreement_summary(replays)
     _, changepoint = sampling.split_release_options(config.rule.options)
@@ -143,8 +150,8 @@ def main() -> None:
         f"cut = offline cut on {agreement['same_cut_of_released']:.3f} of released rows; kept "
         f"tokens online/offline {agreement['kept_ratio']:.3f}"
     )
-    case = args.case or args.config.rsplit("/", 1)[-1].removesuffix(".yaml")
-    out = common.result_path(f"stop_at_release_{case}")
+    case = args.case or (args.config or "defaults").rsplit("/", 1)[-1].removesuffix(".yaml")
+    out = args.out or common.result_path(f"stop_at_release_{case}")
     common.write_json(
         out,
         {

@@ -50,3 +50,28 @@ def test_the_parts_and_the_remainder_add_up_to_the_step(profile_rows):
 def test_the_step_row_reports_xla_memory(profile_rows):
     step = profile_rows["step"]
     assert step["xla_peak_gib"] > step["xla_temp_gib"] > 0
+
+
+def test_the_release_aware_sampling_benchmark_compares_both_sessions(tiny_pair, tmp_path):
+    """``python3 -m benchmarks.stop_at_release`` on the tiny pair (a setting where the rule
+    fires): both sessions' medians, fewer tokens sampled online, the replayed agreement and the
+    options sweep. No timing is asserted."""
+    out = tmp_path / "stop.json"
+    sets = [
+        f"student.path={tiny_pair / 'student'}", f"teacher.path={tiny_pair / 'teacher'}",
+        f"data.data_dir={tiny_pair / 'data'}", f"run.dir={tmp_path / 'run'}",
+        "data.batch_size=4", "data.max_prompt_tokens=96", "sampling.max_new_tokens=24",
+        "data.arithmetic={train_size: 32, test_size: 4, test_long_size: 4, test_unseen_op_size: 4}",
+        "sampling.compact_every=4", "segments.kind=token", "sampling.stop_min_gain=0",
+        "rule.options={min_segments: 1, penalty: 0.0}", "score.chunk_size=16",
+    ]  # fmt: skip
+    command = [sys.executable, "-m", "benchmarks.stop_at_release", "--steps", "1"]
+    command += ["--warmup", "0", "--out", str(out)] + [f"--set={x}" for x in sets]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    offline, online = result["median"]["offline"], result["median"]["online"]
+    assert online["sampled_tokens"] < offline["sampled_tokens"]
+    assert online["kept_tokens"] <= online["sampled_tokens"]
+    assert result["sampled_tokens_reduction"] > 0 and result["agreement"]["rows"] == 4
+    assert len(result["options_sweep"]) == 15
