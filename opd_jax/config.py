@@ -294,7 +294,7 @@ def validate(config: Config) -> Config:
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{key}={flat[key]!r} is not one of {list(choices)}.{hint}")
     check_sampling(config.sampling)
-    check_stopping(config)
+    check_stopping(config.sampling, config.rule.kind, config.mesh.rollout)
     check_mesh(config.mesh)
     for logger in config.run.loggers:
         if logger not in LOGGERS:
