@@ -10,6 +10,7 @@ from opd_jax.config import load_config
 from opd_jax.memory_plan import GIB, plan
 from opd_jax.models import KVCache
 from opd_jax.run_models import spec_config
+from opd_jax.sampling.release_watch import look_columns
 from opd_jax.train.session import Session
 
 B, P, N = 2, 16, 8
@@ -107,7 +108,11 @@ def test_stopping_at_release_adds_the_teachers_cache_and_the_watchers_buffers(ti
     expected = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (cache.k, cache.v))
     assert round(rows["teacher_kv_cache"] * GIB) == expected
     vocab = spec_config(config.student).vocab_size
-    k = config.score.k  # the student's candidates recorded; a look's logits: one column
-    assert round(rows["release_watch_buffers"] * GIB) == B * ((P + N) * k * 8 + 2 * vocab * 4)
+    k = config.score.k  # the student's candidates recorded; a look's logits: 5 columns here
+    look = look_columns(B, vocab, config.sampling.compact_every + 1)
+    assert look == 5  # the tiny vocabulary fits the whole look
+    assert round(rows["release_watch_buffers"] * GIB) == B * (
+        (P + N) * k * 8 + 2 * 4 * vocab * look
+    )
     off = plan(load_config(None, tiny_args(tiny_pair)))["gib_per_device"]
     assert off["teacher_kv_cache"] == off["release_watch_buffers"] == 0

@@ -43,10 +43,15 @@ def _sample(student, tokens, mask, n_new, watcher=None, n=1, compact_every=4):
     )  # fmt: skip
 
 
-def test_margins_scored_while_sampling_equal_a_full_forwards(pair_models, n=2):
+@pytest.mark.parametrize("logits_at_once", [2**24, 1])  # the whole look; a column at a time
+def test_margins_scored_while_sampling_equal_a_full_forwards(
+    pair_models, monkeypatch, logits_at_once, n=2
+):
     """The teacher's cached chunks and the student's top-K recorded by decoding give the margin
     that the step's full forward passes give, at every sampled token (prompts of different
-    lengths, `n` samples sharing a prefill, rows finishing early)."""
+    lengths, `n` samples sharing a prefill, rows finishing early), however many columns'
+    logits a look forms at once."""
+    monkeypatch.setattr(sampling.release_watch, "LOOK_LOGITS", logits_at_once)
     student, teacher, tokenizer = pair_models
     tokens, mask = _prompts(tokenizer)
     N = 13  # not a multiple of compact_every: the last look scores a shorter chunk

@@ -45,6 +45,13 @@ def split_release_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], d
 
 
 KV_AXES = ("layers", "batch", "kv_heads", "sequence", "head_dim")
+LOOK_LOGITS = 2**24  # teacher logits alive at once in a look (64 MiB of float32), at least a column
+
+
+def look_columns(rows: int, vocab: int, width: int) -> int:
+    """Columns whose ``[rows, V]`` teacher logits a look forms at once: as many as fit in
+    :data:`LOOK_LOGITS` (so small batches make one matmul of the look), at least one."""
+    return max(1, min(width, LOOK_LOGITS // max(rows * vocab, 1)))
 
 
 def _constrain(cache: KVCache, last_RxD: jax.Array, rules: ShardingRules):
@@ -75,17 +82,18 @@ def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: in
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "width", "kind", "k", "renormalize", "scores"),
+    static_argnames=("graphdef", "width", "kind", "k", "renormalize", "scores", "columns"),
     donate_argnums=(2,),
 )
 def _teacher_look(
-    graphdef, params, cache, last_RxD, s: _State, start, *, width, kind, k, renormalize, scores
-):
+    graphdef, params, cache, last_RxD, s: _State, start, *, width, kind, k, renormalize, scores,
+    columns,
+):  # fmt: skip
     """The teacher over columns ``[start, start + width)`` of the sampler's rows, one chunked
     forward with its cache. Returns those columns' tokens and response mask ``[R, width]``,
     the margin there (0 off the response), the cache after them, the last hidden and, with
     ``scores``, the :class:`~opd_jax.core.TeacherScores` there (else None). Logits are formed
-    one column at a time: ``[R, V]`` alive at once."""
+    ``columns`` columns at a time (:func:`look_columns`)."""
     teacher: Decoder = nnx.merge(graphdef, params)
     cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)  # noqa: E731
     tokens_RxC, response_RxC = cut(s.tokens_RxS), cut(s.response_RxS)
@@ -112,8 +120,10 @@ def _teacher_look(
         margin_R = margin_from_stats(stats, kind, k=k, renormalize=renormalize)
         return margin_R, kept if scores else None
 
-    columns = (before_RxCxD, tokens_RxC, ids_RxCxK, logp_RxCxK)
-    margin_CxR, kept = jax.lax.map(column, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), columns))
+    by_column = jax.tree.map(
+        lambda x: jnp.swapaxes(x, 0, 1), (before_RxCxD, tokens_RxC, ids_RxCxK, logp_RxCxK)
+    )
+    margin_CxR, kept = jax.lax.map(column, by_column, batch_size=columns)
     rows_first = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
     margin_RxC = jnp.where(response_RxC > 0, rows_first(margin_CxR), 0.0)
     kept = None if kept is None else jax.tree.map(rows_first, kept)
@@ -182,6 +192,7 @@ class ReleaseWatch:
     ) -> None:
         self.graphdef, self.params = nnx.split(teacher)
         self.rules = teacher.rules
+        self.vocab = teacher.config.token_vocab or teacher.config.vocab_size
         self.tokenizer, self.N, self.segments = tokenizer, max_new_tokens, segments
         self.margin_options, changepoint = split_release_options(rule_options)
         self.k = int(self.margin_options["margin_k"]) if k is None else k
@@ -216,7 +227,7 @@ class ReleaseWatch:
         tokens, response, margin, self.cache, self.last, scores = _teacher_look(
             self.graphdef, self.params, self.cache, self.last, s, np.int32(self.column),
             width=width, kind=o["margin_kind"], k=o["margin_k"], renormalize=o["renormalize"],
-            scores=self.keep_scores,
+            scores=self.keep_scores, columns=look_columns(len(self.rows), self.vocab, width),
         )  # fmt: skip
         self.column = prompt_len + made
         rows = self.rows
