@@ -48,7 +48,7 @@ def timed_step(session: Session, tokens, mask, key, rule_key) -> dict[str, float
     end = time.perf_counter()
     phases = {"sample_s": sampled - start, "segment_s": segmented - sampled}
     phases["update_s"], seconds = end - segmented, end - start
-    counts = session.token_counts(rollout, seg, float(metrics["kept_tokens"]))
+    counts = session.token_counts(rollout, seg, metrics)
     # decoding runs until its last row ends: its iterations are the longest row's tokens
     longest = float(rollout[1].sum(-1).max())
     return {"step_s": seconds, **phases, **counts, "longest_row": longest}

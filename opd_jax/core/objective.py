@@ -33,7 +33,13 @@ from opd_jax.core.teacher_scores import TeacherScores, score_given_teacher
 # The rules whose kept fraction is logged beside the training rule's (deterministic ones).
 COMPARED_RULES = ("release", "prefix_fraction", "ta_opd", "entropy", "tip")
 # Diagnostics that are counts (they add up over micro-batches); the others are means.
-COUNTS = ("boundary_histogram", "tokens_by_position", "rows_by_sentence", "kept_tokens")
+COUNTS = (
+    "boundary_histogram",
+    "tokens_by_position",
+    "rows_by_sentence",
+    "kept_tokens",
+    "response_token_sum",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +180,7 @@ def objective_from_scores(
       ``tokens_by_position``, ``boundary_histogram`` ``[bins]``; ``margin_by_sentence``,
       ``advantage_by_sentence``, ``rows_by_sentence`` ``[segment_bins]``; ``kept_fraction``,
       ``released_fraction``, ``margin_mean``, ``advantage_mean``, ``response_tokens``,
-      ``kept_tokens`` (tokens of weight > 0) and
+      ``kept_tokens`` (tokens of weight > 0), ``response_token_sum`` and
       ``kept/<rule>`` for each compared rule (scalars). The margin and the cut are the
       release rule's, with the training rule's options when it is ``release``.
     """
@@ -197,6 +203,7 @@ def objective_from_scores(
     diagnostics["margin_mean"] = jnp.where(r, margin, 0).sum() / n
     diagnostics["response_tokens"] = r.sum(-1).mean()
     diagnostics["kept_tokens"] = (r & (w > 0)).sum()
+    diagnostics["response_token_sum"] = r.sum()
     for name in s.compared_rules:
         if name == s.rule:
             kept = w

@@ -6,8 +6,9 @@ At every look of :func:`~opd_jax.sampling.generate.sample` (each ``compact_every
 chunked forward with its own KV cache, and forms the margin there from the student's top-K
 candidates that decoding recorded. On the host it splits the responses so far into sentences,
 takes the margin's mean over each complete one (every sentence but a live row's last) and asks
-:func:`~opd_jax.core.online_cut` whether the cut is certain. Rows that are certain stop like
-rows that sampled an EOS.
+:func:`~opd_jax.core.first_certain` whether the cut became certain at any sentence count
+completed since the last look (:func:`~opd_jax.core.online_cut`). Rows that are certain stop
+like rows that sampled an EOS.
 
 Once the rollouts are back, :func:`final_cuts` gives every row its kept response tokens: the
 online cut where a row stopped, else the offline rule on all its sentences, both on the margins

@@ -332,7 +332,8 @@ class _Run:
         scalars |= {"time/sample_s": sample_s, "time/segment_s": segment_s, "time/step_s": t3 - t2}
         scalars["rollout_staleness"] = float(staleness)  # steps between sampling and update
         scalars["tokens_per_s"] = float(rollout[1].sum()) * self.shards / (t3 - t0)
-        scalars |= session.token_counts(rollout, seg, scalars["kept_tokens"])
+        scalars |= session.token_counts(rollout, seg, scalars)
+        del scalars["response_token_sum"]  # now sampled_tokens
         arrays = {k: np.asarray(v).tolist() for k, v in metrics.items() if np.ndim(v) > 0}
         if self.config.sampling.stop_at_release:  # the step saw cut rows: no boundary of its own
             arrays.pop("boundary_histogram", None)

@@ -286,7 +286,10 @@ class Session:
         """The student's samples, back on the host: ``tokens, response_mask, prompt_mask``
         ``[B n, S]`` (this process's rows; ``sampling.n`` consecutive rows per prompt), from
         ``params`` (default: the live parameters, copied to the rollout mesh when it is apart;
-        :meth:`rollout_params`)."""
+        :meth:`rollout_params`). With ``sampling.stop_at_release`` a fourth element, the
+        watcher's record: ``margin [B n, N]``, ``stopped``, ``tau [B n]``, ``scored_tokens``
+        and ``scores`` (the teacher's scores kept from sampling, empty unless a ``q[y]`` loss
+        reuses them)."""
         c = self.config.sampling
         batches = self.rollout_batches
         if params is None:
@@ -330,7 +333,10 @@ class Session:
     def segments(self, rollout: tuple[np.ndarray, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
         """Host: what the rule reads about the responses, ``{"seg": [B, N]}`` and, for the rules
         of :data:`~opd_jax.core.rules.CUT_RULES` only, ``"cut": [B]`` (the oracle cut after
-        ``segments.oracle_pattern``), and their decoded texts (:func:`response_segments`)."""
+        ``segments.oracle_pattern``), and their decoded texts (:func:`response_segments`).
+        Rollouts with a watcher's record (``sampling.stop_at_release``) add each row's
+        ``keep`` and ``released`` ``[B]`` (:func:`~opd_jax.sampling.final_cuts`) and the kept
+        teacher scores."""
         p = self.prompt_len
         c = self.config.segments
         pattern = None
@@ -366,19 +372,21 @@ class Session:
         return self.batches.to_device(host)
 
     def token_counts(
-        self, rollout: tuple[np.ndarray, ...], segments: dict[str, np.ndarray], kept: float
+        self, rollout: tuple[np.ndarray, ...], segments: dict[str, np.ndarray], step: dict
     ) -> dict[str, float]:
         """A step's ``sampled_tokens``, ``scored_tokens`` (the teacher's forward passes:
-        during sampling and in the update) and ``kept_tokens`` (``kept``, the step's count);
+        during sampling and in the update) and ``kept_tokens``, from the step's global counts
+        (``step``: its scalar metrics) and, under stopping (one process), the rollouts';
         with ``sampling.stop_at_release`` also ``kept_fraction`` = kept / sampled (the step saw
         the cut rows only), ``stopped_fraction`` (rows stopped early) and
         ``released_fraction``."""
-        shards = self.batches.process_rows(self.config.data.batch_size)[1]
-        sampled = float(rollout[1].sum()) * shards
-        counts = {"sampled_tokens": sampled, "kept_tokens": kept, "scored_tokens": sampled}
-        if len(rollout) < 4:  # the step's own kept_fraction stands
-            return counts
+        kept = float(step["kept_tokens"])
+        sampled = float(step["response_token_sum"])  # the step's rows are the rollouts
+        if len(rollout) < 4:  # and the step's own kept_fraction stands
+            return {"sampled_tokens": sampled, "kept_tokens": kept, "scored_tokens": sampled}
         record = rollout[3]
+        sampled = float(rollout[1].sum())  # the step saw the rows cut: count them here
+        counts = {"sampled_tokens": sampled, "kept_tokens": kept}
         counts["kept_fraction"] = kept / max(sampled, 1.0)  # the step saw only the kept
         rescored = 0.0 if record["scores"] else kept  # no teacher pass where scores are kept
         counts["scored_tokens"] = float(record["scored_tokens"]) + rescored
