@@ -22,11 +22,12 @@ PROBE = textwrap.dedent(
     run = jax.jit(lambda x: jnp.sort(jnp.outer(x, x).ravel())[::4096].sum())
     x = jnp.arange(4096, dtype=jnp.float32)
     faults = []
-    for _ in range(8):
+    for _ in range(10):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         run(x).block_until_ready()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        time.sleep(0.2)  # XLA frees the buffer just after the result is ready: let it
+        time.sleep(0.5)  # XLA frees the buffer just after the result is ready: let it, also
+        # on a loaded machine (0.2 s once let a run start before the last one's buffer was free)
     print(json.dumps({"kept": kept, "faults": faults}))
     """
 )
@@ -48,7 +49,7 @@ def test_kept_heap_stops_faulting_the_step_buffer_in_anew():
     # glibc maps each run's buffer afresh: every run faults all its pages in.
     assert min(system["faults"][2:]) >= BUFFER_PAGES
     # Kept: once the heap has grown to the runs' pattern, they fault (almost) nothing.
-    assert sorted(kept["faults"][2:])[2] < BUFFER_PAGES // 10
+    assert sorted(kept["faults"][2:])[2] < BUFFER_PAGES // 10, kept["faults"]
 
 
 def test_opt_out_and_accelerators_leave_malloc_alone(monkeypatch):
