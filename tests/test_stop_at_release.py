@@ -133,13 +133,14 @@ def test_the_watcher_stops_rows_whose_cut_is_certain(pair_models):
     response = np.asarray(result.response_mask[:, P:])
     lengths = response.sum(-1)
     seg = np.where(response > 0, np.arange(N), -1)
-    keep, released = sampling.final_cuts(
+    keep, released, offline_tau = sampling.final_cuts(
         watch.margin, seg, response, watch.stopped, watch.tau, dict(min_segments=1, penalty=0.0)
     )
     stopped = watch.stopped
     assert (lengths[stopped] < N).all() and released[stopped].all()
     np.testing.assert_array_equal(keep[stopped], watch.tau[stopped])  # one token a segment
     assert (keep[stopped] < lengths[stopped]).all()
+    assert (offline_tau <= np.where(response > 0, seg + 1, 0).max(-1)).all()
 
 
 def test_cut_rows_pads_after_the_kept_tokens_and_narrows_the_columns():
@@ -229,6 +230,8 @@ def test_training_with_stopping_logs_what_was_sampled_scored_and_kept(tiny_pair,
         assert 0 <= line["stopped_fraction"] <= line["released_fraction"] <= 1
         assert "boundary_histogram" not in line
     assert any(line["stopped_fraction"] > 0 for line in lines), "no row stopped"
+    compared = [line for line in lines if "online_same_cut" in line]
+    assert compared and all(0 <= line["online_same_cut"] <= 1 for line in compared)
 
 
 def test_prefix_tokens_samples_no_token_past_its_n(tiny_pair, tmp_path):

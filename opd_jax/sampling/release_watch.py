@@ -305,14 +305,16 @@ def final_cuts(
     stopped_R: np.ndarray,
     tau_R: np.ndarray,
     changepoint: Mapping[str, Any],
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(keep [R], released [R])``: each row's kept response tokens, before its stopped cut
-    ``tau`` or, for a row sampled to its end, before the offline rule's cut on all its
-    sentences (all of them where it does not release)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(keep [R], released [R], offline_tau [R])``: each row's kept response tokens, before
+    its stopped cut ``tau`` or, for a row sampled to its end, before the offline rule's cut on
+    all its sentences (all of them where it does not release); and that offline cut on all
+    the sentences each row sampled (``n_b`` where it does not release), which a stopped row's
+    online cut is compared with."""
     means, count = segment_means_host(margin_RxN, seg_RxN, seg_RxN.shape[1])
-    offline_tau, released, _ = core.bic_split(means, count, **changepoint)
-    tau = np.where(stopped_R, tau_R, np.asarray(offline_tau))
-    released = stopped_R | np.asarray(released)
+    offline_tau, released, _ = jax.device_get(core.bic_split(means, count, **changepoint))
+    tau = np.where(stopped_R, tau_R, offline_tau)
+    released = stopped_R | released
     length = response_RxN.sum(-1).astype(np.int32)
     keep = np.where(released, first_token_of(seg_RxN, tau, length), length)
-    return keep.astype(np.int32), released
+    return keep.astype(np.int32), released, offline_tau.astype(np.int32)

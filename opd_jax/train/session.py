@@ -142,6 +142,9 @@ class Batches:
         return jax.tree.map(np.asarray, local)
 
 
+CUT_RECORD = ("keep", "released", "offline_tau")  # the host's cuts under stopping: not batch
+
+
 def kept_width(keep: int, max_new_tokens: int) -> int:
     """The response columns a batch whose longest row keeps ``keep`` tokens is cut to: a
     multiple of ``ceil(N / 8)`` (at most 8 widths compile), at most ``N``."""
@@ -349,7 +352,7 @@ class Session:
             record = rollout[3]
             rows |= record["scores"]  # the teacher's scores kept from sampling, if any
             _, changepoint = sampling.split_release_options(self.config.rule.options)
-            rows["keep"], rows["released"] = sampling.final_cuts(
+            rows["keep"], rows["released"], rows["offline_tau"] = sampling.final_cuts(
                 record["margin"], rows["seg"], rollout[1][:, p:], record["stopped"],
                 record["tau"], changepoint,
             )  # fmt: skip
@@ -363,7 +366,7 @@ class Session:
         tokens, and the columns narrowed to the longest kept row (:func:`kept_width`)."""
         tokens, response, prompt = rollout[:3]
         host = {"tokens": tokens, "attention_mask": response | prompt, "response_mask": response}
-        host |= {k: v for k, v in segments.items() if k not in ("keep", "released")}
+        host |= {k: v for k, v in segments.items() if k not in CUT_RECORD}
         response_columns = ("seg", *core.TeacherScores._fields)
         if "keep" in segments:
             host = cut_rows(
@@ -378,8 +381,10 @@ class Session:
         during sampling and in the update) and ``kept_tokens``, from the step's global counts
         (``step``: its scalar metrics) and, under stopping (one process), the rollouts';
         with ``sampling.stop_at_release`` also ``kept_fraction`` = kept / sampled (the step saw
-        the cut rows only), ``stopped_fraction`` (rows stopped early) and
-        ``released_fraction``."""
+        the cut rows only), ``stopped_fraction`` (rows whose cut the online rule decided),
+        ``released_fraction`` and, where rows stopped, ``online_same_cut`` and
+        ``online_cut_shift``: how often, and by how many sentences (offline - online), the
+        offline rule on all a stopped row sampled cuts elsewhere."""
         kept = float(step["kept_tokens"])
         sampled = float(step["response_token_sum"])  # the step's rows are the rollouts
         if len(rollout) < 4:  # and the step's own kept_fraction stands
@@ -390,8 +395,13 @@ class Session:
         counts["kept_fraction"] = kept / max(sampled, 1.0)  # the step saw only the kept
         rescored = 0.0 if record["scores"] else kept  # no teacher pass where scores are kept
         counts["scored_tokens"] = float(record["scored_tokens"]) + rescored
-        counts["stopped_fraction"] = float(np.mean(record["stopped"]))
+        stopped = record["stopped"]
+        counts["stopped_fraction"] = float(np.mean(stopped))
         counts["released_fraction"] = float(np.mean(segments["released"]))
+        if stopped.any():  # the offline rule on all a stopped row sampled, against its cut
+            shift = segments["offline_tau"][stopped] - record["tau"][stopped]
+            counts["online_same_cut"] = float(np.mean(shift == 0))
+            counts["online_cut_shift"] = float(np.mean(shift))  # sentences, offline - online
         return counts
 
     def update(self, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
