@@ -14,21 +14,34 @@ process that mixes programs of other shapes or another framework may hold more t
 peak (PyTorch and opd_jax alternating at B=16 in one process were killed at 24 GB on a 23 GiB
 machine): run such a process with ``OPD_JAX_HEAP=system``.
 
-The command line calls it before JAX starts (threads pick their heap at their first
-allocation); a script that imports opd_jax calls it the same way, before any array is made.
+The kept heap is bounded where memory runs short: :func:`release_if_short`, called where a
+program's buffers have just been freed (the training loop after its rollouts and after its
+update), gives the heap's free pages back to the system (``malloc_trim``) when the memory still
+available (the machine's ``MemAvailable``, the cgroup's limit, or a given limit) is less than
+twice what the heap holds free: the next program may then allocate anew as much as was freed
+and still fit. Far from the limit it does nothing and no page is faulted in again; near it, the
+process pays the page faults the system's malloc pays, and is not killed for memory the system's
+malloc would have returned.
+
+The command line calls :func:`keep_freed_memory` before JAX starts (threads pick their heap at
+their first allocation); a script that imports opd_jax calls it the same way, before any array
+is made.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import pkgutil
 import sys
+from pathlib import Path
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 OPT_OUT = "OPD_JAX_HEAP"  # "system": leave malloc as it is
+_kept = False  # whether keep_freed_memory set malloc up in this process
 
 
 def _accelerator_present() -> bool:
@@ -46,21 +59,108 @@ def _accelerator_present() -> bool:
     return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None (another C library, another system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def keep_freed_memory() -> bool:
     """Sets glibc's malloc to one heap, no ``mmap`` and no trimming (see the module); returns
     whether it did. Does nothing (False) off Linux/glibc, where an accelerator may run, or
     with ``OPD_JAX_HEAP=system``. Call it before JAX starts its CPU backend."""
     if os.environ.get(OPT_OUT, "").strip().lower() == "system":
         return False
-    if not sys.platform.startswith("linux") or _accelerator_present():
+    libc = _libc()
+    if libc is None or _accelerator_present():
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     # glibc widens the int to size_t: -1 is "never trim".
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    global _kept
+    _kept = all(mallopt(param, value) == 1 for param, value in settings)
+    return _kept
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def free_heap_bytes() -> int:
+    """Bytes malloc holds free in its heap (glibc's ``mallinfo2().fordblks``); 0 elsewhere."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):  # glibc < 2.33
+        return 0
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().fordblks)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (``/proc/self/statm``)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 or v1; its own group, else the
+    controller's root as a container mounts it), None where no limit is set."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 (also mounted at unified/ on hybrid systems)
+            names, mounts = ("memory.max", "memory.current"), (root, root / "unified")
+        elif "memory" in controllers.split(","):
+            names, mounts = ("memory.limit_in_bytes", "memory.usage_in_bytes"), (root / "memory",)
+        else:
+            continue
+        for group in [m / path.lstrip("/") for m in mounts] + list(mounts):
+            try:
+                limit, usage = ((group / name).read_text().strip() for name in names)
+            except OSError:
+                continue
+            if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as about 2**63
+                rooms.append(int(limit) - int(usage))
+            break
+    return min(rooms, default=None)
+
+
+def memory_room(limit: int | None = None) -> int:
+    """Bytes this process may still take: the machine's ``MemAvailable``, less where its
+    cgroup's limit or ``limit`` (bytes of resident memory for this process) is closer."""
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    available = next(
+        int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")
+    )
+    rooms = [available, _cgroup_room(), None if limit is None else limit - resident_bytes()]
+    return min(room for room in rooms if room is not None)
+
+
+def release_if_short(limit: int | None = None) -> int:
+    """Gives the kept heap's free pages back (``malloc_trim``) when less memory is left than
+    twice what the heap holds free (:func:`memory_room`, ``limit`` as there); returns the bytes
+    of resident memory that released. Does nothing where :func:`keep_freed_memory` did not set
+    malloc up. Call it where a program's buffers have just been freed."""
+    if not _kept:
+        return 0
+    if memory_room(limit) >= 2 * free_heap_bytes():
+        return 0
+    before = resident_bytes()
+    _libc().malloc_trim(0)
+    return max(before - resident_bytes(), 0)

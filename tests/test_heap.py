@@ -60,3 +60,61 @@ def test_opt_out_and_accelerators_leave_malloc_alone(monkeypatch):
     assert heap._accelerator_present() and heap.keep_freed_memory() is False
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert not heap._accelerator_present()
+
+
+# One program frees a buffer of X bytes that a pinned allocation keeps below the heap's top;
+# the next asks for 1.5 X. The system's malloc unmaps the first: the process peaks near 1.5 X.
+# The kept heap holds both unless it gives the free pages back: 2.5 X. The process's memory
+# limit lies between, at 2.25 X above its start, as a machine or cgroup nearly full would.
+TWO_PROGRAMS = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    from opd_jax import heap
+    mode = sys.argv[1]
+    kept = heap.keep_freed_memory() if mode != "system" else False
+    X = 256 * 2**20
+    start = heap.resident_bytes()
+    limit = start + 9 * X // 4
+    first = np.ones(X // 8)
+    pin = np.ones(2**20 // 8)
+    assert kept is False or pin.ctypes.data > first.ctypes.data  # the hole lies below
+    del first
+    released = heap.release_if_short(limit) if mode == "guarded" else 0
+    second = np.ones(3 * X // 16)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"kept": kept, "released": released, "peak": peak, "limit": limit, "X": X}))
+    """
+)
+
+
+def _two_programs(mode: str) -> dict:
+    env = {name: value for name, value in os.environ.items() if name != heap.OPT_OUT}
+    out = subprocess.run(
+        [sys.executable, "-c", TWO_PROGRAMS, mode], capture_output=True, text=True, check=True,
+        env=env,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_heap_gives_its_free_pages_back_near_the_memory_limit():
+    system, kept, guarded = (_two_programs(m) for m in ("system", "kept", "guarded"))
+    assert kept["kept"] and guarded["kept"] and not system["kept"]
+    # The case is real: with the heap kept whole, the process would pass its limit (be killed)
+    # where the system's malloc stays under it.
+    assert kept["peak"] > kept["limit"] and system["peak"] < system["limit"]
+    # The guard saw the room left (1.25 X) short of twice the free heap (X) and gave the hole
+    # back, all of it: the second program then fits, as under the system's malloc.
+    X = guarded["X"]
+    assert guarded["released"] >= X
+    assert guarded["peak"] < guarded["limit"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_guard_keeps_the_heap_where_memory_is_plenty():
+    code = "from opd_jax import heap; heap.keep_freed_memory(); print(heap.release_if_short())"
+    env = {name: value for name, value in os.environ.items() if name != heap.OPT_OUT}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "0"
+    assert heap.release_if_short(limit=0) == 0  # this process did not keep its heap

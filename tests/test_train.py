@@ -220,3 +220,14 @@ def test_several_samples_per_prompt_train(pair, tmp_path):
 def test_bad_sample_counts_are_refused(pair, tmp_path, setting, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides(pair, tmp_path, setting))
+
+
+def test_each_step_offers_its_freed_memory_back_after_sampling_and_after_the_update(
+    pair, tmp_path, monkeypatch
+):
+    from opd_jax.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "release_if_short", lambda: calls.append(1) or 0)
+    train(load_config(None, overrides(pair, tmp_path, "rule.kind=full")))
+    assert len(calls) == 2 * 3  # opd_jax.heap bounds the kept heap at these points
