@@ -28,18 +28,25 @@ opd_jax's attention kernel is ``--attention`` (default ``auto``: cuDNN's fused f
 on a CUDA GPU in bfloat16, ``flash`` on CPU); runs are named by it
 (``gpu/throughput/0.6b-1.7b/cudnn``), so ``--attention xla`` measures the masked scores.
 
-A size that runs out of memory (or fails to compile) is recorded as ``oom`` (``failed``) and
-the benchmark goes on. Both frameworks share a heap that keeps what it frees (``opd_jax.heap``,
-recorded as ``machine.malloc``); at sizes where their two peaks together exceed the machine's
-memory (the SmolLM2 pair at B=16 on 23 GiB: killed by the kernel at 24 GB) run with
-``OPD_JAX_HEAP=system`` (that case then ran). On the CPU preset the frameworks alternate run
-by run (the shared machine's load drifts); on the GPU preset transformers runs, frees the GPU,
-then opd_jax runs, and each part and pair runs in its own process (JAX keeps the memory it has
-used).
+A size that runs out of memory (or fails to compile, or whose process is killed) is recorded as
+``oom`` (``failed``) and the benchmark goes on. On the CPU preset the frameworks alternate run
+by run (the shared machine's load drifts). There ``throughput`` and ``scaling`` run each case
+in a fresh process per framework (``--isolate``, ``benchmarks.isolated_workers``), which
+reports its peak resident memory (``<framework>_peak_rss_gib``, the kernel's ``VmHWM``; its
+memory before the first step as ``rss_before_gib``) and ``peak_rss_ratio`` (opd_jax over
+torch); ``--no-isolate`` keeps every framework in this process (no peak RSS). Each process
+keeps what it frees (``opd_jax.heap``; the malloc of each row's processes is
+``<framework>_malloc``, this process's ``machine.malloc``); ``OPD_JAX_HEAP=system`` (inherited
+by the workers) measures both with the system's malloc, and lets two processes' peaks fit
+where they together would exceed the machine's memory. In one process (``--no-isolate``) the
+SmolLM2 pair at B=16 was killed by the kernel at 24 GB on 23 GiB, and ran with
+``OPD_JAX_HEAP=system``. On the GPU preset transformers runs, frees the GPU, then opd_jax runs,
+and each part and pair runs in its own process (JAX keeps the memory it has used).
 
 Usage::
 
   python3 -m benchmarks.opd_step --preset cpu [--torch-compile]     # every part
+  python3 -m benchmarks.opd_step --part scaling --pair smollm2 --lengths 256,1024 --batches 1,4
   python3 -m benchmarks.opd_step --preset gpu --part throughput --pair 0.6b-1.7b
   python3 -m benchmarks.opd_step --preset gpu --part scaling --only length --lengths 1024,2048
   python3 -m benchmarks.opd_step --preset gpu --smoke               # tiny shapes, any device
@@ -63,13 +70,10 @@ from typing import Any
 # The environment is set here, in the module that ``-m`` runs, before its imports below start
 # JAX and torch: not in benchmarks/__init__.py, where it would also reach the other benchmarks
 # (plan_vs_peak and sampler measure JAX with its default allocator) and the tests that import
-# benchmarks.torch_opd.
-# Before JAX starts: it would otherwise take 75% of the GPU that transformers shares.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# Before torch starts: OpenMP threads that spin while waiting make torch 10-20x slower on a
-# CPU shared with other processes (SmolLM2 decoding on 2 busy cores: 33-74 s spinning, 5-8 s
-# passive, 3.4 s on one thread); idle threads sleep instead.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# benchmarks.torch_opd. The isolated workers set the same (isolated_workers imports neither).
+from benchmarks.isolated_workers import set_environment
+
+set_environment()
 
 from benchmarks import common  # noqa: E402  (first: it sets malloc up before any thread allocates)
 
@@ -104,6 +108,7 @@ PRESETS = {
     "cpu": dict(
         dtype="float32",
         interleave=True,
+        isolate=True,  # a process per framework and case: each one's peak RSS
         repeats=3,
         # the shape OPD runs at on 2 cores, and the small one where per-operation costs show
         throughput=_fixed(("smollm2",), 4, 32, 256) | dict(small=(2, 32, 64)),
@@ -114,6 +119,7 @@ PRESETS = {
     "gpu": dict(
         dtype="bfloat16",
         interleave=False,
+        isolate=False,
         repeats=3,
         # B=4 leaves room for the [B, heads, S, S] attention opd_jax stores without --remat
         throughput=_fixed(("0.6b-1.7b", "1.7b"), 4, 128, 1024),
@@ -152,6 +158,11 @@ NOTES = {
     "diagnostics included), compiled ahead of time",
     "peak_gib": "opd_jax: XLA's compiled memory analysis of the step (temporaries + arguments "
     "+ outputs - donated aliases); torch: torch.cuda.max_memory_allocated (GPU only)",
+    "peak_rss_gib": "isolated: each framework's process's peak resident memory (VmHWM of "
+    "/proc/self/status: imports, weights, compilation, warm-up and timed runs of one case); in "
+    "its result: rss_before_gib once the side is built, compile_peak_rss_gib up to the first "
+    "run, steps_peak_rss_gib over the runs alone (VmHWM reset by /proc/self/clear_refs); "
+    "peak_rss_ratio: opd_jax / torch",
     "optimizer": "clip_by_global_norm(1.0) + AdamW(lr 1e-5, b1 0.9, b2 0.999, eps 1e-8, "
     "weight decay 0), constant rate",
     "segments": f"fixed {SEGMENT_TOKENS}-token blocks",
@@ -196,6 +207,7 @@ def _settings(args) -> dict[str, Any]:
     for part in PARTS:
         preset[part]["pairs"] = (args.pair,) if args.pair else preset[part]["pairs"]
     preset["repeats"] = args.repeats or preset["repeats"]
+    preset["isolate"] = preset["isolate"] if args.isolate is None else args.isolate
     return preset
 
 
@@ -214,6 +226,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-torch", action="store_true", help="opd_jax alone")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
     parser.add_argument("--repeats", type=int)
+    parser.add_argument(
+        "--isolate", action=argparse.BooleanOptionalAction,
+        help="throughput and scaling: each framework in its own process per case, with its peak "
+        "RSS (default on the cpu preset)",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, help="throughput, rule and profile batch size")
     parser.add_argument("--response", type=int, help="throughput, rule and profile length")
     parser.add_argument("--lengths", type=ints, help="scaling response lengths, e.g. 1024,2048")
@@ -265,7 +282,8 @@ def main() -> None:
             dirs = build_checkpoints(root, pair, preset["dtype"])
             rows = PARTS[part](pair, dirs, args, preset, settings, frameworks)
         gpu = jax.default_backend() == "gpu"
-        columns = COLUMNS.get(part) or opd_step_compare.columns(frameworks, gpu)
+        isolated = preset["isolate"] and part not in COLUMNS  # throughput and scaling
+        columns = COLUMNS.get(part) or opd_step_compare.columns(frameworks, gpu, isolated)
         common.print_table(rows, columns)
         run = {
             "rows": rows,
@@ -281,9 +299,11 @@ def main() -> None:
                 "chunk_size": args.chunk_size, "remat": args.remat, "k": K,
                 "attention": attention,
                 "peak_flops": peak_flops(preset["dtype"]),
+                "isolate": isolated,
                 "timing": "median of repeats after a warm-up; "
-                + ("frameworks alternating run by run" if preset["interleave"]
-                   else "one framework at a time, the GPU freed in between"),
+                + ("frameworks alternating run by run" if preset["interleave"] or isolated
+                   else "one framework at a time, the GPU freed in between")
+                + ("; each framework in its own process per case" if isolated else ""),
                 **NOTES,
             },
         }  # fmt: skip

@@ -1,10 +1,14 @@
 """The ``throughput`` and ``scaling`` parts of ``benchmarks.opd_step``: opd_jax's update against
 its PyTorch peers, case by case on the same weights and batch.
 
-A part is a list of cases (a batch and what to run on it); :func:`measure` times every
-framework on each case, recording a size that does not fit as ``oom`` (``failed``) and going
-on; :func:`rows` turns the results into tokens/s, ratios and (on a GPU) MFU. Used by
-``benchmarks.opd_step``, which sets the environment before these imports start JAX and torch.
+A part is a list of cases (a batch and what to run on it), timed for every framework with
+their runs alternating (or, off ``interleave``, one framework at a time): by
+``benchmarks.isolated_workers.measure`` with each framework in a process of its own per case,
+which also records each one's peak resident memory (``--isolate``, the CPU preset's default),
+or by :func:`measure` with every framework in this process. A size that does not fit is
+recorded as ``oom`` (``failed``) and the part goes on; :func:`rows` turns the results into
+tokens/s, ratios, peak memory and (on a GPU) MFU. Used by ``benchmarks.opd_step``, which sets
+the environment before these imports start JAX and torch.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.common import wall_times
+from benchmarks import isolated_workers
+from benchmarks.common import MALLOC, wall_times
 from benchmarks.opd_sides import (
     PAIRS,
     SHAPES,
@@ -25,14 +30,6 @@ from benchmarks.opd_sides import (
     peak_flops,
     step_flops,
 )
-
-
-def _failure(error: BaseException) -> dict[str, Any]:
-    text = f"{type(error).__name__}: {error}"
-    oom = isinstance(error, MemoryError) or any(
-        s in text.lower() for s in ("resource_exhausted", "out of memory", "can't allocate")
-    )
-    return {"status": "oom" if oom else "failed", "error": text[:400]}
 
 
 def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: int, interleave):
@@ -48,7 +45,7 @@ def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: in
         try:
             return fn()
         except Exception as error:  # noqa: BLE001 - a size may not fit: recorded, not fatal
-            results[case["name"]][side.name] = _failure(error)
+            results[case["name"]][side.name] = isolated_workers.failure(error)
             free_memory()
             return None
 
@@ -73,7 +70,7 @@ def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: in
                 results[case["name"]][side.name] = {
                     "status": "ok", "seconds": statistics.median(times[side.name]),
                     "times": times[side.name], **info, **getattr(side, "info", dict)(),
-                    "loadavg_1m": os.getloadavg()[0],
+                    "loadavg_1m": os.getloadavg()[0], "malloc": MALLOC,
                 }  # fmt: skip
         print(f"done {case['name']} ({', '.join(s.name for s, _ in sides_runs)})", flush=True)
 
@@ -92,19 +89,29 @@ def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: in
     return results
 
 
-def _makers(dirs, args, dtype: str, frameworks: list[str]) -> dict[str, Callable[[], Any]]:
-    chunk, remat = args.chunk_size, args.remat
-    makers = {  # transformers first: on a GPU, JAX keeps the memory it has used in its pool
-        "torch": lambda: TorchSide(dirs, dtype, chunk, remat),
-        "torch_compile": lambda: TorchSide(dirs, dtype, chunk, remat, compile=True),
-        "opd_jax": lambda: JaxSide(dirs, dtype, chunk, remat, args.attention),
-    }
-    return {name: make for name, make in makers.items() if name in frameworks}
+def make_side(framework: str, dirs, dtype: str, chunk: int, remat: bool, attention: str):
+    """The side of ``framework`` (``opd_jax``, ``torch`` or ``torch_compile``)."""
+    if framework == "opd_jax":
+        return JaxSide(dirs, dtype, chunk, remat, attention)
+    return TorchSide(dirs, dtype, chunk, remat, compile=framework == "torch_compile")
+
+
+def _specs(dirs, args, dtype: str, frameworks: list[str]) -> dict[str, dict[str, Any]]:
+    """Framework -> :func:`make_side`'s arguments, transformers first (on a GPU, JAX keeps the
+    memory it has used in its pool)."""
+    order = [name for name in ("torch", "torch_compile", "opd_jax") if name in frameworks]
+    return {
+        name: dict(framework=name, dirs=dirs, dtype=dtype, chunk=args.chunk_size,
+                   remat=args.remat, attention=args.attention)
+        for name in order
+    }  # fmt: skip
 
 
 def rows(results, cases, pair: str, frameworks: list[str], dtype: str) -> list[dict]:
-    """A row per case: each framework's tokens/s, status and peak memory, opd_jax's ratio to
-    each peer, and (on a GPU, for the update alone) TFLOP/s and MFU."""
+    """A row per case: each framework's tokens/s, status, peak memory (``peak_gib``: XLA's
+    analysis or torch's CUDA peak; ``peak_rss_gib``: its process's, isolated) and malloc,
+    opd_jax's ratios to each peer (``peak_rss_ratio``: opd_jax's peak RSS over torch's), and
+    (on a GPU, for the update alone) TFLOP/s and MFU."""
     peak, out = peak_flops(dtype), []
     for case in cases:
         B, P, N = case["host"]["tokens"].shape[0], case["prompt"], case["response"]
@@ -115,29 +122,41 @@ def rows(results, cases, pair: str, frameworks: list[str], dtype: str) -> list[d
             row[f"{name}_tok_s"] = B * N / result["seconds"] if "seconds" in result else None
             row[f"{name}_status"] = result["status"]
             row[f"{name}_peak_gib"] = result.get("xla_peak_gib", result.get("torch_peak_gib"))
+            row[f"{name}_peak_rss_gib"] = result.get("peak_rss_gib")
+            row[f"{name}_malloc"] = result.get("malloc")
             if flops and "seconds" in result:
                 row[f"{name}_tflop_s"] = flops / result["seconds"] / 1e12
                 row[f"{name}_mfu"] = flops / result["seconds"] / peak if peak else None
         for name in frameworks[1:]:
             if row["opd_jax_tok_s"] and row[f"{name}_tok_s"]:
                 row[f"ratio_vs_{name}"] = row["opd_jax_tok_s"] / row[f"{name}_tok_s"]
+        ok = all(row.get(f"{n}_status") == "ok" for n in ("opd_jax", "torch"))
+        if ok and row["opd_jax_peak_rss_gib"] and row["torch_peak_rss_gib"]:
+            row["peak_rss_ratio"] = row["opd_jax_peak_rss_gib"] / row["torch_peak_rss_gib"]
         row["model_tflop_per_step"] = flops / 1e12 if flops else None
         out.append(row)
     return out
 
 
-def columns(frameworks: list[str], gpu: bool) -> list[str]:
-    """The printed table's columns for :func:`rows`."""
+def columns(frameworks: list[str], gpu: bool, rss: bool = False) -> list[str]:
+    """The printed table's columns for :func:`rows`; ``rss``: with each process's peak."""
     names = ["case", "B", "P", "N"] + [f"{name}_tok_s" for name in frameworks]
     names += [f"{name}_status" for name in frameworks]
     names += [f"ratio_vs_{name}" for name in frameworks[1:]]
     names += ["opd_jax_peak_gib"] + (["torch_peak_gib"] if gpu else [])
+    if rss:
+        names += [f"{name}_peak_rss_gib" for name in frameworks]
+        names += ["peak_rss_ratio"] if "torch" in frameworks else []
     return names + ([f"{name}_mfu" for name in frameworks] if gpu else [])
 
 
 def _compare(cases, pair, dirs, args, preset, frameworks) -> list[dict]:
-    makers = _makers(dirs, args, preset["dtype"], frameworks)
-    results = measure(makers, cases, preset["repeats"], preset["interleave"])
+    specs = _specs(dirs, args, preset["dtype"], frameworks)
+    if preset["isolate"]:
+        results = isolated_workers.measure(specs, cases, preset["repeats"])
+    else:
+        makers = {name: (lambda s=spec: make_side(**s)) for name, spec in specs.items()}
+        results = measure(makers, cases, preset["repeats"], preset["interleave"])
     return rows(results, cases, pair, frameworks, preset["dtype"])
 
 

@@ -7,6 +7,7 @@ benchmark reports memory, it never guesses an out-of-memory). No timing is asser
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -75,3 +76,41 @@ def test_the_release_aware_sampling_benchmark_compares_both_sessions(tiny_pair, 
     assert online["kept_tokens"] <= online["sampled_tokens"]
     assert result["sampled_tokens_reduction"] > 0 and result["agreement"]["rows"] == 4
     assert len(result["options_sweep"]) == 15
+
+
+@pytest.fixture(scope="module")
+def isolated_run(tmp_path_factory):
+    """One smoke case of ``--part scaling`` on the CPU preset (isolated by default), run with
+    ``OPD_JAX_HEAP=system``, which the workers inherit."""
+    out = tmp_path_factory.mktemp("bench") / "opd_step.json"
+    command = [sys.executable, "-m", "benchmarks.opd_step", "--smoke", "--part", "scaling"]
+    command += ["--pair", "tiny-qwen3", "--only", "batch", "--batches", "2", "--out", str(out)]
+    env = os.environ | {"OPD_JAX_HEAP": "system"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "peak_rss_ratio |" in done.stdout  # the table shows the peaks
+    (run,) = json.loads(out.read_text())["runs"].values()
+    return run
+
+
+def test_isolated_rows_carry_each_frameworks_peak_rss_and_their_ratio(isolated_run):
+    (row,) = isolated_run["rows"]
+    assert isolated_run["settings"]["isolate"] is True
+    assert row["opd_jax_status"] == row["torch_status"] == "ok"
+    for name in ("opd_jax", "torch"):
+        result = row[f"{name}_result"]
+        assert 0 < result["rss_before_gib"] <= row[f"{name}_peak_rss_gib"]
+        assert 0 < result["steps_peak_rss_gib"] <= row[f"{name}_peak_rss_gib"]
+        assert row[f"{name}_malloc"] == "system"  # each worker's own, from the environment
+    ratio = row["opd_jax_peak_rss_gib"] / row["torch_peak_rss_gib"]
+    assert row["peak_rss_ratio"] == pytest.approx(ratio)
+    assert row["opd_jax_peak_gib"] > 0  # XLA's analysis, as before
+
+
+def test_a_worker_killed_by_the_kernel_is_recorded_as_out_of_memory():
+    from benchmarks import isolated_workers
+
+    worker = isolated_workers.Worker()
+    worker.process.send_signal(signal.SIGKILL)  # as the kernel's out-of-memory killer does
+    assert worker.ask("run")["status"] == "oom"
+    worker.close()
