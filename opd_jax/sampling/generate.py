@@ -125,6 +125,29 @@ def _row_keys(key: jax.Array, step: jax.Array, rows_R: jax.Array) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows_R)
 
 
+def prefill_cache(
+    model: Decoder, tokens_BxP: jax.Array, mask_BxP: jax.Array, size: int, n: int
+) -> tuple[jax.Array, KVCache]:
+    """`(hidden [B, P, D], cache)`: the prompts' forward with a cache of their `P` slots alone
+    (attention over the prompt, as without a cache), then the cache grown to `size` slots
+    (empty) and its rows repeated `n` times (rows `b n .. b n + n - 1`: prompt `b`). Its real
+    slots equal a `size`-slot cache's filled by the same forward (up to float rounding; the
+    masked padding slots may differ). Filling a `size`-slot cache instead attended over its
+    empty slots and copied it once per layer (`Attention`): a 48-token prefill took ~1.7x an
+    uncached forward on CPU."""
+    B, P = tokens_BxP.shape
+    h_BxPxD, cache = model.hidden_cached(
+        tokens_BxP, KVCache.init(model.config, B, P), attention_mask=mask_BxP
+    )
+    grow = [(0, 0)] * 3 + [(0, size - P), (0, 0)]
+    return h_BxPxD, KVCache(
+        k=jnp.pad(jnp.repeat(cache.k, n, axis=1), grow),
+        v=jnp.pad(jnp.repeat(cache.v, n, axis=1), grow),
+        mask=jnp.pad(jnp.repeat(cache.mask, n, axis=0), [(0, 0), (0, size - P)]),
+        index=cache.index,
+    )
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "max_new_tokens", "n", "rules", "record_k")
 )
@@ -148,8 +171,7 @@ def _prefill(
     model: Decoder = nnx.merge(graphdef, state)
     B, P = tokens_BxP.shape
     S = P + max_new_tokens
-    cache = KVCache.init(model.config, B, S)
-    h_BxPxD, cache = model.hidden_cached(tokens_BxP, cache, attention_mask=mask_BxP)
+    h_BxPxD, cache = prefill_cache(model, tokens_BxP, mask_BxP, S, n)
     logits_BxV = jnp.einsum(
         "bd,dv->bv",
         h_BxPxD[:, -1],
@@ -159,12 +181,6 @@ def _prefill(
     if n > 1:
         logits_BxV, tokens_BxP, mask_BxP = (
             jnp.repeat(x, n, axis=0) for x in (logits_BxV, tokens_BxP, mask_BxP)
-        )
-        cache = KVCache(
-            k=jnp.repeat(cache.k, n, axis=1),
-            v=jnp.repeat(cache.v, n, axis=1),
-            mask=jnp.repeat(cache.mask, n, axis=0),
-            index=cache.index,
         )
     R = B * n
     rows_R = jnp.arange(R, dtype=jnp.int32)

@@ -30,7 +30,7 @@ from opd_jax import core
 from opd_jax.core.stats import TokenStats, margin_from_stats
 from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.models.tokenizer import OffsetDecoder, Tokenizer
-from opd_jax.sampling.generate import _State
+from opd_jax.sampling.generate import _State, prefill_cache
 from opd_jax.sharding import ShardingRules, constrain
 from opd_jax.text_segments import token_sentences
 
@@ -72,13 +72,8 @@ def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: in
     """The teacher's cache over the prompts (``size`` slots), repeated ``n`` times like the
     sampler's, and its last hidden state (it predicts the first response token)."""
     teacher: Decoder = nnx.merge(graphdef, params)
-    cache = KVCache.init(teacher.config, tokens_BxP.shape[0], size)
-    h_BxPxD, cache = teacher.hidden_cached(tokens_BxP, cache, attention_mask=mask_BxP)
-    repeat = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
-    cache = KVCache(
-        k=repeat(cache.k, 1), v=repeat(cache.v, 1), mask=repeat(cache.mask, 0), index=cache.index
-    )
-    return _constrain(cache, repeat(h_BxPxD[:, -1], 0), teacher.rules)
+    h_BxPxD, cache = prefill_cache(teacher, tokens_BxP, mask_BxP, size, n)
+    return _constrain(cache, jnp.repeat(h_BxPxD[:, -1], n, axis=0), teacher.rules)
 
 
 @functools.partial(
