@@ -235,8 +235,6 @@ def test_prefill_writes_its_cache_without_copying_it():
     and copied the whole [L, B, K, S, H] cache per layer (1.7x an uncached forward)."""
     import re
 
-    from opd_jax.models.decoder import KVCache
-
     hf = testing.tiny_hf_config("llama", num_hidden_layers=2, hidden_size=576,
                                 intermediate_size=1536, num_attention_heads=9,
                                 num_key_value_heads=3, head_dim=64)  # fmt: skip
