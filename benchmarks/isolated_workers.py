@@ -161,6 +161,7 @@ def _serve(read: IO[bytes], write: IO[bytes]) -> None:
 
     # isort: split
     from benchmarks import opd_step_compare
+    from opd_jax.heap import release_unused
 
     def send(message: dict[str, Any]) -> None:
         pickle.dump(message, write)
@@ -183,9 +184,13 @@ def _serve(read: IO[bytes], write: IO[bytes]) -> None:
         stage["compile_peak_rss_gib"] = peak_rss_gib()
         reset = reset_peak_rss()
         common.wall_times(run, 2 if getattr(side, "compile", False) else 1)
+        release_unused()
         send({"status": "ready"})
         while (command := pickle.load(read)) == "run":
             (seconds,) = common.wall_times(run, 1)
+            # The other worker runs next: the kept heap goes back if memory is short (as the
+            # training loop does between its programs, opd_jax.heap).
+            release_unused()
             send({"seconds": seconds})
         assert command == "done", command
     except Exception as error:  # noqa: BLE001 - a size may not fit: recorded, not fatal

@@ -228,6 +228,6 @@ def test_each_step_offers_its_freed_memory_back_after_sampling_and_after_the_upd
     from opd_jax.train import loop
 
     calls = []
-    monkeypatch.setattr(loop, "release_if_short", lambda: calls.append(1) or 0)
+    monkeypatch.setattr(loop, "release_unused", lambda: calls.append(1) or 0)
     train(load_config(None, overrides(pair, tmp_path, "rule.kind=full")))
     assert len(calls) == 2 * 3  # opd_jax.heap bounds the kept heap at these points

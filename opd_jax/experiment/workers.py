@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from opd_jax.config import Config
-from opd_jax.heap import release_if_short
+from opd_jax.heap import release_unused
 
 
 def _start_worker(compilation_cache: str) -> None:
@@ -49,7 +49,7 @@ def _start_worker(compilation_cache: str) -> None:
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     start = time.perf_counter()
     result = fn(*args)
-    release_if_short()  # the job's programs are done: their kept memory goes back if short
+    release_unused()  # the job's programs are done (opd_jax.heap bounds what it keeps)
     return result, time.perf_counter() - start
 
 

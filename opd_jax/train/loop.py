@@ -37,7 +37,7 @@ import numpy as np
 from opd_jax.config import Config, ConfigError, config_from_dict, dump_config, validate
 from opd_jax.distributed import any_process, is_primary
 from opd_jax.files import atomic_write_text
-from opd_jax.heap import release_if_short
+from opd_jax.heap import release_unused
 from opd_jax.run_lock import hold
 from opd_jax.train.checkpoint import Checkpointer
 from opd_jax.train.metrics import MetricsWriter
@@ -299,7 +299,7 @@ class _Run:
         rollout = session.rollout(*session.encode(prompts), self.keys(step)[0], params)
         t1 = time.perf_counter()
         seg, _ = session.segments(rollout)
-        release_if_short()  # the sampler's buffers are free: give them back if memory is short
+        release_unused()  # the sampler's buffers are free (opd_jax.heap bounds what it keeps)
         return rollout, seg, t1 - t0, time.perf_counter() - t1
 
     def update(self, step: int) -> tuple[dict[str, float], dict[str, list[float]], bool]:
@@ -325,7 +325,7 @@ class _Run:
             self.pending = self.sampler.submit(self.sample, step + 1, prompts, params)
         batch = session.device_batch(rollout, seg)
         metrics = jax.device_get(session.update(batch, self.keys(step)[1]))
-        release_if_short()  # and the update's
+        release_unused()  # and the update's
         t3 = time.perf_counter()
         scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         finite = not scalars.pop("nonfinite")
