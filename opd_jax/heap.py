@@ -8,13 +8,10 @@ framework shares the process. :func:`keep_freed_memory` makes glibc serve every 
 its main heap, never ``mmap`` and never return the heap's top to the system; the buffer is
 then reused from step to step: no faults, that update 8.9 -> 8.0 s alone and 83.8 -> 124.9
 tokens/s alternating with PyTorch in one process (PyTorch's own 108 -> 124); at B=16 33 s
-against 43 s. The price: the process keeps its heap until it exits. One JAX program's steps
-reuse it (the SmolLM2 update's peak RSS 13.2 GiB at B=16, 13.5 with the system's malloc); a
-process that mixes programs of other shapes or another framework may hold more than its live
-peak (PyTorch and opd_jax alternating at B=16 in one process were killed at 24 GB on a 23 GiB
-machine): run such a process with ``OPD_JAX_HEAP=system``.
+against 43 s. Kept whole, the heap would hold more than the live peak (PyTorch and opd_jax
+alternating at B=16 in one process were once killed at 24 GB on a 23 GiB machine).
 
-The kept heap is bounded by :func:`release_unused`, called where a program's buffers have just
+So it is bounded by :func:`release_unused`, called where a program's buffers have just
 been freed (the training loop after its rollouts and after its update). After a new program's
 first run it gives back the free pages inside the heap: a first run's buffer is left as a hole
 that later runs do not reuse (it would double the peak). When the memory still available (the
@@ -37,6 +34,7 @@ import importlib.util
 import os
 import pkgutil
 import sys
+import time
 from pathlib import Path
 
 # mallopt parameters (glibc's malloc.h)
@@ -155,6 +153,7 @@ def memory_room(limit: int | None = None) -> int:
 
 _LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # a new executable (cached too)
 _new_program = True  # since the last release_unused; True until it first runs
+_SETTLE_S, _SETTLE_POLLS = 0.01, 50  # after a new program: wait until the free heap is still
 _listening = False
 
 
@@ -176,7 +175,8 @@ def release_unused(limit: int | None = None) -> int:
       program's first run leaves its buffer free below allocations made after it, where the
       next run's buffer, once bitten by a small allocation, no longer fits and grows the heap
       by as much again (the SmolLM2 update at N=1,024: peak RSS 7.2 GiB, 5.45 with this).
-      The runs after it reuse the top: no page faults.
+      The runs after it reuse the top: no page faults. (XLA frees a run's buffers just after
+      its results are ready: this waits, at most 0.5 s, until the heap's free bytes hold still.)
     - Else nothing."""
     global _new_program, _listening
     if not _kept:
@@ -190,6 +190,12 @@ def release_unused(limit: int | None = None) -> int:
     libc.mallinfo2.restype = _MallInfo2
     libc.malloc_trim.argtypes = (ctypes.c_size_t,)
     info = libc.mallinfo2()
+    if _new_program:  # XLA frees a run's buffers just after its results are ready: let it
+        for _ in range(_SETTLE_POLLS):
+            time.sleep(_SETTLE_S)
+            last, info = info, libc.mallinfo2()
+            if info.fordblks == last.fordblks:
+                break
     if memory_room(limit) < 2 * info.fordblks:
         keep = 0
     elif _new_program:
