@@ -175,9 +175,12 @@ def release_unused(limit: int | None = None) -> int:
       program's first run leaves its buffer free below allocations made after it, where the
       next run's buffer, once bitten by a small allocation, no longer fits and grows the heap
       by as much again (the SmolLM2 update at N=1,024: peak RSS 7.2 GiB, 5.45 with this).
-      The runs after it reuse the top: no page faults. (XLA frees a run's buffers just after
-      its results are ready: this waits, at most 0.5 s, until the heap's free bytes hold still.)
-    - Else nothing."""
+      The runs after it reuse the top: no page faults.
+    - Else nothing.
+
+    XLA frees a run's buffers just after its results are ready: after a new program, or where
+    the room left is less than twice the resident memory, this first waits (at most 0.5 s)
+    until the heap's free bytes hold still."""
     global _new_program, _listening
     if not _kept:
         return 0
@@ -189,14 +192,16 @@ def release_unused(limit: int | None = None) -> int:
     libc = _libc()
     libc.mallinfo2.restype = _MallInfo2
     libc.malloc_trim.argtypes = (ctypes.c_size_t,)
-    info = libc.mallinfo2()
-    if _new_program:  # XLA frees a run's buffers just after its results are ready: let it
+    info, room = libc.mallinfo2(), memory_room(limit)
+    # XLA frees a run's buffers just after its results are ready: wait for them where it
+    # matters (a new program's hole; memory that could run short: free may reach resident).
+    if _new_program or room < 2 * resident_bytes():
         for _ in range(_SETTLE_POLLS):
             time.sleep(_SETTLE_S)
             last, info = info, libc.mallinfo2()
             if info.fordblks == last.fordblks:
                 break
-    if memory_room(limit) < 2 * info.fordblks:
+    if room < 2 * info.fordblks:
         keep = 0
     elif _new_program:
         keep = info.keepcost
