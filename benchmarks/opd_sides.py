@@ -146,11 +146,10 @@ class JaxSide:
     name = "opd_jax"
 
     def __init__(self, dirs: dict[str, str], dtype: str, chunk: int, remat: bool, attention: str):
-        student, _ = models.load(dirs["student"], getattr(jnp, dtype))
-        teacher, _ = models.load(dirs["teacher"], getattr(jnp, dtype))
-        self.graphdef, params = nnx.split(student, nnx.Param)
+        self.student_dir, self.dtype = dirs["student"], getattr(jnp, dtype)
+        teacher, _ = models.load(dirs["teacher"], self.dtype)
+        self.graphdef, _ = nnx.split(models.load(self.student_dir, self.dtype)[0], nnx.Param)
         self.teacher_graphdef, self.teacher_params = nnx.split(teacher, nnx.Param)
-        self.master = jax.device_get(params)  # every case starts from these weights
         hyper = torch_opd.Hyper()  # the peer's hyper-parameters, in opd_jax's optimizer
         optim = OptimConfig(
             learning_rate=hyper.learning_rate, schedule="constant", b1=hyper.b1, b2=hyper.b2,
@@ -159,6 +158,12 @@ class JaxSide:
         self.tx = make_optimizer(optim, steps=1)
         self.chunk, self.remat, self.key = chunk, remat, jax.random.key(0)
         self.attention = models.resolve_attention(attention, (getattr(jnp, dtype),))
+
+    def fresh_params(self) -> nnx.State:
+        """The student's weights as loaded: every case starts from them (read again from its
+        directory, so that the process holds no second copy for the next case)."""
+        student, _ = models.load(self.student_dir, self.dtype)
+        return nnx.split(student, nnx.Param)[1]
 
     def settings(self, prompt: int, rule: str):
         objective = core.ObjectiveSettings(rule=rule, k=K, chunk_size=self.chunk)
@@ -170,7 +175,7 @@ class JaxSide:
     def compile_step(self, host: dict[str, np.ndarray], prompt: int, rule: str):
         """``(run_step(batch) -> loss, batch, state, info)``: the step compiled ahead of time
         on fresh weights and AdamW state, its compile seconds and XLA's temporary memory."""
-        state = list(init_state(self.tx, jax.device_put(self.master)))
+        state = list(init_state(self.tx, self.fresh_params()))
         batch = jax.device_put(host)
         fn = train_step.make_train_step(
             self.graphdef, self.teacher_graphdef, self.tx, self.settings(prompt, rule)
@@ -217,7 +222,7 @@ class JaxSide:
         return run, info
 
     def close(self) -> None:
-        del self.master, self.teacher_params
+        del self.teacher_params
 
 
 class TorchSide:

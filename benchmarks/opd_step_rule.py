@@ -46,7 +46,7 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
     runs = {rule: side.update(host, P, N, rule)[0] for rule in ("full", "release")}
     step = _interleaved_medians(runs, preset["repeats"])
     del runs
-    params, batch = jax.device_put(side.master), jax.device_put(host)
+    params, batch = side.fresh_params(), jax.device_put(host)
     graphdef, teacher_graphdef, settings_ = (
         side.graphdef,
         side.teacher_graphdef,

@@ -50,7 +50,7 @@ def profile(
     objective = settings.objective
     forward = dict(query_chunk=settings.attention_chunk, attention=settings.attention)
     graphdef, teacher_graphdef = side.graphdef, side.teacher_graphdef
-    params, teacher_params = jax.device_put(side.master), side.teacher_params
+    params, teacher_params = side.fresh_params(), side.teacher_params
     batch = jax.device_put(host)
     tokens = batch["tokens"]
     y, r, seg = tokens[:, prompt:], batch["response_mask"][:, prompt:], batch["seg"]
