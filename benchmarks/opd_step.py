@@ -36,11 +36,11 @@ reports its peak resident memory (``<framework>_peak_rss_gib``, the kernel's ``V
 memory before the first step as ``rss_before_gib``) and ``peak_rss_ratio`` (opd_jax over
 torch); ``--no-isolate`` keeps every framework in this process (no peak RSS). Each process
 keeps what it frees (``opd_jax.heap``; the malloc of each row's processes is
-``<framework>_malloc``, this process's ``machine.malloc``); ``OPD_JAX_HEAP=system`` (inherited
-by the workers) measures both with the system's malloc, and lets two processes' peaks fit
-where they together would exceed the machine's memory. In one process (``--no-isolate``) the
-SmolLM2 pair at B=16 was killed by the kernel at 24 GB on 23 GiB, and ran with
-``OPD_JAX_HEAP=system``. On the GPU preset transformers runs, frees the GPU, then opd_jax runs,
+``<framework>_malloc``, this process's ``machine.malloc``) and calls
+``opd_jax.heap.release_unused`` after each run, so that where the two workers' peaks together
+would exceed the machine's memory (the SmolLM2 pair at B=16: 12.6 + 11.7 GiB on 23 GiB) each
+gives its free memory back before the other runs; ``OPD_JAX_HEAP=system`` (inherited by the
+workers) measures both with the system's malloc. On the GPU preset transformers runs, frees the GPU, then opd_jax runs,
 and each part and pair runs in its own process (JAX keeps the memory it has used).
 
 Usage::
