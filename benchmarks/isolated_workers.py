@@ -119,7 +119,7 @@ class Worker:
 def measure(specs: dict[str, dict[str, Any]], cases: list[dict], repeats: int):
     """``{case name: {framework: result}}`` as ``opd_step_compare.measure`` returns, each
     result also with ``peak_rss_gib``, ``rss_before_gib`` and ``malloc``. ``specs``: framework
-    -> keyword arguments of ``opd_step_compare.make_side`` (in the order the workers start and
+    -> keyword arguments of ``opd_sides.make_side`` (in the order the workers start and
     run); a case has ``name``, ``kind``, ``host``, ``prompt`` and ``response``."""
     results: dict[str, dict[str, Any]] = {case["name"]: {} for case in cases}
     for case in cases:
@@ -160,7 +160,7 @@ def _serve(read: IO[bytes], write: IO[bytes]) -> None:
     from benchmarks import common  # first: it sets malloc up before any thread allocates
 
     # isort: split
-    from benchmarks import opd_step_compare
+    from benchmarks.opd_sides import make_side
     from opd_jax.heap import release_unused
 
     def send(message: dict[str, Any]) -> None:
@@ -178,7 +178,7 @@ def _serve(read: IO[bytes], write: IO[bytes]) -> None:
     message = pickle.load(read)
     case, stage, reset = message["case"], {}, False
     try:
-        side = opd_step_compare.make_side(**message["side"])
+        side = make_side(**message["side"])
         stage["rss_before_gib"] = rss_gib()
         run, info = getattr(side, case["kind"])(case["host"], case["prompt"], case["response"])
         stage["compile_peak_rss_gib"] = peak_rss_gib()

@@ -270,3 +270,10 @@ class TorchSide:
 
     def close(self) -> None:
         del self.models
+
+
+def make_side(framework: str, dirs, dtype: str, chunk: int, remat: bool, attention: str):
+    """The side of ``framework`` (``opd_jax``, ``torch`` or ``torch_compile``)."""
+    if framework == "opd_jax":
+        return JaxSide(dirs, dtype, chunk, remat, attention)
+    return TorchSide(dirs, dtype, chunk, remat, compile=framework == "torch_compile")

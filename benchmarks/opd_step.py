@@ -40,8 +40,9 @@ keeps what it frees (``opd_jax.heap``; the malloc of each row's processes is
 ``opd_jax.heap.release_unused`` after each run, so that where the two workers' peaks together
 would exceed the machine's memory (the SmolLM2 pair at B=16: 12.6 + 11.7 GiB on 23 GiB) each
 gives its free memory back before the other runs; ``OPD_JAX_HEAP=system`` (inherited by the
-workers) measures both with the system's malloc. On the GPU preset transformers runs, frees the GPU, then opd_jax runs,
-and each part and pair runs in its own process (JAX keeps the memory it has used).
+workers) measures both with the system's malloc. On the GPU preset transformers runs, frees
+the GPU, then opd_jax runs, and each part and pair runs in its own process (JAX keeps the
+memory it has used).
 
 Usage::
 

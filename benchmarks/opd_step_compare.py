@@ -23,10 +23,9 @@ from benchmarks.common import MALLOC, wall_times
 from benchmarks.opd_sides import (
     PAIRS,
     SHAPES,
-    JaxSide,
-    TorchSide,
     free_memory,
     make_batch,
+    make_side,
     peak_flops,
     step_flops,
 )
@@ -87,13 +86,6 @@ def measure(makers: dict[str, Callable[[], Any]], cases: list[dict], repeats: in
         del sides
         free_memory()
     return results
-
-
-def make_side(framework: str, dirs, dtype: str, chunk: int, remat: bool, attention: str):
-    """The side of ``framework`` (``opd_jax``, ``torch`` or ``torch_compile``)."""
-    if framework == "opd_jax":
-        return JaxSide(dirs, dtype, chunk, remat, attention)
-    return TorchSide(dirs, dtype, chunk, remat, compile=framework == "torch_compile")
 
 
 def _specs(dirs, args, dtype: str, frameworks: list[str]) -> dict[str, dict[str, Any]]:
