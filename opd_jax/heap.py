@@ -97,13 +97,19 @@ class _MallInfo2(ctypes.Structure):
     ]  # fmt: skip
 
 
+def _mallinfo() -> _MallInfo2 | None:
+    """glibc's ``mallinfo2()``; None elsewhere and before glibc 2.33."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2()
+
+
 def free_heap_bytes() -> int:
     """Bytes malloc holds free in its heap (glibc's ``mallinfo2().fordblks``); 0 elsewhere."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallinfo2"):  # glibc < 2.33
-        return 0
-    libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().fordblks)
+    info = _mallinfo()
+    return 0 if info is None else int(info.fordblks)
 
 
 def resident_bytes() -> int:
@@ -189,16 +195,15 @@ def release_unused(limit: int | None = None) -> int:
 
         monitoring.register_event_duration_secs_listener(_note_program)
         _listening = True
-    libc = _libc()
-    libc.mallinfo2.restype = _MallInfo2
-    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
-    info, room = libc.mallinfo2(), memory_room(limit)
+    info, room = _mallinfo(), memory_room(limit)
+    if info is None:  # glibc < 2.33: nothing tells what the heap holds free
+        return 0
     # XLA frees a run's buffers just after its results are ready: wait for them where it
     # matters (a new program's hole; memory that could run short: free may reach resident).
     if _new_program or room < 2 * resident_bytes():
         for _ in range(_SETTLE_POLLS):
             time.sleep(_SETTLE_S)
-            last, info = info, libc.mallinfo2()
+            last, info = info, _mallinfo()
             if info.fordblks == last.fordblks:
                 break
     if room < 2 * info.fordblks:
@@ -209,5 +214,7 @@ def release_unused(limit: int | None = None) -> int:
         return 0
     _new_program = False
     before = resident_bytes()
-    libc.malloc_trim(keep)
+    trim = _libc().malloc_trim
+    trim.argtypes = (ctypes.c_size_t,)
+    trim(keep)
     return max(before - resident_bytes(), 0)
