@@ -76,6 +76,19 @@ def test_flash_attention_gradients_equal_the_masked_scores(T, block, shorter):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
 
 
+def test_flash_attention_real_outputs_ignore_padding_and_padding_outputs_are_finite():
+    """Only the diagonal block is masked: junk in a row's padding moves none of its real
+    outputs (causality), and padding queries, which attend over it, stay finite."""
+    lengths = jnp.array([40, 25])
+    q, k, v = _inputs(2, 40, 4, 2, 16, seed=3)
+    run = jax.jit(attention.flash_attention, static_argnums=4)
+    base = np.asarray(run(q, k, v, lengths, 16))
+    junk = np.asarray(run(q, k.at[1, 25:].set(9.0), v.at[1, 25:].set(9.0), lengths, 16))
+    np.testing.assert_array_equal(junk[:, :25], base[:, :25])
+    np.testing.assert_array_equal(junk[0], base[0])
+    assert np.isfinite(junk).all()
+
+
 def test_flash_attention_keeps_bfloat16_and_stays_close():
     q, k, v = _inputs(1, 40, 4, 2, 16, dtype=jnp.bfloat16)
     out = attention.flash_attention(q, k, v, jnp.array([40]), 16)

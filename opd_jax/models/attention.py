@@ -202,9 +202,15 @@ def flash_attention(
 
     Query block `i` visits key blocks `0..i` only (about half the work of the full scores),
     and none past the longest row, with a running max and sum; the backward pass recomputes
-    each block's probabilities once from the saved log-sum-exp. Memory: `O(B N T H)` plus one
-    `[B, N, block, block]` block of scores at a time. Scores and accumulators are float32;
-    the matmul operands keep the inputs' dtype. Reverse-mode only (a `custom_vjp`: no `jvp`).
+    each block's probabilities once from the saved log-sum-exp. Only the diagonal block is
+    masked (causally): a real query sees no key past its row's length by causality alone, and
+    a query past it (padding) attends over earlier padding too, a finite output nothing reads.
+    The `G` query heads sharing a key/value head are one `[G C, H]` block, so every block
+    product is one matmul per kv head, and each operand is laid out once, before the loops, as
+    its products read it (the backward forms the transposed scores `[C, G C]`): no transpose
+    per block. Memory: `O(B N T H)` plus one `[B, N, block, block]` block of scores at a time.
+    Scores and accumulators are float32; the matmul operands keep the inputs' dtype.
+    Reverse-mode only (a `custom_vjp`: no `jvp`).
     """
     B, T, N, H = q_BxTxNxH.shape
     K = keys_BxTxKxH.shape[2]
@@ -216,27 +222,12 @@ def flash_attention(
         x = jnp.pad(x_BxTxMxH, [(0, 0), (0, n * C - T), (0, 0), (0, 0)])
         return jnp.transpose(x.reshape(B, n, C, x.shape[2], H), (1, 0, 3, 2, 4))
 
-    q_nxBxKxGxCxH = blocks(q_BxTxNxH).reshape(n, B, K, N // K, C, H)
-    k_nxBxKxCxH, v_nxBxKxCxH = blocks(keys_BxTxKxH), blocks(values_BxTxKxH)
-    out = _flash(q_nxBxKxGxCxH, k_nxBxKxCxH, v_nxBxKxCxH, lengths_B.astype(jnp.int32), C)
+    q_nxBxKxGCxH = blocks(q_BxTxNxH).reshape(n, B, K, N // K * C, H)
+    kT_nxBxKxHxC = jnp.swapaxes(blocks(keys_BxTxKxH), -1, -2)
+    last = _key_blocks(lengths_B.astype(jnp.int32), C)
+    out = _flash(q_nxBxKxGCxH, kT_nxBxKxHxC, blocks(values_BxTxKxH), last, C)
     out_BxTxNxH = jnp.transpose(out.reshape(n, B, N, C, H), (1, 0, 3, 2, 4))
     return out_BxTxNxH.reshape(B, n * C, N, H)[:, :T]
-
-
-def _visible(i: jax.Array, j: jax.Array, C: int, lengths_B: jax.Array) -> jax.Array:
-    """`[B, 1, 1, C, C]`: query block `i` may see key block `j` (causal, within length)."""
-    q_pos, k_pos = i * C + jnp.arange(C), j * C + jnp.arange(C)
-    causal_CxC = k_pos[None, :] <= q_pos[:, None]
-    return causal_CxC[None, None, None] & (k_pos < lengths_B[:, None])[:, None, None, None, :]
-
-
-def _scores(q_i, k_j, i, j, C, lengths_B):
-    """Scaled float32 scores `[B, K, G, C, C]` of query block `i` against key block `j`
-    (`NEG_INF` where invisible) and the visibility."""
-    scale = q_i.shape[-1] ** -0.5
-    s = jnp.einsum("bkgch,bkdh->bkgcd", q_i, k_j, preferred_element_type=jnp.float32) * scale
-    visible = _visible(i, j, C, lengths_B)
-    return jnp.where(visible, s, NEG_INF), visible
 
 
 def _key_blocks(lengths_B: jax.Array, C: int) -> jax.Array:
@@ -244,83 +235,104 @@ def _key_blocks(lengths_B: jax.Array, C: int) -> jax.Array:
     return (lengths_B.max() + C - 1) // C
 
 
-def _flash_forward(q, k, v, lengths_B, C):
-    """`(out [n, B, K, G, C, H], lse [n, B, K, G, C])`."""
-    n = q.shape[0]
-    last = _key_blocks(lengths_B, C)
+def _causal(C: int, G: int) -> jax.Array:
+    """`[G C, C]`: query `c` of each of the `G` heads may see key `d <= c` (the diagonal block)."""
+    return jnp.tile(jnp.arange(C)[None, :] <= jnp.arange(C)[:, None], (G, 1))
+
+
+def _flash_forward(q, kT, v, last, C):
+    """`(out [n, B, K, G C, H], lse [n, B, K, G C])`; the log-sum-exp is of the scaled scores.
+    Query block `i` visits key blocks `j < min(i, last)` unmasked, then its diagonal (if
+    `i < last`): every real query sees itself, so only an empty batch has no visible key."""
+    n, G = q.shape[0], q.shape[3] // C
+    scale = q.shape[-1] ** -0.5
+    causal = _causal(C, G)
 
     def query_block(i):
         q_i = q[i]
         shape = q_i.shape[:-1]
 
-        def key_block(j, carry):
+        def key_block(j, carry, mask=None):
             m, total, acc = carry
-            s, visible = _scores(q_i, k[j], i, j, C, lengths_B)
+            s = jnp.einsum("bkch,bkhd->bkcd", q_i, kT[j], preferred_element_type=jnp.float32)
+            if mask is not None:
+                s = jnp.where(mask, s, NEG_INF)
             m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
-            correction = jnp.exp(m - m_new)
-            total = total * correction + p.sum(-1)
+            p = jnp.exp((s - m_new[..., None]) * scale)
+            correction = jnp.exp((m - m_new) * scale)
             pv = jnp.einsum(
-                "bkgcd,bkdh->bkgch", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32
+                "bkcd,bkdh->bkch", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32
             )
-            return m_new, total, acc * correction[..., None] + pv
+            return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
 
         init = (
             jnp.full(shape, NEG_INF, jnp.float32),
             jnp.zeros(shape, jnp.float32),
             jnp.zeros(q_i.shape, jnp.float32),
         )
-        m, total, acc = jax.lax.fori_loop(0, jnp.minimum(i + 1, last), key_block, init)
-        total = jnp.where(total > 0, total, 1.0)  # a row with no visible key: output 0
-        return (acc / total[..., None]).astype(q.dtype), m + jnp.log(total)
+        carry = jax.lax.fori_loop(0, jnp.minimum(i, last), key_block, init)
+        diagonal = functools.partial(key_block, i, mask=causal)
+        m, total, acc = jax.lax.cond(i < last, diagonal, lambda c: c, carry)
+        total = jnp.where(total > 0, total, 1.0)  # no visible key (an empty batch): output 0
+        return (acc / total[..., None]).astype(q.dtype), m * scale + jnp.log(total)
 
     return jax.lax.map(query_block, jnp.arange(n))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, lengths_B, C):
-    return _flash_forward(q, k, v, lengths_B, C)[0]
+def _flash(q, kT, v, last, C):
+    return _flash_forward(q, kT, v, last, C)[0]
 
 
-def _flash_fwd(q, k, v, lengths_B, C):
-    out, lse = _flash_forward(q, k, v, lengths_B, C)
-    return out, (q, k, v, lengths_B, out, lse)
+def _flash_fwd(q, kT, v, last, C):
+    out, lse = _flash_forward(q, kT, v, last, C)
+    return out, (q, kT, v, last, out, lse)
 
 
 def _flash_bwd(C, residuals, d_out):
-    """One pass over key blocks `j` (a scan carrying the float32 `dq`), each visiting query
-    blocks `i >= j`: every block's scores and `dO V^T` are recomputed once."""
-    q, k, v, lengths_B, out, lse = residuals
-    n = q.shape[0]
-    last = _key_blocks(lengths_B, C)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [n, B, K, G, C]
+    """One pass over key blocks `j < last` (a scan carrying the float32 `dq^T`), each visiting
+    query blocks `i >= j`, the blocks the forward visited. Each block's transposed scores
+    `[C, G C]` and `V dO^T` are recomputed once; all five products read their operands as laid
+    out (`q`, `q^T`, `dO`, `dO^T`, `k`, `k^T`, formed once here)."""
+    q, kT, v, last, out, lse = residuals
+    n, G = q.shape[0], q.shape[3] // C
     scale = q.shape[-1] ** -0.5
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [n, B, K, G C]
+    qT, d_outT, k = (jnp.swapaxes(x, -1, -2) for x in (q, d_out, kT))
+    causal_T = _causal(C, G).T  # [C, G C]
 
-    def key_block(dq, j):
-        def query_block(i, carry):
-            dq, dk, dv = carry
-            s, visible = _scores(q[i], k[j], i, j, C, lengths_B)
-            p = jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0)
-            dp = jnp.einsum("bkgch,bkdh->bkgcd", d_out[i], v[j], preferred_element_type=jnp.float32)
-            ds = p * (dp - delta[i][..., None])
+    def key_block(dqT, j):
+        def query_block(i, carry, mask=None):
+            dqT, dk, dv = carry
+            sT = jnp.einsum("bkdh,bkhc->bkdc", k[j], qT[i], preferred_element_type=jnp.float32)
+            pT = jnp.exp(sT * scale - lse[i][..., None, :])
+            if mask is not None:
+                pT = jnp.where(mask, pT, 0.0)
+            dpT = jnp.einsum("bkdh,bkhc->bkdc", v[j], d_outT[i], preferred_element_type=jnp.float32)
+            dsT = pT * (dpT - delta[i][..., None, :])
             dv = dv + jnp.einsum(
-                "bkgcd,bkgch->bkdh", p.astype(v.dtype), d_out[i], preferred_element_type=jnp.float32
+                "bkdc,bkch->bkdh", pT.astype(v.dtype), d_out[i], preferred_element_type=jnp.float32
             )
             dk = dk + jnp.einsum(
-                "bkgcd,bkgch->bkdh", ds.astype(q.dtype), q[i], preferred_element_type=jnp.float32
+                "bkdc,bkch->bkdh", dsT.astype(q.dtype), q[i], preferred_element_type=jnp.float32
             )
-            dq_i = jnp.einsum(
-                "bkgcd,bkdh->bkgch", ds.astype(k.dtype), k[j], preferred_element_type=jnp.float32
+            dqT_i = jnp.einsum(
+                "bkhd,bkdc->bkhc", kT[j], dsT.astype(kT.dtype), preferred_element_type=jnp.float32
             )
-            return dq.at[i].add(dq_i), dk, dv
+            return dqT.at[i].add(dqT_i), dk, dv
 
         zeros = jnp.zeros(k.shape[1:], jnp.float32)
-        end = jnp.where(j < last, n, j)  # key blocks past every row's length: nothing to do
-        dq, dk, dv = jax.lax.fori_loop(j, end, query_block, (dq, zeros, zeros))
-        return dq, ((dk * scale).astype(k.dtype), dv.astype(v.dtype))
 
-    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(n))
-    return (dq * scale).astype(q.dtype), dk, dv, None
+        def visit(dqT):
+            carry = query_block(j, (dqT, zeros, zeros), mask=causal_T)
+            return jax.lax.fori_loop(j + 1, n, query_block, carry)
+
+        dqT, dk, dv = jax.lax.cond(j < last, visit, lambda d: (d, zeros, zeros), dqT)
+        return dqT, ((dk * scale).astype(kT.dtype), dv.astype(v.dtype))
+
+    dqT, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qT.shape, jnp.float32), jnp.arange(n))
+    dq = jnp.swapaxes(dqT, -1, -2) * scale
+    return dq.astype(q.dtype), jnp.swapaxes(dk, -1, -2), dv, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
