@@ -241,7 +241,18 @@ def _causal(C: int, G: int) -> jax.Array:
 
 
 def _flash_forward(q, kT, v, last, C):
-    """`(out [n, B, K, G C, H], lse [n, B, K, G C])`; the log-sum-exp is of the scaled scores.
+    """`(out [n, B, K, G C, H], lse [n, B, K, G C])`, one row at a time (`lax.map`): a block's
+    scores stay in cache at any batch size (at B=16, T=304: 37 -> 21 ms on 2 CPU cores)."""
+
+    def rows(x):  # [n, B, ...] -> [B, n, 1, ...]
+        return jnp.moveaxis(x, 1, 0)[:, :, None]
+
+    out, lse = jax.lax.map(lambda row: _row_forward(*row, last, C), (rows(q), rows(kT), rows(v)))
+    return jnp.moveaxis(out[:, :, 0], 0, 1), jnp.moveaxis(lse[:, :, 0], 0, 1)
+
+
+def _row_forward(q, kT, v, last, C):
+    """:func:`_flash_forward` of one row (`B = 1`); the log-sum-exp is of the scaled scores.
     Query block `i` visits key blocks `j < min(i, last)` unmasked, then its diagonal (if
     `i < last`): every real query sees itself, so only an empty batch has no visible key."""
     n, G = q.shape[0], q.shape[3] // C
