@@ -6,6 +6,7 @@ each framework's side (``JaxSide``: opd_jax's jitted step; ``TorchSide``: transf
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -140,15 +141,26 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def load_whole_vocab(path: str, dtype: Any) -> nnx.Module:
+    """``models.load``, scoring over every row of the embedding, as the peer does. The
+    checkpoints carry a tiny tokenizer (320 ids), to which ``models.load`` fits the model (a
+    user's padded embedding never forms logits past its tokenizer): the SmolLM2 rows of
+    2026-12-06/07 compared opd_jax over 320 logits with PyTorch over 49,152."""
+    model, _ = models.load(path, dtype)
+    model.config = dataclasses.replace(model.config, token_vocab=None)
+    return model
+
+
 class JaxSide:
-    """opd_jax's models (loaded from the HF directories) and its jitted, donating step."""
+    """opd_jax's models (loaded from the HF directories, over their whole vocabulary) and its
+    jitted, donating step."""
 
     name = "opd_jax"
 
     def __init__(self, dirs: dict[str, str], dtype: str, chunk: int, remat: bool, attention: str):
         self.student_dir, self.dtype = dirs["student"], getattr(jnp, dtype)
-        teacher, _ = models.load(dirs["teacher"], self.dtype)
-        self.graphdef, _ = nnx.split(models.load(self.student_dir, self.dtype)[0], nnx.Param)
+        teacher = load_whole_vocab(dirs["teacher"], self.dtype)
+        self.graphdef, _ = nnx.split(load_whole_vocab(self.student_dir, self.dtype), nnx.Param)
         self.teacher_graphdef, self.teacher_params = nnx.split(teacher, nnx.Param)
         hyper = torch_opd.Hyper()  # the peer's hyper-parameters, in opd_jax's optimizer
         optim = OptimConfig(
@@ -162,8 +174,7 @@ class JaxSide:
     def fresh_params(self) -> nnx.State:
         """The student's weights as loaded: every case starts from them (read again from its
         directory, so that the process holds no second copy for the next case)."""
-        student, _ = models.load(self.student_dir, self.dtype)
-        return nnx.split(student, nnx.Param)[1]
+        return nnx.split(load_whole_vocab(self.student_dir, self.dtype), nnx.Param)[1]
 
     def settings(self, prompt: int, rule: str):
         objective = core.ObjectiveSettings(rule=rule, k=K, chunk_size=self.chunk)

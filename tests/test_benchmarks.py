@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from flax import nnx
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)  # where ``-m benchmarks.NAME`` runs
 PARTS = (
@@ -35,6 +36,20 @@ def profile_rows(tmp_path_factory):
     assert "| part | seconds |" in done.stdout  # the table is printed
     (run,) = json.loads(out.read_text())["runs"].values()
     return {row["part"]: row for row in run["rows"]}
+
+
+def test_opd_jax_scores_the_whole_vocabulary_as_its_peer_does(tmp_path):
+    """The checkpoints' tiny tokenizer must not shrink opd_jax's logits (``models.load`` fits
+    a model to its tokenizer): both frameworks score every row of the embedding."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.opd_sides import SHAPES, JaxSide, build_checkpoints
+
+    dirs = build_checkpoints(str(tmp_path), "tiny", "float32")
+    side = JaxSide(dirs, "float32", chunk=0, remat=False, attention="auto")
+    student = nnx.merge(side.graphdef, side.fresh_params())
+    teacher = nnx.merge(side.teacher_graphdef, side.teacher_params)
+    for model in (student, teacher):
+        assert model.unembed_matrix().shape[1] == SHAPES["tiny-llama"]["vocab_size"] == 2048
 
 
 def test_every_part_of_the_step_is_timed(profile_rows):
