@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -58,9 +59,48 @@ def machine() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": [d.device_kind for d in devices],
         "versions": versions,
+        "cpu_vector_isa": cpu_vector_isa(),
         "malloc": MALLOC,
+        "commit": commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def cpu_vector_isa() -> str | None:
+    """The widest x86 vector instructions the CPU offers (``avx512``, ``avx2``), from
+    ``/proc/cpuinfo``; None where that cannot be read. Both frameworks' GEMMs depend on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        return None
+    return next((isa for isa in ("avx512f", "avx2", "avx") if isa in flags), None)
+
+
+def commit() -> str | None:
+    """The repository's commit (``-dirty`` with uncommitted changes), which results name;
+    None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def device_tag() -> str:
@@ -93,3 +133,19 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(cell(row.get(c)) for c in columns) + " |")
+
+
+def merge_runs(out: str, runs: dict[str, dict[str, Any]], benchmark: str) -> None:
+    """Adds ``runs`` to the JSON at ``out`` (``{"benchmark", "runs"}``): a run's rows replace
+    those of the same case and join the others (a ladder may be measured over several
+    commands); its other keys (machine, settings) replace the old ones."""
+    payload = {"benchmark": benchmark, "runs": {}}
+    if os.path.exists(out):
+        with open(out) as f:
+            payload = json.load(f)
+    for name, run in runs.items():
+        old = payload["runs"].get(name, {}).get("rows", [])
+        cases = {row["case"] for row in run["rows"]}
+        rows = [row for row in old if row.get("case") not in cases] + run["rows"]
+        payload["runs"][name] = run | {"rows": rows}
+    write_json(out, payload)

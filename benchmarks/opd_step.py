@@ -171,22 +171,6 @@ NOTES = {
 }
 
 
-def merge_runs(out: str, runs: dict[str, dict[str, Any]]) -> None:
-    """Adds ``runs`` to the JSON at ``out``: a run's rows replace those of the same case and
-    join the others (a ladder may be measured over several commands); its other keys (machine,
-    settings) replace the old ones."""
-    payload = {"benchmark": "opd_step", "runs": {}}
-    if os.path.exists(out):
-        with open(out) as f:
-            payload = json.load(f)
-    for name, run in runs.items():
-        old = payload["runs"].get(name, {}).get("rows", [])
-        cases = {row["case"] for row in run["rows"]}
-        rows = [row for row in old if row.get("case") not in cases] + run["rows"]
-        payload["runs"][name] = run | {"rows": rows}
-    common.write_json(out, payload)
-
-
 def _argv_without(*flags: str) -> list[str]:
     """``sys.argv[1:]`` without the given ``--flag VALUE`` / ``--flag=VALUE`` options."""
     argv, skip = [], False
@@ -256,7 +240,7 @@ def main() -> None:
             sys.exit("--merge needs --out, e.g. benchmarks/results/opd_step_<device>.json")
         for path in args.merge:
             with open(path) as f:
-                merge_runs(args.out, json.load(f)["runs"])
+                common.merge_runs(args.out, json.load(f)["runs"], "opd_step")
         print(f"wrote {args.out}")
         return
     preset = _settings(args)
@@ -309,7 +293,7 @@ def main() -> None:
             },
         }  # fmt: skip
         name = f"{args.preset}/{part}/{pair}" + ("/remat" if args.remat else "")
-        merge_runs(out, {f"{name}/{attention}": run})
+        common.merge_runs(out, {f"{name}/{attention}": run}, "opd_step")
     if args.smoke:
         absent = [m for m in ("tensorflow_datasets", "grain", "nltk", "gguf") if m in sys.modules]
         print(f"imported modules that the GPU image lacks: {absent or 'none'}")
