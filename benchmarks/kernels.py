@@ -11,6 +11,8 @@ carries the gap, in one process, the two frameworks alternating (median of `--re
   against `torch.nn.functional.scaled_dot_product_attention(is_causal=True)` (PyTorch's fused
   CPU flash kernel; its keys and values repeated to the query heads beforehand, untimed).
 
+PyTorch's idle OpenMP threads sleep (`OMP_WAIT_POLICY=PASSIVE`, as in `benchmarks.opd_step`):
+spinning, they take the cores from the JAX run that follows (XLA's GEMMs measured 25-45% slower).
 GFLOP/s count the model's FLOPs (causal attention: half the scores). `XLA_FLAGS` in the
 environment applies to the JAX side and is recorded (e.g. XLA's oneDNN dots:
 `--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=individual_dot`).

@@ -129,3 +129,16 @@ def test_a_worker_killed_by_the_kernel_is_recorded_as_out_of_memory():
     worker.process.send_signal(signal.SIGKILL)  # as the kernel's out-of-memory killer does
     assert worker.ask("run")["status"] == "oom"
     worker.close()
+
+
+def test_the_kernels_benchmark_times_both_frameworks_per_kernel(tmp_path):
+    out = tmp_path / "kernels.json"
+    command = [sys.executable, "-m", "benchmarks.kernels", "--quick", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ((key, run),) = json.loads(out.read_text())["runs"].items()
+    assert key.startswith("quick/") and "commit" in run["machine"]
+    kinds = {row["kind"] for row in run["rows"]}
+    assert kinds == {"gemm", "attention"}
+    for row in run["rows"]:
+        assert row["opd_jax_gflop_s"] > 0 and row["torch_gflop_s"] > 0
