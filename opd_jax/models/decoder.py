@@ -415,13 +415,16 @@ class Decoder(nnx.Module):
         return h_BxTxD, KVCache(k=k_all, v=v_all, mask=slot_mask_BxS, index=cache.index + T)
 
     def logits(self, h_BxTxD: jax.Array) -> jax.Array:
-        """Float32 logits `[B, T, V]` of final-norm hidden states."""
-        logits_BxTxV = jnp.einsum(
-            "btd,dv->btv",
-            h_BxTxD,
-            self.unembed_matrix().astype(self.config.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        """Float32 logits `[B, T, V]` of final-norm hidden states. A tied embedding is read as
+        it is stored, `[V, D]` (its first `token_vocab` rows): the transposed view
+        :meth:`unembed_matrix` gives made XLA:CPU form the product in a slower loop (SmolLM2
+        decoding at B=1: 21.9 -> 20.6 ms a token)."""
+        if self.config.tie_word_embeddings:
+            embed_VxD = self.embed[...][: self.config.token_vocab]
+            spec, w = "btd,vd->btv", embed_VxD.astype(self.config.dtype)
+        else:
+            spec, w = "btd,dv->btv", self.unembed_matrix().astype(self.config.dtype)
+        logits_BxTxV = jnp.einsum(spec, h_BxTxD, w, preferred_element_type=jnp.float32)
         return constrain(logits_BxTxV, ("batch", "sequence", "vocab"), self.rules)
 
     def __call__(

@@ -172,12 +172,7 @@ def _prefill(
     B, P = tokens_BxP.shape
     S = P + max_new_tokens
     h_BxPxD, cache = prefill_cache(model, tokens_BxP, mask_BxP, S, n)
-    logits_BxV = jnp.einsum(
-        "bd,dv->bv",
-        h_BxPxD[:, -1],
-        model.unembed_matrix().astype(h_BxPxD.dtype),
-        preferred_element_type=jnp.float32,
-    )
+    logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
     if n > 1:
         logits_BxV, tokens_BxP, mask_BxP = (
             jnp.repeat(x, n, axis=0) for x in (logits_BxV, tokens_BxP, mask_BxP)
