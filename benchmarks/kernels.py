@@ -6,6 +6,8 @@ carries the gap, in one process, the two frameworks alternating (median of `--re
 * `gemm`: a projection's three matmuls at `M = B (P + N)` rows, fp32: the forward `x @ W`, the
   input gradient `dy @ W^T` and the weight gradient `x^T @ dy`, for every projection shape of
   the decoder (q/o `D x D`, k/v `D x K H`, gate/up `D x F`, down `F x D`) and the unembedding.
+* `stream`: decode's products, `B` rows times 150 distinct `[D, F]` weights (530 MB: each
+  read from memory, as a decode step reads the model), at B = 1 and 8: GB/s of weights.
 * `attention`: causal attention over one sequence of `S` positions at the pair's heads,
   forward and forward + backward: opd_jax's `flash` kernel (`models.attention.flash_attention`)
   against `torch.nn.functional.scaled_dot_product_attention(is_causal=True)` (PyTorch's fused
@@ -99,6 +101,31 @@ def _gemms(name: str, M: int, n_in: int, n_out: int, repeats: int) -> list[dict[
     ]
 
 
+def streaming_rows(batches: list[int], repeats: int, layers: int = 150) -> list[dict[str, Any]]:
+    """Decode's products: `B` rows times `layers` distinct `[D, F]` weights (530 MB at the
+    default, more than any cache holds), so each weight is read from memory once per pass;
+    GB/s of weights read, both frameworks."""
+    D, F = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((D, F), np.float32) for _ in range(layers)]
+    jw, tw = [jnp.asarray(w) for w in weights], [torch.from_numpy(w) for w in weights]
+    total = sum(w.nbytes for w in weights)
+    rows = []
+    for B in batches:
+        x = rng.standard_normal((B, D), np.float32)
+        jx, tx = jnp.asarray(x), torch.from_numpy(x)
+        ours = jax.jit(lambda x, ws: [x @ w for w in ws])
+        runs = {
+            "opd_jax": lambda ours=ours, jx=jx: jax.block_until_ready(ours(jx, jw)),
+            "torch": lambda tx=tx: [tx @ w for w in tw],
+        }
+        seconds = alternating_medians(runs, repeats)
+        row = _row("stream", f"B={B}: {layers} x [{D}, {F}]", B, 2.0 * B * total / 4, seconds)
+        row |= {f"{k}_gb_s": total / t / 1e9 for k, t in seconds.items()}
+        rows.append(row)
+    return rows
+
+
 def attention_rows(lengths: list[int], repeats: int) -> list[dict[str, Any]]:
     """Forward and forward + backward of causal attention over one row of each length."""
     return [row for S in lengths for row in _attention(S, repeats)]
@@ -174,7 +201,9 @@ def main() -> None:
         args.rows, args.lengths, args.repeats = 64, "80", 3
     lengths = [int(s) for s in args.lengths.split(",")]
     rows = gemm_rows(args.rows, args.repeats) + attention_rows(lengths, args.repeats)
+    rows += streaming_rows([1, 8], args.repeats, layers=4 if args.quick else 150)
     columns = ["kind", "case", "opd_jax_gflop_s", "torch_gflop_s", "ratio_vs_torch"]
+    columns += ["opd_jax_gb_s", "torch_gb_s"]
     common.print_table(rows, columns)
     xla_flags = os.environ.get("XLA_FLAGS", "")
     settings = {"rows": args.rows, "lengths": lengths, "repeats": args.repeats,

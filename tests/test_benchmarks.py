@@ -139,6 +139,6 @@ def test_the_kernels_benchmark_times_both_frameworks_per_kernel(tmp_path):
     ((key, run),) = json.loads(out.read_text())["runs"].items()
     assert key.startswith("quick/") and "commit" in run["machine"]
     kinds = {row["kind"] for row in run["rows"]}
-    assert kinds == {"gemm", "attention"}
+    assert kinds == {"gemm", "attention", "stream"}
     for row in run["rows"]:
         assert row["opd_jax_gflop_s"] > 0 and row["torch_gflop_s"] > 0
