@@ -179,6 +179,7 @@ def _serve(read: IO[bytes], write: IO[bytes]) -> None:
     case, stage, reset = message["case"], {}, False
     try:
         side = make_side(**message["side"])
+        release_unused()  # what loading freed (as the training loop's first release does)
         stage["rss_before_gib"] = rss_gib()
         run, info = getattr(side, case["kind"])(case["host"], case["prompt"], case["response"])
         stage["compile_peak_rss_gib"] = peak_rss_gib()

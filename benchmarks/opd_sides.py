@@ -160,7 +160,11 @@ class JaxSide:
     def __init__(self, dirs: dict[str, str], dtype: str, chunk: int, remat: bool, attention: str):
         self.student_dir, self.dtype = dirs["student"], getattr(jnp, dtype)
         teacher = load_whole_vocab(dirs["teacher"], self.dtype)
-        self.graphdef, _ = nnx.split(load_whole_vocab(self.student_dir, self.dtype), nnx.Param)
+        # the first case's weights: a copy loaded for its graph alone and dropped would leave
+        # a hole in the kept heap that the step's buffer does not fit (0.5 GiB of peak RSS)
+        self.graphdef, self._loaded = nnx.split(
+            load_whole_vocab(self.student_dir, self.dtype), nnx.Param
+        )
         self.teacher_graphdef, self.teacher_params = nnx.split(teacher, nnx.Param)
         hyper = torch_opd.Hyper()  # the peer's hyper-parameters, in opd_jax's optimizer
         optim = OptimConfig(
@@ -172,9 +176,13 @@ class JaxSide:
         self.attention = models.resolve_attention(attention, (getattr(jnp, dtype),))
 
     def fresh_params(self) -> nnx.State:
-        """The student's weights as loaded: every case starts from them (read again from its
-        directory, so that the process holds no second copy for the next case)."""
-        return nnx.split(load_whole_vocab(self.student_dir, self.dtype), nnx.Param)[1]
+        """The student's weights as loaded: every case starts from them (those loaded with the
+        side, then read again from its directory, so that the process holds no second copy
+        for the next case)."""
+        params, self._loaded = self._loaded, None
+        if params is None:
+            params = nnx.split(load_whole_vocab(self.student_dir, self.dtype), nnx.Param)[1]
+        return params
 
     def settings(self, prompt: int, rule: str):
         objective = core.ObjectiveSettings(rule=rule, k=K, chunk_size=self.chunk)
