@@ -33,6 +33,22 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
+def alternating_medians(
+    runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each thunk (which returns when its work is done) over ``repeats``
+    runs after ``warmup`` each, the thunks alternating run by run, so that a machine whose
+    load drifts penalises all of them alike."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name] += wall_times(run, 1)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def wall_times(run: Callable[[], Any], repeats: int) -> list[float]:
     """Wall seconds of ``repeats`` calls of ``run``, which returns when its work is done."""
     times = []
@@ -82,25 +98,18 @@ def cpu_vector_isa() -> str | None:
 def commit() -> str | None:
     """The repository's commit (``-dirty`` with uncommitted changes), which results name;
     None outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return head + ("-dirty" if dirty else "")
+
+
+def _git(*args: str) -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
 
 
 def device_tag() -> str:

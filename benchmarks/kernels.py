@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import jax  # noqa: E402
@@ -42,21 +39,6 @@ from benchmarks.opd_sides import SHAPES  # noqa: E402
 from opd_jax.models.attention import flash_attention  # noqa: E402
 
 SHAPE = SHAPES["smollm2-135m"]
-
-
-def alternating_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each thunk (which returns when its work is done) over `repeats`
-    runs after two warm-ups each, the thunks alternating run by run."""
-    for run in runs.values():
-        run()
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def gemm_rows(M: int, repeats: int) -> list[dict[str, Any]]:
@@ -96,7 +78,13 @@ def _gemms(name: str, M: int, n_in: int, n_out: int, repeats: int) -> list[dict[
     }
     flop = 2.0 * M * n_in * n_out
     return [
-        _row("gemm", f"{name} {n_in}x{n_out}: {form}", M, flop, alternating_medians(runs, repeats))
+        _row(
+            "gemm",
+            f"{name} {n_in}x{n_out}: {form}",
+            M,
+            flop,
+            common.alternating_medians(runs, repeats, warmup=2),
+        )
         for form, runs in forms.items()
     ]
 
@@ -119,7 +107,7 @@ def streaming_rows(batches: list[int], repeats: int, layers: int = 150) -> list[
             "opd_jax": lambda ours=ours, jx=jx: jax.block_until_ready(ours(jx, jw)),
             "torch": lambda tx=tx: [tx @ w for w in tw],
         }
-        seconds = alternating_medians(runs, repeats)
+        seconds = common.alternating_medians(runs, repeats, warmup=2)
         row = _row("stream", f"B={B}: {layers} x [{D}, {F}]", B, 2.0 * B * total / 4, seconds)
         row |= {f"{k}_gb_s": total / t / 1e9 for k, t in seconds.items()}
         rows.append(row)
@@ -163,7 +151,7 @@ def _attention(S: int, repeats: int) -> list[dict[str, Any]]:
             f"S={S} {part}",
             S,
             scale * flop,
-            alternating_medians({"opd_jax": ours, "torch": peer}, repeats),
+            common.alternating_medians({"opd_jax": ours, "torch": peer}, repeats, warmup=2),
         )  # fmt: skip
         for part, (scale, ours, peer) in parts.items()
     ]

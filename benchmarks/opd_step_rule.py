@@ -9,9 +9,6 @@ Used by ``benchmarks.opd_step``, which sets the environment before these imports
 from __future__ import annotations
 
 import os
-import statistics
-from collections.abc import Callable
-from typing import Any
 
 import jax
 from flax import nnx
@@ -27,16 +24,6 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def _interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name] += common.wall_times(run, 1)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def part_rule(pair, dirs, args, preset, settings, frameworks):
     """opd_jax only: the step with rule release against full; the rule alone, and the
     objective after scoring (rule, loss and diagnostics), on the scored statistics."""
@@ -44,7 +31,7 @@ def part_rule(pair, dirs, args, preset, settings, frameworks):
     host = make_batch(B, P, N, SHAPES[PAIRS[pair][0]]["vocab_size"])
     side = JaxSide(dirs, preset["dtype"], args.chunk_size, args.remat, args.attention)
     runs = {rule: side.update(host, P, N, rule)[0] for rule in ("full", "release")}
-    step = _interleaved_medians(runs, preset["repeats"])
+    step = common.alternating_medians(runs, preset["repeats"])
     del runs
     params, batch = side.fresh_params(), jax.device_put(host)
     graphdef, teacher_graphdef, settings_ = (

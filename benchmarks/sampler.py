@@ -32,8 +32,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -167,20 +165,6 @@ def torch_generate(
     return run
 
 
-def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each thunk over `repeats` runs after one warm-up each, alternating the
-    thunks run by run so that a machine whose load drifts penalises all of them alike."""
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def throughputs(
     models: dict[str, Any], prompts_BxP: np.ndarray, new_tokens: int, repeats: int
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -189,8 +173,8 @@ def throughputs(
     makers = {"opd": opd_generate, "hf": torch_generate}
     first = {name: makers[name](models[name], prompts_BxP, 1) for name in makers}
     full = {name: makers[name](models[name], prompts_BxP, new_tokens) for name in makers}
-    t1 = interleaved_medians(first, repeats)
-    tn = interleaved_medians(full, repeats)
+    t1 = common.alternating_medians(first, repeats)
+    tn = common.alternating_medians(full, repeats)
     stats = {}
     for name in makers:
         stats |= {
@@ -251,7 +235,7 @@ def mixed_lengths(ours: Any, settings: dict[str, Any], vocab: int) -> dict[str, 
             sampling.sample(ours, prompts_BxP, eos_ids=eos, compact_every=every, **kwargs).tokens
         )
 
-    seconds = interleaved_medians({"drop": run(16), "keep": run(0)}, settings["repeats"])
+    seconds = common.alternating_medians({"drop": run(16), "keep": run(0)}, settings["repeats"])
     assert np.array_equal(run(16)(), run(0)()), "dropping finished rows changed the samples"
     made = int(lengths.sum())
     return {
