@@ -14,7 +14,7 @@ carries the gap, in one process, the two frameworks alternating (median of `--re
   CPU flash kernel; its keys and values repeated to the query heads beforehand, untimed).
 
 PyTorch's idle OpenMP threads sleep (`OMP_WAIT_POLICY=PASSIVE`, as in `benchmarks.opd_step`):
-spinning, they take the cores from the JAX run that follows (XLA's GEMMs measured 25-45% slower).
+spinning, they would take the cores from the JAX run that follows.
 GFLOP/s count the model's FLOPs (causal attention: half the scores). `XLA_FLAGS` in the
 environment applies to the JAX side and is recorded (e.g. XLA's oneDNN dots:
 `--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=individual_dot`).
@@ -29,12 +29,18 @@ import argparse
 import os
 from typing import Any
 
+from benchmarks.isolated_workers import set_environment
+
+set_environment()  # before torch starts: its idle OpenMP threads sleep
+
+from benchmarks import common  # noqa: E402  (first: it sets malloc up before any thread allocates)
+
+# isort: split
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks import common  # first: it sets malloc up before any thread allocates
 from benchmarks.opd_sides import SHAPES  # noqa: E402
 from opd_jax.models.attention import flash_attention  # noqa: E402
 
