@@ -43,20 +43,53 @@ def _sample(student, tokens, mask, n_new, watcher=None, n=1, compact_every=4):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("logits_at_once", [2**24, 1])  # the whole look; a column at a time
+def _count_teacher_looks(monkeypatch) -> list[int]:
+    """Records the width of every teacher forward the watcher runs."""
+    widths, look = [], sampling.release_watch._teacher_look
+
+    def counted(*args, width, **kwargs):
+        widths.append(width)
+        return look(*args, width=width, **kwargs)
+
+    monkeypatch.setattr(sampling.release_watch, "_teacher_look", counted)
+    return widths
+
+
+@pytest.mark.parametrize(
+    "logits_at_once, segments, eos",
+    [
+        (2**24, ("token", 1), ()),  # every look can release: the teacher scores at each
+        (1, ("token", 1), ()),  # the same, logits formed one column at a time
+        (2**24, ("fixed", 4), ()),  # no look can release (3 segments in 13 tokens): one pass
+        (2**24, ("fixed", 4), tuple(range(0, 320, 3))),  # rows end early and leave the loop
+    ],
+)
 def test_margins_scored_while_sampling_equal_a_full_forwards(
-    pair_models, monkeypatch, logits_at_once, n=2
+    pair_models, monkeypatch, logits_at_once, segments, eos, n=2
 ):
     """The teacher's cached chunks and the student's top-K recorded by decoding give the margin
     that the step's full forward passes give, at every sampled token (prompts of different
-    lengths, `n` samples sharing a prefill, rows finishing early), however many columns'
-    logits a look forms at once."""
+    lengths, `n` samples sharing a prefill, rows finishing early and dropped from the loop),
+    however many columns' logits a look forms at once, and whether the teacher scores at
+    every look or waits until a sentence count could release (or rows leave the loop)."""
     monkeypatch.setattr(sampling.release_watch, "LOOK_LOGITS", logits_at_once)
+    widths = _count_teacher_looks(monkeypatch)
     student, teacher, tokenizer = pair_models
     tokens, mask = _prompts(tokenizer)
     N = 13  # not a multiple of compact_every: the last look scores a shorter chunk
-    watch = _watch(teacher, tokenizer, N)
-    result = _sample(student, tokens, mask, N, watch, n=n)
+    watch = _watch(teacher, tokenizer, N, segments=segments)
+    result = sampling.sample(
+        student, tokens, mask, key=jax.random.key(3), max_new_tokens=N, eos_ids=eos,
+        method=sampling.Temperature(1.0), n=n, compact_every=4, watcher=watch,
+    )  # fmt: skip
+    lengths = np.asarray(result.lengths)
+    if eos:
+        assert (lengths < N).sum() >= 4, f"too few rows ended early to be dropped: {lengths}"
+        assert watch.rows.size < len(lengths), "no row left the loop"
+    elif segments[0] == "token":
+        assert widths == [5, 4, 4], widths  # the first look also scores the prefill's token
+    else:
+        assert widths == [N], widths  # the whole response in one teacher forward
     P = tokens.shape[1]
     attention = result.prompt_mask | result.response_mask
     h_s = student.response_hidden(result.tokens, attention, P)
@@ -89,7 +122,7 @@ class StopAt:
         self.stop = np.zeros_like(self.stop)
         return out
 
-    def take(self, index):
+    def take(self, index, s):
         pass
 
 

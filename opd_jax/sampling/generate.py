@@ -286,8 +286,8 @@ class Watcher(Protocol):
         """The rows after `made` new tokens (rows finished on the way stay in `s`); returns
         bool `[R]`, the rows to stop now."""
 
-    def take(self, index_R: np.ndarray) -> None:
-        """The loop goes on with rows `index_R` of the last look's rows, in that order."""
+    def take(self, index_R: np.ndarray, s: _State) -> None:
+        """The loop goes on with rows `index_R` of `s` (the last look's rows), in that order."""
 
 
 @functools.partial(jax.jit, donate_argnames=("out",))
@@ -415,9 +415,9 @@ def sample(
                 out = tuple(map(jnp.copy, rows)) if out is None else _put_rows(out, s)
                 # padded with a finished row: it stays finished and writes back its own values
                 index = np.concatenate([live_L, np.full(width - len(live_L), np.argmax(done_R))])
-                s = _take_rows(s, index.astype(np.int32), rules=rules)
                 if watcher is not None:
-                    watcher.take(index)
+                    watcher.take(index, s)
+                s = _take_rows(s, index.astype(np.int32), rules=rules)
         tokens, logprobs, response = (
             (s.tokens_RxS, s.logprobs_RxS, s.response_RxS) if out is None else _put_rows(out, s)
         )

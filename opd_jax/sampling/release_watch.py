@@ -2,13 +2,16 @@
 once its release cut is certain (``sampling.stop_at_release``; docs/method.md §3a).
 
 At every look of :func:`~opd_jax.sampling.generate.sample` (each ``compact_every`` tokens)
-:class:`ReleaseWatch` runs the teacher over the columns sampled since the last look, one
-chunked forward with its own KV cache, and forms the margin there from the student's top-K
-candidates that decoding recorded. On the host it splits the responses so far into sentences,
-takes the margin's mean over each complete one (every sentence but a live row's last) and asks
-:func:`~opd_jax.core.first_certain` whether the cut became certain at any sentence count
-completed since the last look (:func:`~opd_jax.core.online_cut`). Rows that are certain stop
-like rows that sampled an EOS.
+:class:`ReleaseWatch` splits the responses so far into sentences on the host. Where some row
+completed a sentence count at which the cut could fire (``2 min_segments + confirm`` or more:
+:func:`fires_from`), the teacher scores every column not yet scored, one chunked forward with
+its own KV cache, and forms the margin there from the student's top-K candidates that decoding
+recorded; the watcher takes the margin's mean over each complete sentence (every sentence but a
+live row's last) and asks :func:`~opd_jax.core.first_certain` whether the cut became certain at
+any sentence count completed since the last look (:func:`~opd_jax.core.online_cut`). Rows that
+are certain stop like rows that sampled an EOS. Where no count could fire, the teacher waits:
+its columns are scored at a later look, one larger forward, before rows leave the loop, and at
+the end (a rollout too short to release costs the teacher one pass over it, as offline).
 
 Once the rollouts are back, :func:`final_cuts` gives every row its kept response tokens: the
 online cut where a row stopped, else the offline rule on all its sentences, both on the margins
@@ -49,6 +52,12 @@ KV_AXES = ("layers", "batch", "kv_heads", "sequence", "head_dim")
 LOOK_LOGITS = 2**24  # teacher logits alive at once in a look (64 MiB of float32), at least a column
 
 
+def fires_from(changepoint: Mapping[str, Any], confirm: int) -> int:
+    """The fewest complete sentences at which :func:`~opd_jax.core.online_cut` can be certain:
+    the test on ``n - confirm`` sentences needs ``min_segments`` on each side of its split."""
+    return 2 * int(changepoint["min_segments"]) + confirm
+
+
 def look_columns(rows: int, vocab: int, width: int) -> int:
     """Columns whose ``[rows, V]`` teacher logits a look forms at once: as many as fit in
     :data:`LOOK_LOGITS` (so small batches make one matmul of the look), at least one."""
@@ -86,8 +95,8 @@ def _teacher_look(
     columns,
 ):  # fmt: skip
     """The teacher over columns ``[start, start + width)`` of the sampler's rows, one chunked
-    forward with its cache. Returns those columns' tokens and response mask ``[R, width]``,
-    the margin there (0 off the response), the cache after them, the last hidden and, with
+    forward with its cache. Returns the margin there ``[R, width]`` (0 off the response),
+    the cache after them, the last hidden and, with
     ``scores``, the :class:`~opd_jax.core.TeacherScores` there (else None). Logits are formed
     ``columns`` columns at a time (:func:`look_columns`)."""
     teacher: Decoder = nnx.merge(graphdef, params)
@@ -124,7 +133,7 @@ def _teacher_look(
     margin_RxC = jnp.where(response_RxC > 0, rows_first(margin_CxR), 0.0)
     kept = None if kept is None else jax.tree.map(rows_first, kept)
     cache, last_RxD = _constrain(cache, h_RxCxD[:, -1], teacher.rules)
-    return tokens_RxC, response_RxC, margin_RxC, cache, last_RxD, kept
+    return margin_RxC, cache, last_RxD, kept
 
 
 @functools.partial(jax.jit, static_argnames=("window", "options"))
@@ -196,6 +205,7 @@ class ReleaseWatch:
         self.online = tuple(
             sorted((changepoint | dict(confirm=confirm, min_gain=min_gain)).items())
         )
+        self.fires_from = fires_from(changepoint, confirm)
 
     def start(self, tokens_BxP: jax.Array, mask_BxP: jax.Array, n: int) -> None:
         B, P = tokens_BxP.shape
@@ -204,7 +214,9 @@ class ReleaseWatch:
         )
         R0 = B * n
         self.rows = np.arange(R0)
-        self.column = P
+        self.prompt_len = P
+        self.column = P  # the first column the teacher has not scored
+        self.read = P  # the first column not yet read to the host
         self.tokens = np.zeros((R0, self.N), np.int32)  # the response columns, as scored
         self.response = np.zeros((R0, self.N), np.int32)
         self.margin = np.zeros((R0, self.N), np.float32)
@@ -217,28 +229,19 @@ class ReleaseWatch:
         self.scores: dict[str, np.ndarray] = {}
 
     def look(self, s: _State, prompt_len: int, made: int) -> np.ndarray:
-        width = prompt_len + made - self.column
-        new = slice(self.column - prompt_len, made)  # the response columns scored now
-        o = self.margin_options
-        tokens, response, margin, self.cache, self.last, scores = _teacher_look(
-            self.graphdef, self.params, self.cache, self.last, s, np.int32(self.column),
-            width=width, kind=o["margin_kind"], k=o["margin_k"], renormalize=o["renormalize"],
-            scores=self.keep_scores, columns=look_columns(len(self.rows), self.vocab, width),
-        )  # fmt: skip
-        self.column = prompt_len + made
+        new = slice(self.read - prompt_len, made)  # the response columns sampled since
+        window = prompt_len + made - self.read
         rows = self.rows
-        self.tokens[rows, new], self.response[rows, new] = np.asarray(tokens), np.asarray(response)
-        self.margin[rows, new] = np.asarray(margin)
-        self.scored_tokens += int(self.response[rows, new].sum())
-        for name, value in ({} if scores is None else scores._asdict()).items():
-            if name not in self.scores:
-                shape = (len(self.margin), self.N) + value.shape[2:]
-                self.scores[name] = np.zeros(shape, value.dtype)
-            self.scores[name][rows, new] = np.asarray(value)
+        cut_s = lambda x: x[:, self.read : prompt_len + made]  # noqa: E731
+        self.tokens[rows, new] = np.asarray(cut_s(s.tokens_RxS))
+        self.response[rows, new] = np.asarray(cut_s(s.response_RxS))
+        self.read = prompt_len + made
         # the rows that sampled now; a row's sentences are complete but for a live row's last
         done = np.asarray(s.done_R) | (made >= self.N)
         active = self.response[rows, new].any(-1)
         stop = np.zeros_like(active)
+        if done.all():  # the loop ends here: every column is scored for the final cuts
+            self._score(s)
         if not active.any():
             return stop
         # rows finished before are neither split nor checked: every row of the loop enters the
@@ -246,11 +249,16 @@ class ReleaseWatch:
         at = np.flatnonzero(active)
         seg = np.full((len(rows), made), -1, np.int32)
         seg[at] = self._seg(rows[at], made)
-        means, count = segment_means_host(self.margin[rows, :made], seg, self.N)
+        count = np.where(seg >= 0, seg + 1, 0).max(axis=-1, initial=0)
         complete = np.maximum(np.where(done, count, count - 1), self.checked[rows])
         complete = np.where(active, complete, self.checked[rows])
+        if not ((complete > self.checked[rows]) & (complete >= self.fires_from)).any():
+            self.checked[rows] = complete  # no count completed now can release: nothing to score
+            return stop
+        self._score(s)
+        means, _ = segment_means_host(self.margin[rows, :made], seg, self.N)
         cut = jax.device_get(
-            _first_certain(means, self.checked[rows], complete, window=width, options=self.online)
+            _first_certain(means, self.checked[rows], complete, window=window, options=self.online)
         )
         stop = cut.stopped & active
         self.checked[rows] = complete
@@ -259,11 +267,34 @@ class ReleaseWatch:
         self.tau[decided], self.seen[decided] = cut.tau[stop], cut.seen[stop]
         return stop
 
-    def take(self, index_R: np.ndarray) -> None:
+    def take(self, index_R: np.ndarray, s: _State) -> None:
+        self._score(s)  # rows about to leave the loop keep the teacher's scores of every column
         self.rows = self.rows[index_R]
         self.cache, self.last = _take(
             self.cache, self.last, jnp.asarray(index_R, jnp.int32), rules=self.rules
         )
+
+    def _score(self, s: _State) -> None:
+        """The teacher over every column sampled and not yet scored (up to the last look),
+        one forward with its cache: margins, and with ``keep_scores`` the scores, there."""
+        width = self.read - self.column
+        if width == 0:
+            return
+        new = slice(self.column - self.prompt_len, self.read - self.prompt_len)
+        o = self.margin_options
+        margin, self.cache, self.last, scores = _teacher_look(
+            self.graphdef, self.params, self.cache, self.last, s, np.int32(self.column),
+            width=width, kind=o["margin_kind"], k=o["margin_k"], renormalize=o["renormalize"],
+            scores=self.keep_scores, columns=look_columns(len(self.rows), self.vocab, width),
+        )  # fmt: skip
+        self.column, rows = self.read, self.rows
+        self.margin[rows, new] = np.asarray(margin)
+        self.scored_tokens += int(self.response[rows, new].sum())
+        for name, value in ({} if scores is None else scores._asdict()).items():
+            if name not in self.scores:
+                shape = (len(self.margin), self.N) + value.shape[2:]
+                self.scores[name] = np.zeros(shape, value.dtype)
+            self.scores[name][rows, new] = np.asarray(value)
 
     def _seg(self, rows: np.ndarray, made: int) -> np.ndarray:
         """The segment ids of result rows ``rows`` so far, ``[len(rows), made]``, as
