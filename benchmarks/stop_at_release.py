@@ -202,7 +202,9 @@ def sweep(replays: list[dict[str, np.ndarray]], compact_every: int, changepoint)
                     "confirm": confirm,
                     "min_gain": min_gain,
                     "stopped": float(r.stopped.mean()),
-                    "same_cut": float((r.tau == offline_tau)[either].mean()),
+                    "same_cut": (
+                        float((r.tau == offline_tau)[either].mean()) if either.any() else np.nan
+                    ),
                     "kept_ratio": float(keep.sum() / max(offline_keep.sum(), 1)),
                     "sampled_fraction": float(sampled.sum() / max(length.sum(), 1)),
                 }

@@ -1,5 +1,6 @@
 """Decoder parity with `transformers`, HF checkpoint round trips, tokenizers, clear errors."""
 
+import copy
 import itertools
 import json
 
@@ -314,6 +315,26 @@ def test_an_offset_decoder_fed_piece_by_piece_equals_decoding_at_once(tokenizer,
     for start in range(0, len(ids), 3):
         decoder.feed(ids[start : start + 3])
         assert decoder.result() == models.decode_with_offsets(tokenizer, ids[: start + 3])
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_raw_decoder_decodes_as_the_tokenizer_does(tokenizer, skip):
+    """The fast path (the Rust tokenizer's own `decode`) and the fallback (a tokenizer whose
+    `_decode` is its own) give `tokenizer.decode` without clean-up, special tokens and split
+    multi-byte characters included."""
+
+    class OwnDecode(type(tokenizer)):
+        def _decode(self, *args, **kwargs):
+            return super()._decode(*args, **kwargs)
+
+    own = copy.copy(tokenizer)
+    own.__class__ = OwnDecode
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, len(tokenizer), rng.integers(0, 12)).tolist()
+        want = tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        assert models.tokenizer.raw_decoder(tokenizer, skip)(ids) == want
+        assert models.tokenizer.raw_decoder(own, skip)(ids) == want
 
 
 def test_load_gguf_goes_through_read_gguf_and_model_from_tensors(
