@@ -96,11 +96,15 @@ def cpu_vector_isa() -> str | None:
 
 
 def commit() -> str | None:
-    """The repository's commit (``-dirty`` with uncommitted changes), which results name;
-    None outside a git checkout."""
+    """The repository's commit (``-dirty`` with uncommitted changes outside
+    ``benchmarks/results/``: results written earlier in a series change nothing measured),
+    which results name; None outside a git checkout."""
     try:
         head = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        dirty = _git(
+            "status", "--porcelain", "--untracked-files=no", "--", ":/",
+            ":(top,exclude)benchmarks/results",
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("-dirty" if dirty else "")
