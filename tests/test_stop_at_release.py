@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import core, models, sampling
+from opd_jax import core, models, sampling, text_segments
 from opd_jax.config import ConfigError, load_config
 from opd_jax.sampling.generate import _State
 from opd_jax.train.loop import train
@@ -103,6 +103,34 @@ def test_margins_scored_while_sampling_equal_a_full_forwards(
     # float32 forwards in another order (cached chunks against one pass): rounding only
     np.testing.assert_allclose(watch.margin[response], want[response], atol=1e-4, rtol=1e-4)
     assert (watch.margin[~response] == 0).all()
+
+
+@pytest.mark.parametrize("segments", [("sentence", 0), ("fixed", 3)])
+def test_the_watchers_segments_are_those_of_the_finished_rollouts(pair_models, segments):
+    """Every row is split once more after its last token (rows ending early and dropped from
+    the loop, rows stopped, rows run to the budget): the watcher's segment ids and texts are
+    what splitting the finished rollouts gives, so the step need not split them again."""
+    student, teacher, tokenizer = pair_models
+    tokens, mask = _prompts(tokenizer)
+    N = 24
+    watch = _watch(
+        teacher, tokenizer, N, segments=segments, min_gain=0.0,
+        rule_options=dict(min_segments=1, penalty=0.0),
+    )  # fmt: skip
+    result = sampling.sample(
+        student, tokens, mask, key=jax.random.key(5), max_new_tokens=N,
+        eos_ids=tuple(range(0, 320, 29)), method=sampling.Temperature(1.0), n=2,
+        compact_every=4, watcher=watch,
+    )  # fmt: skip
+    P = tokens.shape[1]
+    rows, texts = text_segments.response_segments(
+        tokenizer, np.asarray(result.tokens)[:, P:], np.asarray(result.response_mask)[:, P:],
+        *segments,
+    )  # fmt: skip
+    lengths = np.asarray(result.lengths)
+    assert len(set(lengths.tolist())) > 2 and watch.rows.size < len(lengths), lengths
+    np.testing.assert_array_equal(watch.seg, rows["seg"])
+    assert watch.texts() == (texts if segments[0] == "sentence" else None)
 
 
 class StopAt:

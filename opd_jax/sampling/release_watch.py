@@ -180,6 +180,8 @@ class ReleaseWatch:
     ``[R0]`` the rows it stopped, ``tau [R0]`` their cut (sentences kept), ``seen [R0]`` the
     complete sentences at that look and ``scored_tokens`` the tokens the teacher scored;
     with ``keep_scores``, ``scores`` holds the teacher's scores ``[R0, N(, k)]`` by field.
+    ``seg [R0, N]`` holds each row's segment ids as last split (every row is split at the look
+    after its last token: its whole response) and :meth:`texts` the texts split.
     """
 
     def __init__(
@@ -226,6 +228,7 @@ class ReleaseWatch:
         self.seen = np.zeros(R0, np.int32)
         self.scored_tokens = 0
         self.decoders: dict[int, OffsetDecoder] = {}
+        self.seg = np.full((R0, self.N), -1, np.int32)
         self.scores: dict[str, np.ndarray] = {}
 
     def look(self, s: _State, prompt_len: int, made: int) -> np.ndarray:
@@ -249,6 +252,7 @@ class ReleaseWatch:
         at = np.flatnonzero(active)
         seg = np.full((len(rows), made), -1, np.int32)
         seg[at] = self._seg(rows[at], made)
+        self.seg[rows[at], :made] = seg[at]
         count = np.where(seg >= 0, seg + 1, 0).max(axis=-1, initial=0)
         complete = np.maximum(np.where(done, count, count - 1), self.checked[rows])
         complete = np.where(active, complete, self.checked[rows])
@@ -273,6 +277,14 @@ class ReleaseWatch:
         self.cache, self.last = _take(
             self.cache, self.last, jnp.asarray(index_R, jnp.int32), rules=self.rules
         )
+
+    def texts(self) -> list[str] | None:
+        """Each result row's decoded response, where segments are sentences (the text its
+        ``seg`` was split from; as :func:`~opd_jax.text_segments.response_segments` decodes
+        it), else None."""
+        if self.segments[0] != "sentence":
+            return None
+        return [self.decoders[row].result()[0] for row in range(len(self.margin))]
 
     def _score(self, s: _State) -> None:
         """The teacher over every column sampled and not yet scored (up to the last look),

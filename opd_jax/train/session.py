@@ -316,6 +316,7 @@ class Session:
             return rows
         record = {"margin": watch.margin, "stopped": watch.stopped, "tau": watch.tau}
         record |= {"scored_tokens": np.asarray(watch.scored_tokens), "scores": watch.scores}
+        record |= {"seg": watch.seg, "texts": watch.texts()}
         return (*rows, record)
 
     def release_watch(self) -> sampling.ReleaseWatch:
@@ -337,7 +338,8 @@ class Session:
         """Host: what the rule reads about the responses, ``{"seg": [B, N]}`` and, for the rules
         of :data:`~opd_jax.core.rules.CUT_RULES` only, ``"cut": [B]`` (the oracle cut after
         ``segments.oracle_pattern``), and their decoded texts (:func:`response_segments`).
-        Rollouts with a watcher's record (``sampling.stop_at_release``) add each row's
+        Rollouts with a watcher's record (``sampling.stop_at_release``) take its sentences
+        (split after each row's last token) instead of splitting again, and add each row's
         ``keep`` and ``released`` ``[B]`` (:func:`~opd_jax.sampling.final_cuts`) and the kept
         teacher scores."""
         p = self.prompt_len
@@ -345,9 +347,13 @@ class Session:
         pattern = None
         if self.config.rule.kind in CUT_RULES:
             pattern = c.oracle_pattern or ANSWER_PATTERN
-        rows, texts = response_segments(
-            self.tokenizer, rollout[0][:, p:], rollout[1][:, p:], c.kind, c.tokens, pattern
-        )
+        if len(rollout) == 4 and rollout[3]["texts"] is not None:
+            # sampling.stop_at_release split every row's sentences after its last token
+            rows, texts = {"seg": rollout[3]["seg"]}, rollout[3]["texts"]
+        else:
+            rows, texts = response_segments(
+                self.tokenizer, rollout[0][:, p:], rollout[1][:, p:], c.kind, c.tokens, pattern
+            )
         if len(rollout) == 4:  # sampling.stop_at_release: where each row is cut
             record = rollout[3]
             rows |= record["scores"]  # the teacher's scores kept from sampling, if any
