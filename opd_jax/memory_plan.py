@@ -22,7 +22,7 @@ from opd_jax.config import Config
 from opd_jax.core import SAMPLED_TOKEN_LOSSES, TeacherScores
 from opd_jax.core.rules import CUT_RULES
 from opd_jax.run_models import spec_config
-from opd_jax.sampling.release_watch import look_columns
+from opd_jax.sampling.release_watch import look_columns, widest_look
 from opd_jax.sharding import DEFAULT_RULES
 from opd_jax.train.optimizer import make_optimizer
 from opd_jax.train.session import mesh_from_config, step_settings
@@ -85,7 +85,8 @@ def plan(config: Config) -> dict[str, Any]:
 
     stop = config.sampling.stop_at_release
     vocab = student_cfg.token_vocab or student_cfg.vocab_size
-    look = look_columns(rows_here, vocab, config.sampling.compact_every + 1)
+    widest = widest_look(config.sampling.compact_every, n)
+    look = look_columns(rows_here, vocab, widest)
     rows = {
         "student_params": device_bytes(params) + device_bytes(frozen),
         "optimizer_state": device_bytes(opt_state),
@@ -94,11 +95,14 @@ def plan(config: Config) -> dict[str, Any]:
         # sampled on the training devices, or on the mesh.rollout devices set apart
         "sampler_kv_cache": 0 if config.mesh.rollout else kv_cache(student_cfg),
         # sampling.stop_at_release: the teacher's cache while it scores the rows being sampled,
-        # the student's top-K (score.k ids and log-probs) at every column, and a look's
-        # [rows, V] teacher logits of look_columns columns, with their ranking copy
+        # the student's top-K (score.k ids and log-probs) at every column, a look's [rows, V]
+        # teacher logits of look_columns columns with their ranking copy, and the attention
+        # scores and probabilities [rows, heads, columns, P + N] of its widest pass
         "teacher_kv_cache": kv_cache(teacher_cfg) if stop else 0,
         "release_watch_buffers": (
-            rows_here * (p + n) * config.score.k * 8 + 2 * 4 * rows_here * vocab * look
+            rows_here * (p + n) * config.score.k * 8
+            + 2 * 4 * rows_here * vocab * look
+            + 2 * 4 * rows_here * teacher_cfg.num_heads * widest * (p + n)
             if stop
             else 0
         ),

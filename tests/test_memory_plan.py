@@ -10,7 +10,7 @@ from opd_jax.config import load_config
 from opd_jax.memory_plan import GIB, plan
 from opd_jax.models import KVCache
 from opd_jax.run_models import spec_config
-from opd_jax.sampling.release_watch import look_columns
+from opd_jax.sampling.release_watch import DEFERRED_LOOKS, look_columns
 from opd_jax.train.session import Session
 
 B, P, N = 2, 16, 8
@@ -108,11 +108,13 @@ def test_stopping_at_release_adds_the_teachers_cache_and_the_watchers_buffers(ti
     expected = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (cache.k, cache.v))
     assert round(rows["teacher_kv_cache"] * GIB) == expected
     vocab = spec_config(config.student).vocab_size
-    k = config.score.k  # the student's candidates recorded; a look's logits: 5 columns here
-    look = look_columns(B, vocab, config.sampling.compact_every + 1)
-    assert look == 5  # the tiny vocabulary fits the whole look
+    heads = spec_config(config.teacher).num_heads
+    k = config.score.k  # the student's candidates recorded
+    widest = min(N, (DEFERRED_LOOKS + 1) * config.sampling.compact_every)
+    look = look_columns(B, vocab, widest)
+    assert look == widest  # the tiny vocabulary fits the whole look
     assert round(rows["release_watch_buffers"] * GIB) == B * (
-        (P + N) * k * 8 + 2 * 4 * vocab * look
+        (P + N) * k * 8 + 2 * 4 * vocab * look + 2 * 4 * heads * widest * (P + N)
     )
     off = plan(load_config(None, tiny_args(tiny_pair)))["gib_per_device"]
     assert off["teacher_kv_cache"] == off["release_watch_buffers"] == 0

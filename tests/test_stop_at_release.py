@@ -62,6 +62,7 @@ def _count_teacher_looks(monkeypatch) -> list[int]:
         (1, ("token", 1), ()),  # the same, logits formed one column at a time
         (2**24, ("fixed", 4), ()),  # no look can release (3 segments in 13 tokens): one pass
         (2**24, ("fixed", 4), tuple(range(0, 320, 3))),  # rows end early and leave the loop
+        (2**24, ("fixed", 3), ()),  # the teacher owes 8 columns at most: [9, 4]
     ],
 )
 def test_margins_scored_while_sampling_equal_a_full_forwards(
@@ -77,7 +78,8 @@ def test_margins_scored_while_sampling_equal_a_full_forwards(
     student, teacher, tokenizer = pair_models
     tokens, mask = _prompts(tokenizer)
     N = 13  # not a multiple of compact_every: the last look scores a shorter chunk
-    watch = _watch(teacher, tokenizer, N, segments=segments)
+    owed = 8 if segments == ("fixed", 3) else 64
+    watch = _watch(teacher, tokenizer, N, segments=segments, max_deferred=owed)
     result = sampling.sample(
         student, tokens, mask, key=jax.random.key(3), max_new_tokens=N, eos_ids=eos,
         method=sampling.Temperature(1.0), n=n, compact_every=4, watcher=watch,
@@ -88,6 +90,8 @@ def test_margins_scored_while_sampling_equal_a_full_forwards(
         assert watch.rows.size < len(lengths), "no row left the loop"
     elif segments[0] == "token":
         assert widths == [5, 4, 4], widths  # the first look also scores the prefill's token
+    elif owed < N:
+        assert widths == [9, 4], widths  # owed 9 >= 8 at the second look, then the rest
     else:
         assert widths == [N], widths  # the whole response in one teacher forward
     P = tokens.shape[1]
@@ -341,23 +345,43 @@ def test_the_watchers_sentences_grown_look_by_look_equal_the_hosts_at_once(pair_
     assert got.max() >= 2  # the texts' sentences were found
 
 
-def test_the_live_decision_is_the_replay_of_the_sampled_rows(pair_models):
+@pytest.mark.parametrize(
+    "N, min_gain, eos, seeds",
+    [
+        (40, 0.0, (), [3]),
+        # rows that end at a look: their last sentence completes with the row, one count more
+        # than a live row's look can complete (seed 1: row 1 is certain only at its end)
+        (9, 1.5, tuple(range(0, 320, 13)), [1, 2, 20]),
+    ],
+)
+def test_the_live_decision_is_the_replay_of_the_sampled_rows(
+    pair_models, N, min_gain, eos, seeds
+):
     """Looks check every sentence count that completed since the last one: on the rollouts
     it made, :func:`~opd_jax.core.replay_online` stops the rows the watcher stopped, at the same
     count and cut, and no other row."""
     student, teacher, tokenizer = pair_models
     tokens, mask = _prompts(tokenizer)
-    N, options = 40, dict(min_segments=1, penalty=0.0)
-    watch = _watch(
-        teacher, tokenizer, N, segments=("token", 1), min_gain=0.0, rule_options=options,
-        confirm=0,
-    )  # fmt: skip
-    result = _sample(student, tokens, mask, N, watch, n=2)
-    P = tokens.shape[1]
+    options = dict(min_segments=1, penalty=0.0)
+    for seed in seeds:
+        watch = _watch(
+            teacher, tokenizer, N, segments=("token", 1), min_gain=min_gain,
+            rule_options=options, confirm=0,
+        )  # fmt: skip
+        result = sampling.sample(
+            student, tokens, mask, key=jax.random.key(seed), max_new_tokens=N, eos_ids=eos,
+            method=sampling.Temperature(1.0), n=2, compact_every=4, watcher=watch,
+        )  # fmt: skip
+        _assert_live_is_replay(watch, result, tokens.shape[1], N, min_gain, options)
+
+
+def _assert_live_is_replay(watch, result, P, N, min_gain, options):
     response = np.asarray(result.response_mask[:, P:])
     seg = np.where(response > 0, np.arange(N), -1)
     means, count = sampling.release_watch.segment_means_host(watch.margin, seg, N)
-    replay = jax.device_get(core.replay_online(means, count, confirm=0, min_gain=0.0, **options))
+    replay = jax.device_get(
+        core.replay_online(means, count, confirm=0, min_gain=min_gain, **options)
+    )
     assert watch.stopped.any()
     np.testing.assert_array_equal(watch.stopped, replay.stopped)
     np.testing.assert_array_equal(watch.seen[watch.stopped], replay.seen[watch.stopped])

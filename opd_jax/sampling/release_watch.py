@@ -58,6 +58,16 @@ def fires_from(changepoint: Mapping[str, Any], confirm: int) -> int:
     return 2 * int(changepoint["min_segments"]) + confirm
 
 
+DEFERRED_LOOKS = 4  # the training loop's max_deferred: this many looks' worth of columns
+
+
+def widest_look(compact_every: int, max_new_tokens: int) -> int:
+    """The most columns one teacher pass of the training loop's watcher scores: it owes fewer
+    than ``DEFERRED_LOOKS * compact_every`` before a look adds ``compact_every`` more (the
+    first look also the prefill's token)."""
+    return min(max_new_tokens, (DEFERRED_LOOKS + 1) * compact_every)
+
+
 def look_columns(rows: int, vocab: int, width: int) -> int:
     """Columns whose ``[rows, V]`` teacher logits a look forms at once: as many as fit in
     :data:`LOOK_LOGITS` (so small batches make one matmul of the look), at least one."""
@@ -175,6 +185,9 @@ class ReleaseWatch:
       confirm, min_gain: :func:`~opd_jax.core.online_cut`'s.
       k: the student's candidates recorded (the margin reads its first ``margin_k``).
       keep_scores: also keep :class:`~opd_jax.core.TeacherScores` of every sampled token.
+      max_deferred: the teacher scores at the first look where it owes this many columns or
+        more, whether or not a decision is possible (bounds a pass's width: its attention
+        scores and its compiled widths; :func:`widest_look`).
 
     After :func:`sample`, ``margin [R0, N]`` holds every sampled token's margin, ``stopped``
     ``[R0]`` the rows it stopped, ``tau [R0]`` their cut (sentences kept), ``seen [R0]`` the
@@ -196,8 +209,10 @@ class ReleaseWatch:
         min_gain: float = 8.0,
         k: int | None = None,
         keep_scores: bool = False,
+        max_deferred: int = 64,
     ) -> None:
         self.graphdef, self.params = nnx.split(teacher)
+        self.max_deferred = max_deferred
         self.rules = teacher.rules
         self.vocab = teacher.config.token_vocab or teacher.config.vocab_size
         self.tokenizer, self.N, self.segments = tokenizer, max_new_tokens, segments
@@ -233,7 +248,9 @@ class ReleaseWatch:
 
     def look(self, s: _State, prompt_len: int, made: int) -> np.ndarray:
         new = slice(self.read - prompt_len, made)  # the response columns sampled since
-        window = prompt_len + made - self.read
+        # the counts a look may complete: one per new column, and the last sentence of a row
+        # that ends now (complete with the row; a live row's last is not)
+        window = prompt_len + made - self.read + 1
         rows = self.rows
         cut_s = lambda x: x[:, self.read : prompt_len + made]  # noqa: E731
         self.tokens[rows, new] = np.asarray(cut_s(s.tokens_RxS))
@@ -243,8 +260,9 @@ class ReleaseWatch:
         done = np.asarray(s.done_R) | (made >= self.N)
         active = self.response[rows, new].any(-1)
         stop = np.zeros_like(active)
-        if done.all():  # the loop ends here: every column is scored for the final cuts
-            self._score(s)
+        if done.all() or self.read - self.column >= self.max_deferred:
+            self._score(s)  # the loop ends here (every column scored for the final cuts), or
+            # the teacher owes its widest pass
         if not active.any():
             return stop
         # rows finished before are neither split nor checked: every row of the loop enters the

@@ -332,6 +332,7 @@ class Session:
             min_gain=c.sampling.stop_min_gain,
             k=c.score.k,
             keep_scores=c.loss.kind in core.SAMPLED_TOKEN_LOSSES,
+            max_deferred=sampling.release_watch.DEFERRED_LOOKS * c.sampling.compact_every,
         )
 
     def segments(self, rollout: tuple[np.ndarray, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
