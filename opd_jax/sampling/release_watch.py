@@ -10,8 +10,9 @@ recorded; the watcher takes the margin's mean over each complete sentence (every
 live row's last) and asks :func:`~opd_jax.core.first_certain` whether the cut became certain at
 any sentence count completed since the last look (:func:`~opd_jax.core.online_cut`). Rows that
 are certain stop like rows that sampled an EOS. Where no count could fire, the teacher waits:
-its columns are scored at a later look, one larger forward, before rows leave the loop, and at
-the end (a rollout too short to release costs the teacher one pass over it, as offline).
+its columns are scored at a later look, one larger forward, before rows leave the loop, at the
+end (a rollout too short to release costs the teacher one pass over it, as offline), or once
+it owes ``max_deferred`` columns (a pass's width stays bounded).
 
 Once the rollouts are back, :func:`final_cuts` gives every row its kept response tokens: the
 online cut where a row stopped, else the offline rule on all its sentences, both on the margins
@@ -234,7 +235,7 @@ class ReleaseWatch:
         self.prompt_len = P
         self.column = P  # the first column the teacher has not scored
         self.read = P  # the first column not yet read to the host
-        self.tokens = np.zeros((R0, self.N), np.int32)  # the response columns, as scored
+        self.tokens = np.zeros((R0, self.N), np.int32)  # the response columns, as sampled
         self.response = np.zeros((R0, self.N), np.int32)
         self.margin = np.zeros((R0, self.N), np.float32)
         self.checked = np.zeros(R0, np.int32)  # sentence counts already checked, per row
