@@ -95,12 +95,13 @@ def plan(config: Config) -> dict[str, Any]:
         # sampled on the training devices, or on the mesh.rollout devices set apart
         "sampler_kv_cache": 0 if config.mesh.rollout else kv_cache(student_cfg),
         # sampling.stop_at_release: the teacher's cache while it scores the rows being sampled,
-        # the student's top-K (score.k ids and log-probs) at every column, a look's [rows, V]
-        # teacher logits of look_columns columns with their ranking copy, and the attention
-        # scores and probabilities [rows, heads, columns, P + N] of its widest pass
+        # the student's top-K (score.k ids and log-probs) at every column twice and the tokens
+        # and response mask once more (the copy a look reads while decoding goes on), a
+        # look's [rows, V] teacher logits of look_columns columns with their ranking copy, and
+        # the attention scores and probabilities [rows, heads, columns, P + N] of its widest pass
         "teacher_kv_cache": kv_cache(teacher_cfg) if stop else 0,
         "release_watch_buffers": (
-            rows_here * (p + n) * config.score.k * 8
+            rows_here * (p + n) * (2 * config.score.k * 8 + 8)
             + 2 * 4 * rows_here * vocab * look
             + 2 * 4 * rows_here * teacher_cfg.num_heads * widest * (p + n)
             if stop

@@ -15,6 +15,7 @@ this module returns.
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -83,9 +84,14 @@ def token_sentences(text: str, offsets: Offsets) -> np.ndarray:
     Returns:
       ``int32 [n_tokens]``, non-decreasing, starting at 0.
     """
+    return _sentences_of_tokens(text, offsets)[0]
+
+
+def _sentences_of_tokens(text: str, offsets: Offsets) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`token_sentences`, and the sentences' first characters ``[S]``."""
     n = len(offsets)
     if n == 0:
-        return np.zeros(0, np.int32)
+        return np.zeros(0, np.int32), np.zeros(1, np.int64)
     starts = np.array([s for s, _ in sentence_spans(text)] or [0])
     first_char = np.full(n, -1)
     for i, (start, end) in enumerate(offsets):
@@ -99,7 +105,53 @@ def token_sentences(text: str, offsets: Offsets) -> np.ndarray:
     # and those at the end the last sentence.
     sentence = np.minimum.accumulate(sentence[::-1])[::-1]
     last = sentence[first_char >= 0].max() if (first_char >= 0).any() else 0
-    return np.minimum(sentence, last).astype(np.int32)
+    return np.minimum(sentence, last).astype(np.int32), starts
+
+
+class GrowingSentences:
+    """:func:`token_sentences` of a response as it grows: each :meth:`update` splits again
+    only the text after the last break that no further text can move.
+
+    A Punkt break depends on the words around its potential end (the one before, the one
+    after) and is dropped where the next potential end follows it with no whitespace between;
+    closing punctuation moves a sentence's start up to the whitespace after it. So every break
+    before a whitespace that some non-space character follows is final: the words around it
+    are complete, and any potential end text may add lies past that whitespace. Splitting the
+    text from such a break on gives what splitting all of it gives there (tested against
+    :func:`token_sentences` on every prefix of adversarial texts).
+    """
+
+    def __init__(self) -> None:
+        self.char = 0  # the settled text's length: the breaks up to it are final
+        self.token = 0  # the tokens before it
+        self.sentence = 0  # the sentences before it
+        self.ids = np.zeros(0, np.int32)
+
+    def update(self, text: str, offsets: Offsets) -> np.ndarray:
+        """The sentence index of every token of ``text`` (``offsets`` as
+        :func:`token_sentences`'), which extends the text of the last update."""
+        c = self.char
+        tail = text[c:]
+        spans = [(max(start - c, 0), max(end - c, 0)) for start, end in offsets[self.token :]]
+        ids, starts = _sentences_of_tokens(tail, spans)
+        self.ids = np.concatenate([self.ids[: self.token], ids + self.sentence])
+        # a sentence is final where it starts after whitespace (Punkt's word before its first
+        # potential end starts there), at or before a whitespace some non-space follows, and
+        # holds a token (trailing whitespace tokens then join a sentence of the tail)
+        inner = _LAST_INNER_SPACE.search(tail)
+        last = -1
+        if inner is not None and len(ids):
+            last = min(int(np.searchsorted(starts, inner.start(), "right")) - 1, int(ids.max()))
+        for k in range(last, 0, -1):
+            if tail[starts[k] - 1].isspace():
+                self.token += int(np.searchsorted(ids, k))
+                self.char += int(starts[k])
+                self.sentence += k
+                break
+        return self.ids
+
+
+_LAST_INNER_SPACE = re.compile(r"\s(?=\S+\s*$)")
 
 
 def _check_rows(

@@ -114,7 +114,7 @@ def test_stopping_at_release_adds_the_teachers_cache_and_the_watchers_buffers(ti
     look = look_columns(B, vocab, widest)
     assert look == widest  # the tiny vocabulary fits the whole look
     assert round(rows["release_watch_buffers"] * GIB) == B * (
-        (P + N) * k * 8 + 2 * 4 * vocab * look + 2 * 4 * heads * widest * (P + N)
+        (P + N) * (2 * k * 8 + 8) + 2 * 4 * vocab * look + 2 * 4 * heads * widest * (P + N)
     )
     off = plan(load_config(None, tiny_args(tiny_pair)))["gib_per_device"]
     assert off["teacher_kv_cache"] == off["release_watch_buffers"] == 0

@@ -10,7 +10,6 @@ import pytest
 
 from opd_jax import core, models, sampling, text_segments
 from opd_jax.config import ConfigError, load_config
-from opd_jax.sampling.generate import _State
 from opd_jax.train.loop import train
 from opd_jax.train.metrics import read_metrics
 from opd_jax.train.session import cut_rows, kept_width
@@ -148,7 +147,7 @@ class StopAt:
     def start(self, tokens, mask, n):
         pass
 
-    def look(self, s: _State, prompt_len, made):
+    def look(self, s, prompt_len, made):
         self.looks += 1
         out = self.stop[np.asarray(s.rows_R)] & ~np.asarray(s.done_R)
         self.stop = np.zeros_like(self.stop)
@@ -172,6 +171,9 @@ def test_a_stopped_row_is_a_prefix_of_its_unstopped_sample(pair_models):
     for r, length in enumerate(lengths):
         np.testing.assert_array_equal(cut.tokens[r, : P + length], full.tokens[r, : P + length])
         assert not np.asarray(cut.response_mask[r, P + length :]).any()
+        # what the loop decoded after the look (it decodes on while the watcher looks) is gone
+        assert (np.asarray(cut.tokens[r, P + length :]) == 0).all()
+        assert not np.asarray(cut.logprobs[r, P + length :]).any()
 
 
 def test_a_watcher_needs_looks(pair_models):
@@ -337,7 +339,7 @@ def test_the_watchers_sentences_grown_look_by_look_equal_the_hosts_at_once(pair_
     for r, row in enumerate(ids):
         tokens[r, : len(row)], response[r, : len(row)] = row, 1
     watch = _watch(teacher, tokenizer, width, segments=("sentence", 0))
-    watch.tokens, watch.response, watch.decoders = tokens, response, {}
+    watch.tokens, watch.response, watch.decoders, watch.sentences = tokens, response, {}, {}
     for made in (5, 11, width):
         got = watch._seg(np.arange(2), made)
         want = response_segments(tokenizer, tokens[:, :made], response[:, :made], "sentence", 0)

@@ -33,6 +33,47 @@ def test_whitespace_tokens_join_the_next_sentence_and_trailing_ones_the_last():
     np.testing.assert_array_equal(text_segments.token_sentences(text, offsets), [0, 1, 1, 1, 1])
 
 
+# Pieces that stress Punkt's context rules: abbreviations, runs of end marks with no space
+# between, closing punctuation after a break, numbers, newlines, empty (EOS-like) tokens.
+HARD_PIECES = [
+    " the", " The", " cat", " Dr.", " Mr.", " e.g.", " i.e.", " U.S.", " No.", " 3.5", " 42", ".",
+    "!", "?", "!!", "...", " (", ")", '"', ' "', "'", " '", ".)", '."', "\n", "\n\n", " ", "  ",
+    " A.", " 5.", " etc.", " So", " we", " get", " x", "=", " +", "..", " Step", " 1:", " jr.",
+    " vs.", " Inc.", "}", "]", "[", " a.m.", " St.", "(", ".(", "\t", "-", "--", "",
+]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_growing_sentences_equal_a_full_split_of_every_prefix_looked_at(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(150):
+        pieces = [HARD_PIECES[i] for i in rng.integers(0, len(HARD_PIECES), rng.integers(1, 80))]
+        ends = np.cumsum([len(p) for p in pieces])
+        offsets = list(zip(ends - [len(p) for p in pieces], ends, strict=True))
+        text, growing, n = "".join(pieces), text_segments.GrowingSentences(), 0
+        while n < len(pieces):
+            n = min(len(pieces), n + int(rng.integers(1, 12)))
+            prefix = text[: ends[n - 1]]
+            np.testing.assert_array_equal(
+                growing.update(prefix, offsets[:n]),
+                text_segments.token_sentences(prefix, offsets[:n]),
+                err_msg=repr(prefix),
+            )
+
+
+def test_growing_sentences_split_again_only_the_text_after_the_last_final_break():
+    text = "First we add 3. Then we add 4. So the answer is 7. Dr. Smith"
+    offsets = word_offsets(text)
+    growing = text_segments.GrowingSentences()
+    growing.update(text, offsets)
+    assert text[growing.char :] == "Dr. Smith"  # "So the ..." is followed by whitespace and more
+    assert growing.sentence == 3 and growing.token == 13
+    more = text + " agrees. Done."
+    np.testing.assert_array_equal(
+        growing.update(more, word_offsets(more)), text_segments.token_sentences(more, word_offsets(more))
+    )
+
+
 def test_batch_segment_ids_place_sentences_on_the_response_tokens():
     texts = ["A b. C d.", "Only one"]
     offsets = [word_offsets(texts[0]), word_offsets(texts[1])]

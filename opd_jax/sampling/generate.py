@@ -274,6 +274,43 @@ def _stop_rows(s: _State, stop_R: jax.Array) -> _State:
     return dataclasses.replace(s, done_R=s.done_R | stop_R)
 
 
+@functools.partial(jax.jit, donate_argnames=("s",))
+def _end_rows(s: _State, stop_R: jax.Array, pad_id: jax.Array, column: jax.Array) -> _State:
+    """Ends the rows `stop_R` at `column` although the loop decoded on: their columns from
+    `column` on become what a row stopped there writes (padding, off the response). Rows are
+    sampled independently, so `s` is then the state of stopping them there."""
+    after_RxS = stop_R[:, None] & (jnp.arange(s.tokens_RxS.shape[1])[None, :] >= column)
+    return dataclasses.replace(
+        s,
+        tokens_RxS=jnp.where(after_RxS, pad_id, s.tokens_RxS),
+        logprobs_RxS=jnp.where(after_RxS, 0.0, s.logprobs_RxS),
+        response_RxS=jnp.where(after_RxS, 0, s.response_RxS),
+        done_R=s.done_R | stop_R,
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rows:
+    """What a :class:`Watcher` reads of the loop's rows at a look (`[R, P+N]`, `[R]` with
+    `rows_R` their result rows, and the student's top-K `[R, P+N, K]`): copies, so the loop
+    decodes on while it looks."""
+
+    tokens_RxS: jax.Array
+    response_RxS: jax.Array
+    done_R: jax.Array
+    rows_R: jax.Array
+    topk_ids_RxSxK: jax.Array
+    topk_logp_RxSxK: jax.Array
+
+
+@jax.jit
+def _rows_seen(s: _State) -> Rows:
+    copy = functools.partial(jnp.array, copy=True)
+    fields = (s.tokens_RxS, s.response_RxS, s.done_R, s.rows_R, s.topk_ids_RxSxK, s.topk_logp_RxSxK)
+    return Rows(*map(copy, fields))
+
+
 class Watcher(Protocol):
     """What :func:`sample` tells an observer of its rows (host side; one process)."""
 
@@ -282,12 +319,12 @@ class Watcher(Protocol):
     def start(self, tokens_BxP: jax.Array, mask_BxP: jax.Array, n: int) -> None:
         """The left-aligned prompts, before their rows are repeated `n` times."""
 
-    def look(self, s: _State, prompt_len: int, made: int) -> np.ndarray:
-        """The rows after `made` new tokens (rows finished on the way stay in `s`); returns
-        bool `[R]`, the rows to stop now."""
+    def look(self, rows: Rows, prompt_len: int, made: int) -> np.ndarray:
+        """The rows after `made` new tokens (rows finished on the way stay in `rows`); returns
+        bool `[R]`, the rows to stop now (they sample nothing after column `P + made`)."""
 
-    def take(self, index_R: np.ndarray, s: _State) -> None:
-        """The loop goes on with rows `index_R` of `s` (the last look's rows), in that order."""
+    def take(self, index_R: np.ndarray, rows: Rows) -> None:
+        """The loop goes on with rows `index_R` of `rows` (the last look's), in that order."""
 
 
 @functools.partial(jax.jit, donate_argnames=("out",))
@@ -395,18 +432,28 @@ def sample(
         if watcher is not None:
             watcher.start(tokens_BxP, mask_BxP, n)
         out = None  # the result's rows, once rows have been dropped from the loop
-        made = 1
+        def decode(s: _State, until: int) -> _State:
+            return _decode(graphdef, state, s, method, eos_E, pad, np.int32(until),
+                           max_new_tokens=N)  # fmt: skip
+
+        made = N if compact_every == 0 else min(1 + compact_every, N)
+        s = decode(s, made)
         while True:
-            made = N if compact_every == 0 else min(made + compact_every, N)
-            s = _decode(graphdef, state, s, method, eos_E, pad, np.int32(made), max_new_tokens=N)
-            if watcher is not None:
-                stop_R = watcher.look(s, P, made)
-                if stop_R.any():
-                    s = _stop_rows(s, jnp.asarray(stop_R))
-            if made >= N:
-                break
             done_R = _global_host(s.done_R)  # every process decides alike
-            if done_R.all():
+            last = made >= N or done_R.all()
+            ahead = N if compact_every == 0 else min(made + compact_every, N)
+            if watcher is not None:
+                # the watcher looks at a copy of the rows while the next tokens are decoded;
+                # the rows it stops are then ended where it looked, as if stopped there
+                seen = _rows_seen(s)
+                if not last:
+                    s = decode(s, ahead)
+                stop_R = watcher.look(seen, P, made)
+                if stop_R.any():
+                    stop = jnp.asarray(stop_R)
+                    s = _stop_rows(s, stop) if last else _end_rows(s, stop, pad, np.int32(P + made))
+                done_R = done_R | stop_R
+            if last or done_R.all():
                 break
             live_L = np.flatnonzero(~done_R)
             width = compacted_width(len(live_L), len(done_R), shards)
@@ -416,8 +463,11 @@ def sample(
                 # padded with a finished row: it stays finished and writes back its own values
                 index = np.concatenate([live_L, np.full(width - len(live_L), np.argmax(done_R))])
                 if watcher is not None:
-                    watcher.take(index, s)
+                    watcher.take(index, seen)
                 s = _take_rows(s, index.astype(np.int32), rules=rules)
+            if watcher is None:
+                s = decode(s, ahead)
+            made = ahead
         tokens, logprobs, response = (
             (s.tokens_RxS, s.logprobs_RxS, s.response_RxS) if out is None else _put_rows(out, s)
         )

@@ -34,9 +34,9 @@ from opd_jax import core
 from opd_jax.core.stats import TokenStats, margin_from_stats
 from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.models.tokenizer import OffsetDecoder, Tokenizer
-from opd_jax.sampling.generate import _State, prefill_cache
+from opd_jax.sampling.generate import Rows, _global_host, prefill_cache
 from opd_jax.sharding import ShardingRules, constrain
-from opd_jax.text_segments import token_sentences
+from opd_jax.text_segments import GrowingSentences
 
 MARGIN_OPTIONS = ("margin_kind", "margin_k", "renormalize")
 
@@ -102,7 +102,7 @@ def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: in
     donate_argnums=(2,),
 )
 def _teacher_look(
-    graphdef, params, cache, last_RxD, s: _State, start, *, width, kind, k, renormalize, scores,
+    graphdef, params, cache, last_RxD, s: Rows, start, *, width, kind, k, renormalize, scores,
     columns,
 ):  # fmt: skip
     """The teacher over columns ``[start, start + width)`` of the sampler's rows, one chunked
@@ -244,21 +244,23 @@ class ReleaseWatch:
         self.seen = np.zeros(R0, np.int32)
         self.scored_tokens = 0
         self.decoders: dict[int, OffsetDecoder] = {}
+        self.sentences: dict[int, GrowingSentences] = {}
         self.seg = np.full((R0, self.N), -1, np.int32)
         self.scores: dict[str, np.ndarray] = {}
 
-    def look(self, s: _State, prompt_len: int, made: int) -> np.ndarray:
+    def look(self, s: Rows, prompt_len: int, made: int) -> np.ndarray:
         new = slice(self.read - prompt_len, made)  # the response columns sampled since
         # the counts a look may complete: one per new column, and the last sentence of a row
         # that ends now (complete with the row; a live row's last is not)
         window = prompt_len + made - self.read + 1
         rows = self.rows
-        cut_s = lambda x: x[:, self.read : prompt_len + made]  # noqa: E731
-        self.tokens[rows, new] = np.asarray(cut_s(s.tokens_RxS))
-        self.response[rows, new] = np.asarray(cut_s(s.response_RxS))
+        # read to the host whole, then cut: a device slice would wait for the decoding after
+        cut_s = lambda x: _global_host(x)[:, self.read : prompt_len + made]  # noqa: E731
+        self.tokens[rows, new] = cut_s(s.tokens_RxS)
+        self.response[rows, new] = cut_s(s.response_RxS)
         self.read = prompt_len + made
         # the rows that sampled now; a row's sentences are complete but for a live row's last
-        done = np.asarray(s.done_R) | (made >= self.N)
+        done = _global_host(s.done_R) | (made >= self.N)
         active = self.response[rows, new].any(-1)
         stop = np.zeros_like(active)
         if done.all() or self.read - self.column >= self.max_deferred:
@@ -279,7 +281,9 @@ class ReleaseWatch:
             self.checked[rows] = complete  # no count completed now can release: nothing to score
             return stop
         self._score(s)
-        means, _ = segment_means_host(self.margin[rows, :made], seg, self.N)
+        # the complete sentences' means, in a power-of-two width (each compiles once)
+        width = min(self.N, max(8, 1 << (int(complete.max()) - 1).bit_length()))
+        means, _ = segment_means_host(self.margin[rows, :made], seg, width)
         cut = jax.device_get(
             _first_certain(means, self.checked[rows], complete, window=window, options=self.online)
         )
@@ -290,7 +294,7 @@ class ReleaseWatch:
         self.tau[decided], self.seen[decided] = cut.tau[stop], cut.seen[stop]
         return stop
 
-    def take(self, index_R: np.ndarray, s: _State) -> None:
+    def take(self, index_R: np.ndarray, s: Rows) -> None:
         self._score(s)  # rows about to leave the loop keep the teacher's scores of every column
         self.rows = self.rows[index_R]
         self.cache, self.last = _take(
@@ -305,7 +309,7 @@ class ReleaseWatch:
             return None
         return [self.decoders[row].result()[0] for row in range(len(self.margin))]
 
-    def _score(self, s: _State) -> None:
+    def _score(self, s: Rows) -> None:
         """The teacher over every column sampled and not yet scored (up to the last look),
         one forward with its cache: margins, and with ``keep_scores`` the scores, there."""
         width = self.read - self.column
@@ -330,7 +334,8 @@ class ReleaseWatch:
     def _seg(self, rows: np.ndarray, made: int) -> np.ndarray:
         """The segment ids of result rows ``rows`` so far, ``[len(rows), made]``, as
         :func:`~opd_jax.text_segments.response_segments` gives them; each row's tokens are
-        decoded once (:class:`~opd_jax.models.OffsetDecoder`)."""
+        decoded once (:class:`~opd_jax.models.OffsetDecoder`) and its text split again only
+        after its last final break (:class:`~opd_jax.text_segments.GrowingSentences`)."""
         kind, block = self.segments
         seg = np.full((len(rows), made), -1, np.int32)
         for i, row in enumerate(rows):
@@ -338,7 +343,8 @@ class ReleaseWatch:
             if kind == "sentence":
                 decoder = self.decoders.setdefault(row, OffsetDecoder(self.tokenizer))
                 decoder.feed(self.tokens[row, len(decoder.ids) : n])
-                seg[i, :n] = token_sentences(*decoder.result())
+                sentences = self.sentences.setdefault(row, GrowingSentences())
+                seg[i, :n] = sentences.update(*decoder.result())
             else:
                 seg[i, :n] = np.arange(n) // (block if kind == "fixed" else 1)
         return seg
