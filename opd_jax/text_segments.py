@@ -15,7 +15,7 @@ this module returns.
 from __future__ import annotations
 
 import functools
-import re
+import string
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -113,12 +113,14 @@ class GrowingSentences:
     only the text after the last break that no further text can move.
 
     A Punkt break depends on the words around its potential end (the one before, the one
-    after) and is dropped where the next potential end follows it with no whitespace between;
-    closing punctuation moves a sentence's start up to the whitespace after it. So every break
-    before a whitespace that some non-space character follows is final: the words around it
-    are complete, and any potential end text may add lies past that whitespace. Splitting the
-    text from such a break on gives what splitting all of it gives there (tested against
-    :func:`token_sentences` on every prefix of adversarial texts).
+    after) and is dropped where the next potential end follows it with no ASCII whitespace
+    between (Punkt finds the word before a potential end by ASCII whitespace alone); closing
+    punctuation moves a sentence's start up to the whitespace after it. So a break is final
+    where ASCII whitespace precedes the sentence it starts and some ASCII whitespace after that
+    is followed by a non-space character: the words around it are complete, and any potential
+    end more text adds lies past that whitespace. Splitting the text from such a break on gives
+    what splitting all of it gives there (tested against :func:`token_sentences` at random
+    points of adversarial texts, Unicode spaces included).
     """
 
     def __init__(self) -> None:
@@ -135,23 +137,20 @@ class GrowingSentences:
         spans = [(max(start - c, 0), max(end - c, 0)) for start, end in offsets[self.token :]]
         ids, starts = _sentences_of_tokens(tail, spans)
         self.ids = np.concatenate([self.ids[: self.token], ids + self.sentence])
-        # a sentence is final where it starts after whitespace (Punkt's word before its first
-        # potential end starts there), at or before a whitespace some non-space follows, and
+        # a sentence is final where it starts after ASCII whitespace, at or before an ASCII
+        # whitespace that a non-space follows (the last one of the right-stripped text), and
         # holds a token (trailing whitespace tokens then join a sentence of the tail)
-        inner = _LAST_INNER_SPACE.search(tail)
+        inner = max(map(tail.rstrip().rfind, string.whitespace))
         last = -1
-        if inner is not None and len(ids):
-            last = min(int(np.searchsorted(starts, inner.start(), "right")) - 1, int(ids.max()))
+        if inner >= 0 and len(ids):
+            last = min(int(np.searchsorted(starts, inner, "right")) - 1, int(ids.max()))
         for k in range(last, 0, -1):
-            if tail[starts[k] - 1].isspace():
+            if tail[starts[k] - 1] in string.whitespace:
                 self.token += int(np.searchsorted(ids, k))
                 self.char += int(starts[k])
                 self.sentence += k
                 break
         return self.ids
-
-
-_LAST_INNER_SPACE = re.compile(r"\s(?=\S+\s*$)")
 
 
 def _check_rows(

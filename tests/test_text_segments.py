@@ -34,17 +34,19 @@ def test_whitespace_tokens_join_the_next_sentence_and_trailing_ones_the_last():
 
 
 # Pieces that stress Punkt's context rules: abbreviations, runs of end marks with no space
-# between, closing punctuation after a break, numbers, newlines, empty (EOS-like) tokens.
+# between, closing punctuation after a break, numbers, newlines, Unicode spaces (Punkt's regexes
+# see them, its word-before search does not), empty (EOS-like) tokens.
 HARD_PIECES = [
     " the", " The", " cat", " Dr.", " Mr.", " e.g.", " i.e.", " U.S.", " No.", " 3.5", " 42", ".",
     "!", "?", "!!", "...", " (", ")", '"', ' "', "'", " '", ".)", '."', "\n", "\n\n", " ", "  ",
     " A.", " 5.", " etc.", " So", " we", " get", " x", "=", " +", "..", " Step", " 1:", " jr.",
     " vs.", " Inc.", "}", "]", "[", " a.m.", " St.", "(", ".(", "\t", "-", "--", "",
+    "\u00a0", "\u202f", "\u3000", "\u2009", ".\u00a0", "\u00a0!", "\r\n", "\u201d", ")--",
 ]
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_growing_sentences_equal_a_full_split_of_every_prefix_looked_at(seed):
+def test_growing_sentences_equal_a_full_split_at_every_look(seed):
     rng = np.random.default_rng(seed)
     for _ in range(150):
         pieces = [HARD_PIECES[i] for i in rng.integers(0, len(HARD_PIECES), rng.integers(1, 80))]
@@ -59,6 +61,18 @@ def test_growing_sentences_equal_a_full_split_of_every_prefix_looked_at(seed):
                 text_segments.token_sentences(prefix, offsets[:n]),
                 err_msg=repr(prefix),
             )
+
+
+def test_a_break_before_a_unicode_space_is_not_final():
+    """Punkt finds the word before a potential end by ASCII whitespace only: after a no-break
+    space, a later "!" merges the sentences again."""
+    text = "Merci.\u00a0Bien\u202f! Ok"
+    offsets = [(i, i + 1) for i in range(len(text))]
+    growing = text_segments.GrowingSentences()
+    growing.update(text[:13], offsets[:13])
+    np.testing.assert_array_equal(
+        growing.update(text, offsets), text_segments.token_sentences(text, offsets)
+    )
 
 
 def test_growing_sentences_split_again_only_the_text_after_the_last_final_break():

@@ -278,7 +278,9 @@ def _stop_rows(s: _State, stop_R: jax.Array) -> _State:
 def _end_rows(s: _State, stop_R: jax.Array, pad_id: jax.Array, column: jax.Array) -> _State:
     """Ends the rows `stop_R` at `column` although the loop decoded on: their columns from
     `column` on become what a row stopped there writes (padding, off the response). Rows are
-    sampled independently, so `s` is then the state of stopping them there."""
+    sampled independently, so the result's tokens, log-probabilities and response are then
+    those of stopping them there (the student's top-K recorded there is not: off the response,
+    nothing reads it)."""
     after_RxS = stop_R[:, None] & (jnp.arange(s.tokens_RxS.shape[1])[None, :] >= column)
     return dataclasses.replace(
         s,
@@ -321,7 +323,7 @@ class Watcher(Protocol):
 
     def look(self, rows: Rows, prompt_len: int, made: int) -> np.ndarray:
         """The rows after `made` new tokens (rows finished on the way stay in `rows`); returns
-        bool `[R]`, the rows to stop now (they sample nothing after column `P + made`)."""
+        bool `[R]`, the rows to stop now (nothing from column `P + made` on is theirs)."""
 
     def take(self, index_R: np.ndarray, rows: Rows) -> None:
         """The loop goes on with rows `index_R` of `rows` (the last look's), in that order."""
@@ -394,7 +396,9 @@ def sample(
       mesh: if given, the batch and the cache are sharded over `rules.batch` (default rules:
         the model's) and the model's activation constraints apply.
       watcher: a :class:`Watcher` that sees the rows at every look (`compact_every >= 1`)
-        and may stop some of them there (they end like rows that sampled an EOS).
+        and may stop some of them there (they end like rows that sampled an EOS). It reads a
+        copy of the rows while the next `compact_every` tokens are decoded; the rows it stops
+        are then ended at its look (:func:`_end_rows`), and leave the loop one look later.
 
     Returns:
       A :class:`SampleResult` of `B n` rows and `P + N` columns.
@@ -465,6 +469,7 @@ def sample(
                 if watcher is not None:
                     watcher.take(index, seen)
                 s = _take_rows(s, index.astype(np.int32), rules=rules)
+            seen = None  # the next look's copy replaces this one, not beside it
             if watcher is None:
                 s = decode(s, ahead)
             made = ahead

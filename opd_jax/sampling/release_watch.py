@@ -34,7 +34,7 @@ from opd_jax import core
 from opd_jax.core.stats import TokenStats, margin_from_stats
 from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.models.tokenizer import OffsetDecoder, Tokenizer
-from opd_jax.sampling.generate import Rows, _global_host, prefill_cache
+from opd_jax.sampling.generate import Rows, prefill_cache
 from opd_jax.sharding import ShardingRules, constrain
 from opd_jax.text_segments import GrowingSentences
 
@@ -255,12 +255,12 @@ class ReleaseWatch:
         window = prompt_len + made - self.read + 1
         rows = self.rows
         # read to the host whole, then cut: a device slice would wait for the decoding after
-        cut_s = lambda x: _global_host(x)[:, self.read : prompt_len + made]  # noqa: E731
+        cut_s = lambda x: np.asarray(x)[:, self.read : prompt_len + made]  # noqa: E731
         self.tokens[rows, new] = cut_s(s.tokens_RxS)
         self.response[rows, new] = cut_s(s.response_RxS)
         self.read = prompt_len + made
         # the rows that sampled now; a row's sentences are complete but for a live row's last
-        done = _global_host(s.done_R) | (made >= self.N)
+        done = np.asarray(s.done_R) | (made >= self.N)
         active = self.response[rows, new].any(-1)
         stop = np.zeros_like(active)
         if done.all() or self.read - self.column >= self.max_deferred:
