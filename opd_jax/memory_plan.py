@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.config import Config
-from opd_jax.core import SAMPLED_TOKEN_LOSSES, TeacherScores
+from opd_jax.core import SAMPLED_TOKEN_LOSSES, TEACHER_HIDDEN, TeacherScores
 from opd_jax.core.rules import CUT_RULES
 from opd_jax.run_models import spec_config
 from opd_jax.sampling.release_watch import look_columns, widest_look
@@ -69,6 +69,9 @@ def plan(config: Config) -> dict[str, Any]:
             shape = (b, n) if name == "teacher_logp" else (b, n, config.score.k)
             dtype = jnp.int32 if name.endswith("_ids") else jnp.float32
             batch[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+    elif config.sampling.stop_at_release:  # the teacher's final hidden states kept from sampling
+        shape, dtype = (b, n, teacher_cfg.hidden_size), teacher_cfg.dtype
+        batch[TEACHER_HIDDEN] = jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     step = make_train_step(graphdef, teacher_graphdef, tx, step_settings(config), shardings)

@@ -118,3 +118,22 @@ def test_stopping_at_release_adds_the_teachers_cache_and_the_watchers_buffers(ti
     )
     off = plan(load_config(None, tiny_args(tiny_pair)))["gib_per_device"]
     assert off["teacher_kv_cache"] == off["release_watch_buffers"] == 0
+
+
+def test_the_step_planned_with_kept_hidden_states_takes_them_as_arguments(tiny_pair):
+    """Under stopping, a loss that needs the teacher's distribution takes its final hidden
+    states kept from sampling ``[B, N, D]`` and its unembedding instead of its K-sized scores."""
+    stop = ["sampling.stop_at_release=true", "sampling.compact_every=4"]
+    compiled = {
+        loss: plan(load_config(None, tiny_args(tiny_pair) + stop + [f"loss.kind={loss}"]))[
+            "compiled"
+        ]["argument_gib"]
+        for loss in ("sampled_reverse_kl", "reverse_kl")
+    }
+    config = load_config(None, tiny_args(tiny_pair) + stop)
+    teacher = spec_config(config.teacher)
+    scores = B * N * (4 + 4 * config.score.k * 4)  # q[y]; ids and values on S_t and the top-K
+    hidden = B * N * teacher.hidden_size * 4
+    unembedding = teacher.hidden_size * teacher.vocab_size * 4
+    grown = round((compiled["reverse_kl"] - compiled["sampled_reverse_kl"]) * GIB)
+    assert grown >= hidden + unembedding - scores

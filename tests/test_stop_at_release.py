@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from opd_jax import core, models, sampling, text_segments
 from opd_jax.config import ConfigError, load_config
 from opd_jax.train.loop import train
 from opd_jax.train.metrics import read_metrics
-from opd_jax.train.session import cut_rows, kept_width
+from opd_jax.train.session import Session, cut_rows, kept_width, step_settings
 from tests.test_train import overrides
 
 NEVER = 1e30  # a BIC gain no series reaches: the watcher scores every row and stops none
@@ -78,7 +79,7 @@ def test_margins_scored_while_sampling_equal_a_full_forwards(
     tokens, mask = _prompts(tokenizer)
     N = 13  # not a multiple of compact_every: the last look scores a shorter chunk
     owed = 8 if segments == ("fixed", 3) else 64
-    watch = _watch(teacher, tokenizer, N, segments=segments, max_deferred=owed)
+    watch = _watch(teacher, tokenizer, N, segments=segments, max_deferred=owed, keep_hidden=True)
     result = sampling.sample(
         student, tokens, mask, key=jax.random.key(3), max_new_tokens=N, eos_ids=eos,
         method=sampling.Temperature(1.0), n=n, compact_every=4, watcher=watch,
@@ -106,6 +107,8 @@ def test_margins_scored_while_sampling_equal_a_full_forwards(
     # float32 forwards in another order (cached chunks against one pass): rounding only
     np.testing.assert_allclose(watch.margin[response], want[response], atol=1e-4, rtol=1e-4)
     assert (watch.margin[~response] == 0).all()
+    kept = watch.scores[core.TEACHER_HIDDEN]  # the hidden states that predict each token
+    np.testing.assert_allclose(kept[response], np.asarray(h_t)[response], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("segments", [("sentence", 0), ("fixed", 3)])
@@ -273,26 +276,55 @@ def _with_margin(stats, margin):
     return stats._replace(teacher_at_student_topk=q - 10.0)
 
 
+def test_the_update_on_kept_hidden_states_is_the_one_on_the_teachers_forward(tiny_pair, tmp_path):
+    """A loss that needs the teacher's distribution forms it from the final hidden states kept
+    while sampling: the loss and gradient of the teacher's forward pass, up to float rounding."""
+    from opd_jax.train.step import _micro_loss
+
+    config = load_config(None, overrides(tiny_pair, tmp_path, *STOPPING, "loss.kind=reverse_kl"))
+    session = Session.build(config)
+    tokens, mask = session.encode(["Add 3 and 4.", "What is 12 - 5? Say it."])
+    with jax.set_mesh(session.mesh):
+        rollout = session.rollout(tokens, mask, jax.random.key(0))
+        kept = session.device_batch(rollout, session.segments(rollout)[0])
+        assert core.TEACHER_HIDDEN in kept and kept["response_mask"].sum() > 0
+        forward = {k: v for k, v in kept.items() if k != core.TEACHER_HIDDEN}
+        teacher = nnx.merge(session.teacher_graphdef, session.teacher_params)
+        settings = step_settings(config)
+
+        def loss(batch):
+            return jax.value_and_grad(_micro_loss, has_aux=True)(
+                session.params, session.graphdef, teacher, batch, jax.random.key(1), settings
+            )
+
+        (got, _), g_got = loss(kept)
+        (want, _), g_want = loss(forward)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_got, g_want)
+
+
+STOPPING = (
+    "rule.kind=release", "sampling.stop_at_release=true", "sampling.compact_every=4",
+    "segments.kind=token", "sampling.stop_min_gain=0",
+    "rule.options={min_segments: 1, penalty: 0.0}",
+)  # fmt: skip
+
+
 @pytest.mark.parametrize("loss", ["sampled_reverse_kl", "reverse_kl"])
 def test_training_with_stopping_logs_what_was_sampled_scored_and_kept(tiny_pair, tmp_path, loss):
-    """A loss that reads only q[y] trains on the teacher's scores kept from sampling (the
-    teacher scores each token once); one that needs its distribution scores the kept again."""
+    """The teacher scores each sampled token once: a loss that reads only q[y] trains on its
+    scores kept from sampling, one that needs its distribution on its final hidden states kept
+    there (:data:`~opd_jax.core.TEACHER_HIDDEN`)."""
     config = load_config(
         None,
-        overrides(
-            tiny_pair, tmp_path, "rule.kind=release", "sampling.stop_at_release=true",
-            f"loss.kind={loss}",
-            "sampling.compact_every=4", "segments.kind=token", "sampling.stop_min_gain=0",
-            "rule.options={min_segments: 1, penalty: 0.0}",
-        ),
-    )  # fmt: skip
+        overrides(tiny_pair, tmp_path, *STOPPING, f"loss.kind={loss}"),
+    )
     train(config)
     lines = read_metrics(tmp_path)
     assert [line["step"] for line in lines] == [1, 2, 3]
     for line in lines:
         assert 0 < line["kept_tokens"] <= line["sampled_tokens"]
-        rescored = 0 if loss == "sampled_reverse_kl" else line["kept_tokens"]
-        assert line["scored_tokens"] == line["sampled_tokens"] + rescored
+        assert line["scored_tokens"] == line["sampled_tokens"]
         assert line["kept_fraction"] == line["kept_tokens"] / line["sampled_tokens"]
         assert 0 <= line["stopped_fraction"] <= line["released_fraction"] <= 1
         assert "boundary_histogram" not in line
@@ -356,9 +388,7 @@ def test_the_watchers_sentences_grown_look_by_look_equal_the_hosts_at_once(pair_
         (9, 1.5, tuple(range(0, 320, 13)), [1, 2, 20]),
     ],
 )
-def test_the_live_decision_is_the_replay_of_the_sampled_rows(
-    pair_models, N, min_gain, eos, seeds
-):
+def test_the_live_decision_is_the_replay_of_the_sampled_rows(pair_models, N, min_gain, eos, seeds):
     """Looks check every sentence count that completed since the last one: on the rollouts
     it made, :func:`~opd_jax.core.replay_online` stops the rows the watcher stopped, at the same
     count and cut, and no other row."""

@@ -42,7 +42,7 @@ HARD_PIECES = [
     " A.", " 5.", " etc.", " So", " we", " get", " x", "=", " +", "..", " Step", " 1:", " jr.",
     " vs.", " Inc.", "}", "]", "[", " a.m.", " St.", "(", ".(", "\t", "-", "--", "",
     "\u00a0", "\u202f", "\u3000", "\u2009", ".\u00a0", "\u00a0!", "\r\n", "\u201d", ")--",
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -83,9 +83,8 @@ def test_growing_sentences_split_again_only_the_text_after_the_last_final_break(
     assert text[growing.char :] == "Dr. Smith"  # "So the ..." is followed by whitespace and more
     assert growing.sentence == 3 and growing.token == 13
     more = text + " agrees. Done."
-    np.testing.assert_array_equal(
-        growing.update(more, word_offsets(more)), text_segments.token_sentences(more, word_offsets(more))
-    )
+    want = text_segments.token_sentences(more, word_offsets(more))
+    np.testing.assert_array_equal(growing.update(more, word_offsets(more)), want)
 
 
 def test_batch_segment_ids_place_sentences_on_the_response_tokens():

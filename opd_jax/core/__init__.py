@@ -64,6 +64,7 @@ from opd_jax.core.stats import (
     union_forward_kl,
 )
 from opd_jax.core.teacher_scores import (
+    TEACHER_HIDDEN,
     TeacherScores,
     score_given_teacher,
     teacher_scores_from_logits,
@@ -112,6 +113,7 @@ __all__ = [
     "sampled_advantage",
     "score_chunked",
     "score_given_teacher",
+    "TEACHER_HIDDEN",
     "TeacherScores",
     "teacher_scores_from_logits",
     "segment_means",

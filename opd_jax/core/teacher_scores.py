@@ -24,6 +24,11 @@ from opd_jax.core.losses import SAMPLED_TOKEN_LOSSES
 from opd_jax.core.scoring import Scored, _from_chunks, _to_chunks
 from opd_jax.core.stats import TokenStats, canonical_zeros
 
+TEACHER_HIDDEN = "teacher_hidden"
+"""The batch key of the teacher's final hidden states kept from sampling ``[B, N, D]`` (those
+that predict each response token): for the other losses the update forms the teacher's logits
+from them, with no forward pass (docs/method.md §3a)."""
+
 
 class TeacherScores(NamedTuple):
     """The teacher's side of :class:`TokenStats` at each position, ``[B, T]`` / ``[B, T, K]``."""

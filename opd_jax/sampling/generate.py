@@ -436,6 +436,7 @@ def sample(
         if watcher is not None:
             watcher.start(tokens_BxP, mask_BxP, n)
         out = None  # the result's rows, once rows have been dropped from the loop
+
         def decode(s: _State, until: int) -> _State:
             return _decode(graphdef, state, s, method, eos_E, pad, np.int32(until),
                            max_new_tokens=N)  # fmt: skip

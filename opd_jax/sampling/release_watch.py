@@ -98,17 +98,20 @@ def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: in
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "width", "kind", "k", "renormalize", "scores", "columns"),
+    static_argnames=(
+        "graphdef", "width", "kind", "k", "renormalize", "scores", "hidden", "columns"
+    ),
     donate_argnums=(2,),
-)
+)  # fmt: skip
 def _teacher_look(
     graphdef, params, cache, last_RxD, s: Rows, start, *, width, kind, k, renormalize, scores,
-    columns,
+    hidden, columns,
 ):  # fmt: skip
     """The teacher over columns ``[start, start + width)`` of the sampler's rows, one chunked
     forward with its cache. Returns the margin there ``[R, width]`` (0 off the response),
-    the cache after them, the last hidden and, with
-    ``scores``, the :class:`~opd_jax.core.TeacherScores` there (else None). Logits are formed
+    the cache after them, the last hidden, with ``scores`` the
+    :class:`~opd_jax.core.TeacherScores` there (else None) and with ``hidden`` the final hidden
+    state that predicts each column ``[R, width, D]`` (else None). Logits are formed
     ``columns`` columns at a time (:func:`look_columns`)."""
     teacher: Decoder = nnx.merge(graphdef, params)
     cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)  # noqa: E731
@@ -144,7 +147,7 @@ def _teacher_look(
     margin_RxC = jnp.where(response_RxC > 0, rows_first(margin_CxR), 0.0)
     kept = None if kept is None else jax.tree.map(rows_first, kept)
     cache, last_RxD = _constrain(cache, h_RxCxD[:, -1], teacher.rules)
-    return margin_RxC, cache, last_RxD, kept
+    return margin_RxC, cache, last_RxD, kept, before_RxCxD if hidden else None
 
 
 @functools.partial(jax.jit, static_argnames=("window", "options"))
@@ -186,6 +189,9 @@ class ReleaseWatch:
       confirm, min_gain: :func:`~opd_jax.core.online_cut`'s.
       k: the student's candidates recorded (the margin reads its first ``margin_k``).
       keep_scores: also keep :class:`~opd_jax.core.TeacherScores` of every sampled token.
+      keep_hidden: also keep the teacher's final hidden state that predicts every sampled
+        token (:data:`~opd_jax.core.TEACHER_HIDDEN`: the update forms the teacher's logits
+        from it, no forward pass).
       max_deferred: the teacher scores at the first look where it owes this many columns or
         more, whether or not a decision is possible (bounds a pass's width: its attention
         scores and its compiled widths; :func:`widest_look`).
@@ -193,7 +199,8 @@ class ReleaseWatch:
     After :func:`sample`, ``margin [R0, N]`` holds every sampled token's margin, ``stopped``
     ``[R0]`` the rows it stopped, ``tau [R0]`` their cut (sentences kept), ``seen [R0]`` the
     complete sentences at that look and ``scored_tokens`` the tokens the teacher scored;
-    with ``keep_scores``, ``scores`` holds the teacher's scores ``[R0, N(, k)]`` by field.
+    with ``keep_scores``, ``scores`` holds the teacher's scores ``[R0, N(, k)]`` by field, and
+    with ``keep_hidden`` its hidden states ``[R0, N, D]`` as ``scores[core.TEACHER_HIDDEN]``.
     ``seg [R0, N]`` holds each row's segment ids as last split (every row is split at the look
     after its last token: its whole response) and :meth:`texts` the texts split.
     """
@@ -210,6 +217,7 @@ class ReleaseWatch:
         min_gain: float = 8.0,
         k: int | None = None,
         keep_scores: bool = False,
+        keep_hidden: bool = False,
         max_deferred: int = 64,
     ) -> None:
         self.graphdef, self.params = nnx.split(teacher)
@@ -219,7 +227,7 @@ class ReleaseWatch:
         self.tokenizer, self.N, self.segments = tokenizer, max_new_tokens, segments
         self.margin_options, changepoint = split_release_options(rule_options)
         self.k = int(self.margin_options["margin_k"]) if k is None else k
-        self.keep_scores = keep_scores
+        self.keep_scores, self.keep_hidden = keep_scores, keep_hidden
         self.online = tuple(
             sorted((changepoint | dict(confirm=confirm, min_gain=min_gain)).items())
         )
@@ -311,21 +319,24 @@ class ReleaseWatch:
 
     def _score(self, s: Rows) -> None:
         """The teacher over every column sampled and not yet scored (up to the last look),
-        one forward with its cache: margins, and with ``keep_scores`` the scores, there."""
+        one forward with its cache: margins, and the scores and hidden states kept, there."""
         width = self.read - self.column
         if width == 0:
             return
         new = slice(self.column - self.prompt_len, self.read - self.prompt_len)
         o = self.margin_options
-        margin, self.cache, self.last, scores = _teacher_look(
+        margin, self.cache, self.last, scores, hidden = _teacher_look(
             self.graphdef, self.params, self.cache, self.last, s, np.int32(self.column),
             width=width, kind=o["margin_kind"], k=o["margin_k"], renormalize=o["renormalize"],
-            scores=self.keep_scores, columns=look_columns(len(self.rows), self.vocab, width),
+            scores=self.keep_scores, hidden=self.keep_hidden,
+            columns=look_columns(len(self.rows), self.vocab, width),
         )  # fmt: skip
         self.column, rows = self.read, self.rows
         self.margin[rows, new] = np.asarray(margin)
         self.scored_tokens += int(self.response[rows, new].sum())
-        for name, value in ({} if scores is None else scores._asdict()).items():
+        kept = {} if scores is None else scores._asdict()
+        kept |= {} if hidden is None else {core.TEACHER_HIDDEN: hidden}
+        for name, value in kept.items():
             if name not in self.scores:
                 shape = (len(self.margin), self.N) + value.shape[2:]
                 self.scores[name] = np.zeros(shape, value.dtype)

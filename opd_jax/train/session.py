@@ -332,6 +332,7 @@ class Session:
             min_gain=c.sampling.stop_min_gain,
             k=c.score.k,
             keep_scores=c.loss.kind in core.SAMPLED_TOKEN_LOSSES,
+            keep_hidden=c.loss.kind not in core.SAMPLED_TOKEN_LOSSES,
             max_deferred=sampling.release_watch.DEFERRED_LOOKS * c.sampling.compact_every,
         )
 
@@ -374,7 +375,7 @@ class Session:
         tokens, response, prompt = rollout[:3]
         host = {"tokens": tokens, "attention_mask": response | prompt, "response_mask": response}
         host |= {k: v for k, v in segments.items() if k not in CUT_RECORD}
-        response_columns = ("seg", *core.TeacherScores._fields)
+        response_columns = ("seg", *core.TeacherScores._fields, core.TEACHER_HIDDEN)
         if "keep" in segments:
             host = cut_rows(
                 host, segments["keep"], self.prompt_len, self.config.sampling, response_columns
@@ -400,8 +401,8 @@ class Session:
         sampled = float(rollout[1].sum())  # the step saw the rows cut: count them here
         counts = {"sampled_tokens": sampled, "kept_tokens": kept}
         counts["kept_fraction"] = kept / max(sampled, 1.0)  # the step saw only the kept
-        rescored = 0.0 if record["scores"] else kept  # no teacher pass where scores are kept
-        counts["scored_tokens"] = float(record["scored_tokens"]) + rescored
+        # the update runs no teacher pass: it takes the scores or hidden states kept
+        counts["scored_tokens"] = float(record["scored_tokens"])
         stopped = record["stopped"]
         counts["stopped_fraction"] = float(np.mean(stopped))
         counts["released_fraction"] = float(np.mean(segments["released"]))

@@ -65,7 +65,10 @@ def _micro_loss(params, graphdef, teacher, micro, key, s: StepSettings, frozen=N
         given = core.TeacherScores(*(micro[name] for name in TEACHER_SCORES))
         loss, aux = core.opd_objective_given_teacher(h_s, model.unembed_matrix(), given, *rows)
         return loss, aux.diagnostics
-    h_t = jax.lax.stop_gradient(teacher.response_hidden(tokens, mask, s.prompt_len, **forward))
+    if core.TEACHER_HIDDEN in micro:  # kept from sampling: the teacher's logits, no forward pass
+        h_t = jax.lax.stop_gradient(micro[core.TEACHER_HIDDEN])
+    else:
+        h_t = jax.lax.stop_gradient(teacher.response_hidden(tokens, mask, s.prompt_len, **forward))
     loss, aux = core.opd_objective(
         h_s, model.unembed_matrix(), h_t, jax.lax.stop_gradient(teacher.unembed_matrix()), *rows
     )
