@@ -110,6 +110,14 @@ def plan(config: Config) -> dict[str, Any]:
             if stop
             else 0
         ),
+        # the step's batch, sampling.stop_at_release: the teacher's scores (a q[y] loss) or its
+        # final hidden states [rows, N, D] (any other) kept from sampling, in place of its forward
+        "teacher_kept": sum(
+            int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+            for name, x in batch.items()
+            if name in (*TeacherScores._fields, TEACHER_HIDDEN)
+        )
+        // batch_shards,
         # train.async_rollouts on the training devices: the copy the next rollouts sample from
         "rollout_params": (
             device_bytes(params) if config.train.async_rollouts and not config.mesh.rollout else 0

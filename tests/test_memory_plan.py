@@ -117,17 +117,16 @@ def test_stopping_at_release_adds_the_teachers_cache_and_the_watchers_buffers(ti
         (P + N) * (2 * k * 8 + 8) + 2 * 4 * vocab * look + 2 * 4 * heads * widest * (P + N)
     )
     off = plan(load_config(None, tiny_args(tiny_pair)))["gib_per_device"]
-    assert off["teacher_kv_cache"] == off["release_watch_buffers"] == 0
+    assert off["teacher_kv_cache"] == off["release_watch_buffers"] == off["teacher_kept"] == 0
 
 
 def test_the_step_planned_with_kept_hidden_states_takes_them_as_arguments(tiny_pair):
     """Under stopping, a loss that needs the teacher's distribution takes its final hidden
-    states kept from sampling ``[B, N, D]`` and its unembedding instead of its K-sized scores."""
+    states kept from sampling ``[B, N, D]`` and its unembedding instead of its K-sized scores;
+    the plan counts what the batch keeps (``teacher_kept``)."""
     stop = ["sampling.stop_at_release=true", "sampling.compact_every=4"]
-    compiled = {
-        loss: plan(load_config(None, tiny_args(tiny_pair) + stop + [f"loss.kind={loss}"]))[
-            "compiled"
-        ]["argument_gib"]
+    planned = {
+        loss: plan(load_config(None, tiny_args(tiny_pair) + stop + [f"loss.kind={loss}"]))
         for loss in ("sampled_reverse_kl", "reverse_kl")
     }
     config = load_config(None, tiny_args(tiny_pair) + stop)
@@ -135,5 +134,9 @@ def test_the_step_planned_with_kept_hidden_states_takes_them_as_arguments(tiny_p
     scores = B * N * (4 + 4 * config.score.k * 4)  # q[y]; ids and values on S_t and the top-K
     hidden = B * N * teacher.hidden_size * 4
     unembedding = teacher.hidden_size * teacher.vocab_size * 4
-    grown = round((compiled["reverse_kl"] - compiled["sampled_reverse_kl"]) * GIB)
+    argument = {loss: p["compiled"]["argument_gib"] for loss, p in planned.items()}
+    grown = round((argument["reverse_kl"] - argument["sampled_reverse_kl"]) * GIB)
     assert grown >= hidden + unembedding - scores
+    kept = {loss: p["gib_per_device"]["teacher_kept"] for loss, p in planned.items()}
+    assert round(kept["sampled_reverse_kl"] * GIB) == scores  # one device: the whole batch
+    assert round(kept["reverse_kl"] * GIB) == hidden

@@ -276,6 +276,30 @@ def _with_margin(stats, margin):
     return stats._replace(teacher_at_student_topk=q - 10.0)
 
 
+def test_the_hidden_states_kept_for_stopped_and_dropped_rows_are_the_teachers_forwards(
+    pair_models,
+):
+    """Rows stopped mid-rollout (the loop decoded on past their look) and rows dropped from the
+    loop keep the teacher's hidden state of every token they sampled, no other."""
+    student, teacher, tokenizer = pair_models
+    tokens, mask = _prompts(tokenizer)
+    N = 23
+    watch = _watch(
+        teacher, tokenizer, N, segments=("token", 1), min_gain=0.0, max_deferred=8,
+        rule_options=dict(min_segments=1, penalty=0.0), keep_hidden=True,
+    )  # fmt: skip
+    result = sampling.sample(
+        student, tokens, mask, key=jax.random.key(3), max_new_tokens=N, n=3, compact_every=2,
+        eos_ids=tuple(range(0, 320, 7)), method=sampling.Temperature(1.0), watcher=watch,
+    )  # fmt: skip
+    assert watch.stopped.any() and watch.rows.size < len(watch.stopped)
+    P = tokens.shape[1]
+    h_t = teacher.response_hidden(result.tokens, result.prompt_mask | result.response_mask, P)
+    response = np.asarray(result.response_mask[:, P:]).astype(bool)
+    kept = watch.scores[core.TEACHER_HIDDEN]
+    np.testing.assert_allclose(kept[response], np.asarray(h_t)[response], atol=1e-4, rtol=1e-4)
+
+
 def test_the_update_on_kept_hidden_states_is_the_one_on_the_teachers_forward(tiny_pair, tmp_path):
     """A loss that needs the teacher's distribution forms it from the final hidden states kept
     while sampling: the loss and gradient of the teacher's forward pass, up to float rounding."""

@@ -291,8 +291,8 @@ class Session:
         ``params`` (default: the live parameters, copied to the rollout mesh when it is apart;
         :meth:`rollout_params`). With ``sampling.stop_at_release`` a fourth element, the
         watcher's record: ``margin [B n, N]``, ``stopped``, ``tau [B n]``, ``scored_tokens``
-        and ``scores`` (the teacher's scores kept from sampling, empty unless a ``q[y]`` loss
-        reuses them)."""
+        and ``scores`` (kept from sampling: the teacher's scores for a ``q[y]`` loss, else its
+        final hidden states, :data:`~opd_jax.core.TEACHER_HIDDEN`)."""
         c = self.config.sampling
         batches = self.rollout_batches
         if params is None:

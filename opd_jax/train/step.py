@@ -5,7 +5,8 @@ columns ``[0, P)``, response columns ``[P, S)``), the host's segment ids of the 
 each row's cut, for the rules that read one) and a PRNG key, and returns the updated
 parameters and optimizer state (both donated) with the step's metrics. The batch is cut into
 ``accumulate`` micro-batches scanned with summed gradients. Each micro-batch runs both models'
-forward passes and the public objective, :func:`opd_jax.core.opd_objective` (chunked scoring:
+forward passes (the teacher's none where its scores or final hidden states come kept from
+sampling) and the public objective, :func:`opd_jax.core.opd_objective` (chunked scoring:
 the ``[B, N, V]`` logits are never formed). The teacher is never differentiated, nor is a
 LoRA student's frozen base (``frozen``): only the parameters the step is given to update are.
 """
@@ -108,7 +109,8 @@ def make_train_step(
     The batch holds ``tokens``, ``attention_mask``, ``response_mask`` ``[B, S]``, ``seg [B, N]``
     and, for the rules of :data:`opd_jax.core.rules.CUT_RULES` only, ``cut [B]``; with the
     fields of :class:`~opd_jax.core.TeacherScores` (``[B, N(, K)]``, kept from sampling) the
-    teacher runs no forward pass (:func:`~opd_jax.core.opd_objective_given_teacher`); metrics are
+    teacher runs no forward pass (:func:`~opd_jax.core.opd_objective_given_teacher`), nor with
+    :data:`~opd_jax.core.TEACHER_HIDDEN` (``[B, N, D]``: its logits come from them); metrics are
     scalars (loss, gradient norm, diagnostics, ``nonfinite``: 1 when the loss, the gradient or
     an updated parameter is not finite) and ``[bins]`` position profiles. With
     ``settings.skip_nonfinite`` such a step returns the state it was given.
