@@ -132,6 +132,26 @@ def _sharded_checks() -> None:
     assert on_mesh.cache.k.shape[1] < 16, "no row was dropped"
     assert not on_mesh.cache.k.sharding.is_fully_replicated, on_mesh.cache.k.sharding
 
+    class StopEven:  # stops the even result rows at the first look (the loop decoded on)
+        k, looked = 0, False
+
+        def start(self, *args):
+            pass
+
+        def look(self, seen, prompt_len, made):
+            stop = ~self.looked & (np.asarray(seen.rows_R) % 2 == 0) & ~np.asarray(seen.done_R)
+            self.looked = True
+            return stop
+
+        def take(self, index, seen):
+            pass
+
+    got = sampling.sample(sharded, rows, mesh=mesh, compact_every=2, watcher=StopEven(), **kwargs)
+    want = sampling.sample(single, rows, compact_every=2, watcher=StopEven(), **kwargs)
+    assert (np.asarray(want.lengths)[::2] <= 3).all(), want.lengths  # the prefill's token + 2
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.response_mask, want.response_mask)
+
     model = sharding.shard_model(Decoder(single.config, rngs=nnx.Rngs(1)), mesh)
     assert model.lm_head[...].sharding.spec == PartitionSpec("fsdp", "tensor")
     print("SHARDED OK")
