@@ -60,7 +60,7 @@ def test_plan_rows_are_the_bytes_the_session_allocates(planned, row, allocated):
 def test_kv_cache_row_is_the_samplers_cache(planned):
     config, result, _ = planned
     cache = jax.eval_shape(lambda: KVCache.init(spec_config(config.student), B, P + N))
-    expected = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (cache.k, cache.v))
+    expected = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (*cache.k, *cache.v))
     assert round(result["gib_per_device"]["sampler_kv_cache"] * GIB) == expected
 
 
@@ -105,7 +105,7 @@ def test_stopping_at_release_adds_the_teachers_cache_and_the_watchers_buffers(ti
     config = load_config(None, tiny_args(tiny_pair) + stop)
     rows = plan(config)["gib_per_device"]
     cache = jax.eval_shape(lambda: KVCache.init(spec_config(config.teacher), B, P + N))
-    expected = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (cache.k, cache.v))
+    expected = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (*cache.k, *cache.v))
     assert round(rows["teacher_kv_cache"] * GIB) == expected
     vocab = spec_config(config.student).vocab_size
     heads = spec_config(config.teacher).num_heads

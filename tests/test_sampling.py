@@ -8,6 +8,7 @@ from flax import nnx
 
 from opd_jax import sampling
 from opd_jax.models import Decoder, ModelConfig, testing
+from opd_jax.sharding import DEFAULT_RULES
 
 P, N = 7, 9
 
@@ -232,7 +233,7 @@ def test_bad_counts_are_refused(model):
 def test_prefill_writes_its_cache_without_copying_it():
     """A 48-token prefill of 16 rows into a 304-slot cache, SmolLM2's widths on two layers
     (compiled, not run): XLA once fused the layer's read of the cache with its in-place write
-    and copied the whole [L, B, K, S, H] cache per layer (1.7x an uncached forward)."""
+    and copied the whole cache per layer (1.7x an uncached forward)."""
     import re
 
     hf = testing.tiny_hf_config("llama", num_hidden_layers=2, hidden_size=576,
@@ -248,5 +249,58 @@ def test_prefill_writes_its_cache_without_copying_it():
         return sampling.generate.prefill_cache(nnx.merge(graphdef, state), tokens, mask, S, 1)
 
     text = jax.jit(prefill).lower(state, tokens, mask).compile().as_text()
-    cache = re.escape(f"f32[2,{B},3,{S},64]")
+    cache = re.escape(f"f32[{B},3,{S},64]")  # a layer's buffer
     assert not re.findall(cache + r"\{[^}]*\} copy\(", text[text.index("ENTRY") :])
+
+
+def test_the_decode_loop_writes_its_cache_in_place():
+    """The decode loop's body (compiled, not run) copies no layer's cache buffer: attention
+    reads the cache before the token's keys are written into it. Reading the updated cache,
+    or slicing a layer out of one [L, ...] buffer, copied each layer's buffer every token."""
+    import re
+
+    hf = testing.tiny_hf_config("llama", num_hidden_layers=2, hidden_size=64,
+                                intermediate_size=192, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=32)  # fmt: skip
+    config = ModelConfig.from_hf(hf)  # the quickstart student's widths (one KV head)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+    B, P, N = 8, 16, 40
+    tokens, mask = jnp.zeros((B, P), jnp.int32), jnp.ones((B, P), jnp.int32)
+    key, eos, pad = jax.random.key(0), jnp.asarray([1]), jnp.asarray(0)
+    method = sampling.Temperature(1.0)
+    s = jax.eval_shape(
+        lambda state: sampling.generate._prefill(
+            graphdef, state, tokens, mask, key, method, eos, pad,
+            max_new_tokens=N, n=1, rules=DEFAULT_RULES, record_k=4,
+        ),
+        state,
+    )  # fmt: skip
+    lowered = sampling.generate._decode.lower(
+        graphdef, state, s, method, eos, pad, jnp.int32(N), max_new_tokens=N
+    )
+    text = lowered.compile().as_text()
+    assert "while" in text
+    cache = re.escape(f"f32[{B},1,{P + N},32]")
+    assert not re.findall(cache + r"\{[^}]*\} copy\(", text)
+
+
+def test_a_prefill_reads_only_the_columns_the_longest_prompt_fills(model):
+    """Left-aligned prompts (padding first) leave the columns before the longest prompt empty:
+    a prefill of its window (:func:`prompt_window`) gives the whole prefill's first-token
+    hidden state and the same cache on every real slot."""
+    P, size = 16, 24
+    mask = np.zeros((3, P), np.int32)
+    mask[0, -5:], mask[1, -2:], mask[2, -4:] = 1, 1, 1  # the longest prompt: 5 tokens
+    assert sampling.generate.prompt_window(mask) == 6  # a multiple of ceil(16 / 8)
+    assert sampling.generate.prompt_window(np.ones((2, P))) == P
+    assert sampling.generate.prompt_window(np.zeros((2, P))) == 2
+    tokens = np.random.RandomState(0).randint(2, 64, (3, P)).astype(np.int32)
+    whole_h, whole = sampling.generate.prefill_cache(model, tokens, mask, size, 2)
+    part_h, part = sampling.generate.prefill_cache(model, tokens, mask, size, 2, window=6)
+    np.testing.assert_allclose(part_h[:, -1], whole_h[:, -1], atol=1e-5)
+    np.testing.assert_array_equal(part.mask, whole.mask)
+    assert int(part.index) == int(whole.index) == P
+    real = np.asarray(whole.mask)[:, None, :, None]  # [rows, 1, slots, 1]
+    for a, b in zip((*part.k, *part.v), (*whole.k, *whole.v), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.where(real, a, 0), np.where(real, b, 0), atol=1e-5)

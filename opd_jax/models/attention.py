@@ -115,13 +115,20 @@ def _masked_probs(
 ) -> jax.Array:
     """`softmax(q k / sqrt(H))` over the visible keys, `[B, K, G, T, S]` in `dtype`; `keys`
     are laid out as `layout` says (`"bskh"` or `"bksh"`)."""
+    scores_BxKxGxTxS = _masked_scores(q_BxTxKxGxH, keys, layout, visible_BxTxS)
+    return jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
+
+
+def _masked_scores(
+    q_BxTxKxGxH: jax.Array, keys: jax.Array, layout: str, visible_BxTxS: jax.Array
+) -> jax.Array:
+    """`q k / sqrt(H)` in float32, `NEG_INF` where a key is not visible, `[B, K, G, T, S]`."""
     H = q_BxTxKxGxH.shape[-1]
     scores_BxKxGxTxS = (
         jnp.einsum(f"btkgh,{layout}->bkgts", q_BxTxKxGxH, keys, preferred_element_type=jnp.float32)
         * H**-0.5
     )
-    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, NEG_INF)
-    return jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
+    return jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, NEG_INF)
 
 
 def cached_attention(
@@ -130,14 +137,25 @@ def cached_attention(
     values_BxKxSxH: jax.Array,
     visible_BxTxS: jax.Array,
     dtype: jnp.dtype,
+    own: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """:func:`masked_attention` over a KV cache's slots, `[B, T, N, H]`; the keys and values
-    are laid out `[B, K, S, H]` as the dots read them (see `models.decoder.KVCache`)."""
+    are laid out `[B, K, S, H]` as the dots read them (see `models.decoder.KVCache`). With
+    `own = (keys, values [B, K, T, H], visible [B, T, T])` the queries attend over those
+    too, in the same softmax: a call's own keys beside the cache as it was before it (so the
+    cache is read before the call writes its slots, and that write happens in place)."""
     B, T, N, H = q_BxTxNxH.shape
     q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, keys_BxKxSxH.shape[1], -1, H)
-    probs_BxKxGxTxS = _masked_probs(q_BxTxKxGxH, keys_BxKxSxH, "bksh", visible_BxTxS, dtype)
+    scores = _masked_scores(q_BxTxKxGxH, keys_BxKxSxH, "bksh", visible_BxTxS)
+    S = scores.shape[-1]
+    if own is not None:
+        own_scores = _masked_scores(q_BxTxKxGxH, own[0], "bksh", own[2])
+        scores = jnp.concatenate([scores, own_scores], axis=-1)
+    probs_BxKxGxTxS = jax.nn.softmax(scores, axis=-1).astype(dtype)
     # [G T, S] @ [S, H] per (b, k): the cache read as it lies
-    out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs_BxKxGxTxS, values_BxKxSxH)
+    out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs_BxKxGxTxS[..., :S], values_BxKxSxH)
+    if own is not None:
+        out_BxKxGxTxH += jnp.einsum("bkgts,bksh->bkgth", probs_BxKxGxTxS[..., S:], own[1])
     return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 

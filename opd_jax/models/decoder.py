@@ -13,6 +13,7 @@ default to the running count of real tokens, `cumsum(mask) - 1` (continuing the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +24,15 @@ from opd_jax.models.architecture import ModelConfig
 from opd_jax.models.projections import dense, in_dtype, under_qwix
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 
-# A layer's view of the cache: every layer's keys and values `[L, B, K, S, H]`, the layer's
-# index and the slot at which this call's keys/values are written.
-CacheSlot = tuple[jax.Array, jax.Array, int, jax.Array]
+# A layer's view of the cache: its keys and values `[B, K, S, H]` and the slot at which this
+# call's keys/values are written.
+CacheSlot = tuple[jax.Array, jax.Array, jax.Array]
+
+# `jax.jit(..., compiler_options=CACHE_UPDATE_OPTIONS)` for programs that write a KVCache in
+# place: XLA:CPU's copy insertion then sees that attention reads a layer's buffer before the
+# write (region analysis), where it otherwise copied every buffer in a decode loop's body
+# (SmolLM2-like toy decode step 0.58 -> 0.36 ms on CPU). Other backends ignore the option.
+CACHE_UPDATE_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 def _param(
@@ -47,23 +54,55 @@ def _param(
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Pre-allocated keys/values: `k`, `v [L, B, K, S, H]` (slots next to the head width, as
-    attention's dots read them: no transposed copy per token), `mask [B, S]` (slot holds a
-    real token), `index` (int32 scalar, next slot to write; the same for every row)."""
+    """Pre-allocated keys/values, one buffer per layer: `k`, `v`, `L` arrays `[B, K, S, H]`
+    (slots next to the head width, as attention's dots read them: no transposed copy per
+    token; attention reads a layer's own buffer, where slicing it out of one `[L, ...]` buffer
+    copied it, per layer and token), `mask [B, S]` (slot holds a real token), `index` (int32
+    scalar, next slot to write; the same for every row)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, size: int) -> KVCache:
-        shape = (config.num_layers, batch, config.num_kv_heads, size, config.head_dim)
+        shape = (batch, config.num_kv_heads, size, config.head_dim)
+        layers = range(config.num_layers)
         return cls(
-            k=jnp.zeros(shape, config.dtype),
-            v=jnp.zeros(shape, config.dtype),
+            k=tuple(jnp.zeros(shape, config.dtype) for _ in layers),
+            v=tuple(jnp.zeros(shape, config.dtype) for _ in layers),
             mask=jnp.zeros((batch, size), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
+        )
+
+    def map_rows(self, fn: Callable[[jax.Array], jax.Array]) -> KVCache:
+        """The cache with ``fn`` applied to every buffer (their rows are axis 0)."""
+        return KVCache(
+            k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)), mask=fn(self.mask), index=self.index
+        )
+
+    def padded(self, before: int, after: int) -> KVCache:
+        """The cache with `before` empty slots ahead of its own and `after` behind (`index`
+        as it was)."""
+        pad = lambda x, slots: jnp.pad(  # noqa: E731
+            x, [(before, after) if axis == slots else (0, 0) for axis in range(x.ndim)]
+        )
+        return KVCache(
+            k=tuple(pad(x, 2) for x in self.k),
+            v=tuple(pad(x, 2) for x in self.v),
+            mask=pad(self.mask, 1),
+            index=self.index,
+        )
+
+    def constrained(self, rules: ShardingRules) -> KVCache:
+        """Rows over the mesh's batch axes (under an ambient mesh; identity without)."""
+        kv = ("batch", "kv_heads", "sequence", "head_dim")
+        return KVCache(
+            k=tuple(constrain(x, kv, rules) for x in self.k),
+            v=tuple(constrain(x, kv, rules) for x in self.v),
+            mask=constrain(self.mask, ("batch", None), rules),
+            index=self.index,
         )
 
 
@@ -136,8 +175,8 @@ class Attention(nnx.Module):
         query_chunk: int = 0,
         attention: str = "xla",
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Returns `y [B, T, D]` and, with a cache, the updated cache keys/values `[L, B, K,
-        S, H]`.
+        """Returns `y [B, T, D]` and, with a cache, this layer's updated cache keys/values
+        `[B, K, S, H]`.
 
         Without a cache, `attention` picks the kernel and `query_chunk` its chunk or block
         (`models.attention.attend`). `visible`: `[B, T, S]`, key `s` visible to query `t`; for
@@ -145,9 +184,9 @@ class Attention(nnx.Module):
         (see `Decoder.hidden`). With a
         cache the masked scores attend.
 
-        `kv`: the cache's keys and values of every layer, this layer's index and the slot at
-        which this call's `T` keys/values are written (in place) before attending over all
-        `S` slots; without it the keys are this call's `T`.
+        `kv`: this layer's cache keys and values and the slot at which this call's `T`
+        keys/values are written (in place) before attending over all `S` slots; without it
+        the keys are this call's `T`.
         """
         c = self.config
         q_BxTxNxH = self._project(x_BxTxD, "q")
@@ -163,30 +202,32 @@ class Attention(nnx.Module):
                 attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, visible, query_chunk, c.dtype
             )
         else:
-            # One update of the whole [L, B, K, S, H] buffer: XLA writes the T new slots in
-            # place. Writing a layer's slice back with `.at[layer].set` instead copied the
-            # cache twice per layer per token (5x the decode step at B=8 on CPU).
-            k_LxBxKxSxH, v_LxBxKxSxH, layer, index = kv
-            k_BxKxTxH, v_BxKxTxH = (
+            # The T new slots are written in place into this layer's own buffers. (Writing into
+            # one [L, B, K, S, H] buffer and slicing the layer back out copied it per layer per
+            # token; writing a layer's slice back with `.at[layer].set` copied it twice.)
+            k_BxKxSxH, v_BxKxSxH, index = kv
+            own_BxKxTxH = tuple(
                 new.transpose(0, 2, 1, 3).astype(cache.dtype)
-                for cache, new in ((k_LxBxKxSxH, k_BxTxKxH), (v_LxBxKxSxH, v_BxTxKxH))
+                for cache, new in ((k_BxKxSxH, k_BxTxKxH), (v_BxKxSxH, v_BxTxKxH))
             )
-            start = (layer, 0, 0, index, 0)
             new_kv = tuple(
-                jax.lax.dynamic_update_slice(cache, new[None], start)
-                for cache, new in ((k_LxBxKxSxH, k_BxKxTxH), (v_LxBxKxSxH, v_BxKxTxH))
+                jax.lax.dynamic_update_slice(cache, own, (0, 0, index, 0))
+                for cache, own in zip((k_BxKxSxH, v_BxKxSxH), own_BxKxTxH, strict=True)
             )
-            if k_BxKxTxH.shape[2] == k_LxBxKxSxH.shape[3]:
-                # This call fills every slot (the update's start is clamped to 0), so the
-                # layer's cache is its keys/values. Reading them back from the update let XLA
-                # fuse that read with the in-place write and copy the whole cache per layer
-                # (prefills of >= 32 tokens on CPU: 30 copies of [L, B, K, S, H]).
-                keys_BxKxSxH, values_BxKxSxH = k_BxKxTxH, v_BxKxTxH
-            else:
-                keys_BxKxSxH, values_BxKxSxH = new_kv[0][layer], new_kv[1][layer]
-            out_BxTxNxH = kernels.cached_attention(
-                q_BxTxNxH, keys_BxKxSxH, values_BxKxSxH, visible, c.dtype
-            )
+            if isinstance(visible, tuple):
+                # the cache as it was (read before the write, which then happens in place in
+                # a loop's carried buffers) and this call's own keys, in one softmax
+                visible_BxTxS, own_BxTxT = visible
+                out_BxTxNxH = kernels.cached_attention(
+                    q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, visible_BxTxS, c.dtype,
+                    own=(*own_BxKxTxH, own_BxTxT),
+                )  # fmt: skip
+            elif k_BxTxKxH.shape[1] == k_BxKxSxH.shape[2]:
+                # this call fills every slot: the keys are its own (read from the update, they
+                # were copied once per layer in prefills of >= 32 tokens on CPU)
+                out_BxTxNxH = kernels.cached_attention(q_BxTxNxH, *own_BxKxTxH, visible, c.dtype)
+            else:  # the updated cache, every filled slot
+                out_BxTxNxH = kernels.cached_attention(q_BxTxNxH, *new_kv, visible, c.dtype)
         o_NxHxD = in_dtype(self.o_proj[...], c.dtype)
         stored = under_qwix(self)
         y_BxTxD = dense(out_BxTxNxH, o_NxHxD, contract=o_NxHxD.ndim - 1, as_stored=stored)
@@ -346,11 +387,20 @@ class Decoder(nnx.Module):
         *,
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
+        in_loop: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """`(hidden [B, T, D], new_cache)`: this call's keys/values are written at slots
         `[cache.index, cache.index + T)` and attend over every filled slot (masked scores).
-        Default positions continue from the real tokens already in `cache`."""
-        h_BxTxD, new_cache = self._forward(tokens_BxT, positions, attention_mask, cache)
+        Default positions continue from the real tokens already in `cache`.
+
+        `in_loop`: in a loop that carries the cache (a decode loop), attention reads the
+        cache as it was and this call's own keys apart, so that XLA writes the carried
+        buffers in place (jit the loop with :data:`CACHE_UPDATE_OPTIONS`); reading the
+        updated cache there copied every layer's buffer per iteration on CPU. Elsewhere one
+        attention over the updated cache costs less."""
+        h_BxTxD, new_cache = self._forward(
+            tokens_BxT, positions, attention_mask, cache, in_loop=in_loop
+        )
         return h_BxTxD, new_cache
 
     def _forward(
@@ -362,6 +412,7 @@ class Decoder(nnx.Module):
         remat: bool = False,
         query_chunk: int = 0,
         attention: str = "xla",
+        in_loop: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         c = self.config
         B, T = tokens_BxT.shape
@@ -389,6 +440,10 @@ class Decoder(nnx.Module):
             )
         if packed:
             visible = mask_BxT.sum(-1, dtype=jnp.int32)  # the rows' lengths [B], see Attention
+        elif cache is not None and in_loop and T < S:
+            # the slots filled before (all earlier), and this call's own keys, causally
+            causal_TxT = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+            visible = (cache.mask[:, None, :], causal_TxT[None] & mask_BxT[:, None, :])
         else:
             causal_TxS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
             visible = causal_TxS[None] & slot_mask_BxS[:, None, :]  # [B, T, S]
@@ -397,22 +452,25 @@ class Decoder(nnx.Module):
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.dtype)
         x_BxTxD = constrain(x_BxTxD, act, self.rules)
         forward = _block_forward_remat if remat and cache is None else _block_forward
-        k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+        k_all, v_all = [], []
         for i, block in enumerate(self.layers):
-            kv = None if cache is None else (k_all, v_all, i, cache.index)
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
             x_BxTxD, new_kv = forward(
                 block, x_BxTxD, cos_BxTxH, sin_BxTxH, visible, kv, query_chunk, attention
             )
             x_BxTxD = constrain(x_BxTxD, act, self.rules)
             if cache is not None:
-                k_all, v_all = new_kv
+                k_all.append(new_kv[0])
+                v_all.append(new_kv[1])
         h_BxTxD = self.norm(x_BxTxD)
         if order_BxT is not None:  # back to the input's order
             rows_Bx1 = jnp.arange(B)[:, None]
             h_BxTxD = jnp.zeros_like(h_BxTxD).at[rows_Bx1, order_BxT].set(h_BxTxD)
         if cache is None:
             return h_BxTxD, None
-        return h_BxTxD, KVCache(k=k_all, v=v_all, mask=slot_mask_BxS, index=cache.index + T)
+        return h_BxTxD, KVCache(
+            k=tuple(k_all), v=tuple(v_all), mask=slot_mask_BxS, index=cache.index + T
+        )
 
     def logits(self, h_BxTxD: jax.Array) -> jax.Array:
         """Float32 logits `[B, T, V]` of final-norm hidden states. A tied embedding is read as

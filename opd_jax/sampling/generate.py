@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.core.stats import canonical_zeros
-from opd_jax.models.decoder import Decoder, KVCache
+from opd_jax.models.decoder import CACHE_UPDATE_OPTIONS, Decoder, KVCache
 from opd_jax.sampling.methods import GREEDY, SamplingMethod
 from opd_jax.sharding import ShardingRules, constrain
 
@@ -69,7 +69,6 @@ class _State:
 def _constrain(s: _State, rules: ShardingRules) -> _State:
     """The rows over the mesh's batch axes (under an ambient mesh; identity without)."""
     rows = ("batch", None)
-    kv = ("layers", "batch", "kv_heads", "sequence", "head_dim")
     return dataclasses.replace(
         s,
         tokens_RxS=constrain(s.tokens_RxS, rows, rules),
@@ -80,12 +79,7 @@ def _constrain(s: _State, rules: ShardingRules) -> _State:
         rows_R=constrain(s.rows_R, ("batch",), rules),
         topk_ids_RxSxK=constrain(s.topk_ids_RxSxK, rows + (None,), rules),
         topk_logp_RxSxK=constrain(s.topk_logp_RxSxK, rows + (None,), rules),
-        cache=KVCache(
-            k=constrain(s.cache.k, kv, rules),
-            v=constrain(s.cache.v, kv, rules),
-            mask=constrain(s.cache.mask, rows, rules),
-            index=s.cache.index,
-        ),
+        cache=s.cache.constrained(rules),
     )
 
 
@@ -125,31 +119,45 @@ def _row_keys(key: jax.Array, step: jax.Array, rows_R: jax.Array) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows_R)
 
 
+def prompt_window(mask_BxP: np.ndarray) -> int:
+    """The prompt columns a prefill reads: the longest prompt's, rounded up to a multiple of
+    `ceil(P / 8)` (at most 8 widths compile), at most `P`. Prompts are left-aligned (padding
+    first), so the columns before those hold no token of any row."""
+    P = mask_BxP.shape[1]
+    quantum = -(-P // 8)
+    longest = int(np.asarray(mask_BxP).sum(-1).max(initial=0))
+    return min(P, max(1, -(-longest // quantum)) * quantum)
+
+
 def prefill_cache(
-    model: Decoder, tokens_BxP: jax.Array, mask_BxP: jax.Array, size: int, n: int
+    model: Decoder,
+    tokens_BxP: jax.Array,
+    mask_BxP: jax.Array,
+    size: int,
+    n: int,
+    window: int | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """`(hidden [B, P, D], cache)`: the prompts' forward with a cache of their `P` slots alone
+    """`(hidden [B, W, D], cache)`: the left-aligned prompts' last `W = window` columns
+    (default all `P`; :func:`prompt_window`) run forward with a cache of those slots alone
     (attention over the prompt, as without a cache), then the cache grown to `size` slots
-    (empty) and its rows repeated `n` times (rows `b n .. b n + n - 1`: prompt `b`). Its real
-    slots equal a `size`-slot cache's filled by the same forward (up to float rounding; the
-    masked padding slots may differ). Filling a `size`-slot cache instead attended over its
-    empty slots and copied it once per layer (`Attention`): a 48-token prefill took ~1.7x an
-    uncached forward on CPU."""
+    (empty: the `P - W` before, the `size - P` after) and its rows repeated `n` times (rows
+    `b n .. b n + n - 1`: prompt `b`). Its real slots equal a `size`-slot cache's filled by
+    the same forward (up to float rounding; the masked padding slots may differ). Filling a
+    `size`-slot cache instead attended over its empty slots and copied it once per layer: a
+    48-token prefill took ~1.7x an uncached forward on CPU; and the padding columns every
+    row has cost as much as its tokens."""
     B, P = tokens_BxP.shape
-    h_BxPxD, cache = model.hidden_cached(
-        tokens_BxP, KVCache.init(model.config, B, P), attention_mask=mask_BxP
+    W = P if window is None else window
+    tokens_BxW, mask_BxW = tokens_BxP[:, P - W :], mask_BxP[:, P - W :]
+    h_BxWxD, cache = model.hidden_cached(
+        tokens_BxW, KVCache.init(model.config, B, W), attention_mask=mask_BxW
     )
-    grow = [(0, 0)] * 3 + [(0, size - P), (0, 0)]
-    return h_BxPxD, KVCache(
-        k=jnp.pad(jnp.repeat(cache.k, n, axis=1), grow),
-        v=jnp.pad(jnp.repeat(cache.v, n, axis=1), grow),
-        mask=jnp.pad(jnp.repeat(cache.mask, n, axis=0), [(0, 0), (0, size - P)]),
-        index=cache.index,
-    )
+    cache = cache.map_rows(lambda x: jnp.repeat(x, n, axis=0)).padded(P - W, size - P)
+    return h_BxWxD, dataclasses.replace(cache, index=jnp.asarray(P, jnp.int32))
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "n", "rules", "record_k")
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "n", "rules", "record_k", "window")
 )
 def _prefill(
     graphdef: nnx.GraphDef,
@@ -165,14 +173,16 @@ def _prefill(
     n: int,
     rules: ShardingRules,
     record_k: int = 0,
+    window: int | None = None,
 ) -> _State:
-    """Runs the left-aligned prompts through the model once, repeats each row's cache `n`
-    times (rows `b n .. b n + n - 1` are prompt `b`'s samples) and samples the first tokens."""
+    """Runs the left-aligned prompts (their last `window` columns) through the model once,
+    repeats each row's cache `n` times (rows `b n .. b n + n - 1` are prompt `b`'s samples)
+    and samples the first tokens."""
     model: Decoder = nnx.merge(graphdef, state)
     B, P = tokens_BxP.shape
     S = P + max_new_tokens
-    h_BxPxD, cache = prefill_cache(model, tokens_BxP, mask_BxP, S, n)
-    logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
+    h_BxWxD, cache = prefill_cache(model, tokens_BxP, mask_BxP, S, n, window)
+    logits_BxV = model.logits(h_BxWxD[:, -1:])[:, 0]
     if n > 1:
         logits_BxV, tokens_BxP, mask_BxP = (
             jnp.repeat(x, n, axis=0) for x in (logits_BxV, tokens_BxP, mask_BxP)
@@ -197,7 +207,12 @@ def _prefill(
     return _constrain(_put_topk(s, logits_BxV, P), rules)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"), donate_argnames=("s",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens"),
+    donate_argnames=("s",),
+    compiler_options=CACHE_UPDATE_OPTIONS,
+)
 def _decode(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -221,7 +236,9 @@ def _decode(
         column = P + s.step
         last_Rx1 = jax.lax.dynamic_slice_in_dim(s.tokens_RxS, column - 1, 1, axis=1)
         positions_Rx1 = (s.lengths_R + s.step - 1)[:, None]
-        h_Rx1xD, cache = model.hidden_cached(last_Rx1, s.cache, positions=positions_Rx1)
+        h_Rx1xD, cache = model.hidden_cached(
+            last_Rx1, s.cache, positions=positions_Rx1, in_loop=True
+        )
         logits_Rx1xV = model.logits(h_Rx1xD)
         keys_R = _row_keys(s.key, s.step, s.rows_R)
         token_R, logprob_R = method.sample(keys_R, logits_Rx1xV[:, 0])
@@ -257,12 +274,7 @@ def _take_rows(s: _State, index_R: jax.Array, *, rules: ShardingRules) -> _State
             rows_R=take(s.rows_R),
             topk_ids_RxSxK=take(s.topk_ids_RxSxK),
             topk_logp_RxSxK=take(s.topk_logp_RxSxK),
-            cache=KVCache(
-                k=jnp.take(cache.k, index_R, axis=1),
-                v=jnp.take(cache.v, index_R, axis=1),
-                mask=take(cache.mask),
-                index=cache.index,
-            ),
+            cache=cache.map_rows(lambda x: jnp.take(x, index_R, axis=0)),
         ),
         rules,
     )
@@ -432,6 +444,7 @@ def sample(
         s = _prefill(
             graphdef, state, tokens_BxP, mask_BxP, key, method, eos_E, pad,
             max_new_tokens=N, n=n, rules=rules, record_k=watcher.k if watcher else 0,
+            window=prompt_window(_global_host(mask_BxP)),
         )  # fmt: skip
         if watcher is not None:
             watcher.start(tokens_BxP, mask_BxP, n)

@@ -34,7 +34,7 @@ from opd_jax import core
 from opd_jax.core.stats import TokenStats, margin_from_stats
 from opd_jax.models.decoder import Decoder, KVCache
 from opd_jax.models.tokenizer import OffsetDecoder, Tokenizer
-from opd_jax.sampling.generate import Rows, prefill_cache
+from opd_jax.sampling.generate import Rows, prefill_cache, prompt_window
 from opd_jax.sharding import ShardingRules, constrain
 from opd_jax.text_segments import GrowingSentences
 
@@ -49,7 +49,6 @@ def split_release_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], d
     return margin, {k: v for k, v in full.items() if k not in MARGIN_OPTIONS}
 
 
-KV_AXES = ("layers", "batch", "kv_heads", "sequence", "head_dim")
 LOOK_LOGITS = 2**24  # teacher logits alive at once in a look (64 MiB of float32), at least a column
 
 
@@ -78,22 +77,17 @@ def look_columns(rows: int, vocab: int, width: int) -> int:
 def _constrain(cache: KVCache, last_RxD: jax.Array, rules: ShardingRules):
     """The teacher's cache and last hidden with their rows over the mesh's batch axes, as the
     sampler's (under an ambient mesh; identity without)."""
-    cache = KVCache(
-        k=constrain(cache.k, KV_AXES, rules),
-        v=constrain(cache.v, KV_AXES, rules),
-        mask=constrain(cache.mask, ("batch", None), rules),
-        index=cache.index,
-    )
-    return cache, constrain(last_RxD, ("batch", None), rules)
+    return cache.constrained(rules), constrain(last_RxD, ("batch", None), rules)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "size", "n"))
-def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: int):
-    """The teacher's cache over the prompts (``size`` slots), repeated ``n`` times like the
-    sampler's, and its last hidden state (it predicts the first response token)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "size", "n", "window"))
+def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: int, window: int):
+    """The teacher's cache over the prompts (``size`` slots; their last ``window`` columns
+    read, as the sampler's), repeated ``n`` times like the sampler's, and its last hidden
+    state (it predicts the first response token)."""
     teacher: Decoder = nnx.merge(graphdef, params)
-    h_BxPxD, cache = prefill_cache(teacher, tokens_BxP, mask_BxP, size, n)
-    return _constrain(cache, jnp.repeat(h_BxPxD[:, -1], n, axis=0), teacher.rules)
+    h_BxWxD, cache = prefill_cache(teacher, tokens_BxP, mask_BxP, size, n, window)
+    return _constrain(cache, jnp.repeat(h_BxWxD[:, -1], n, axis=0), teacher.rules)
 
 
 @functools.partial(
@@ -236,8 +230,9 @@ class ReleaseWatch:
     def start(self, tokens_BxP: jax.Array, mask_BxP: jax.Array, n: int) -> None:
         B, P = tokens_BxP.shape
         self.cache, self.last = _teacher_prefill(
-            self.graphdef, self.params, tokens_BxP, mask_BxP, size=P + self.N, n=n
-        )
+            self.graphdef, self.params, tokens_BxP, mask_BxP, size=P + self.N, n=n,
+            window=prompt_window(np.asarray(mask_BxP)),
+        )  # fmt: skip
         R0 = B * n
         self.rows = np.arange(R0)
         self.prompt_len = P
@@ -363,12 +358,7 @@ class ReleaseWatch:
 
 @functools.partial(jax.jit, static_argnames=("rules",))
 def _take(cache: KVCache, last_RxD: jax.Array, index_R: jax.Array, *, rules: ShardingRules):
-    taken = KVCache(
-        k=jnp.take(cache.k, index_R, axis=1),
-        v=jnp.take(cache.v, index_R, axis=1),
-        mask=jnp.take(cache.mask, index_R, axis=0),
-        index=cache.index,
-    )
+    taken = cache.map_rows(lambda x: jnp.take(x, index_R, axis=0))
     return _constrain(taken, jnp.take(last_RxD, index_R, axis=0), rules)
 
 
