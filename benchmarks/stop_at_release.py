@@ -60,18 +60,8 @@ def replayed_cuts(session: Session, tokens, mask, key) -> dict[str, np.ndarray]:
     c = session.config
     watch = session.release_watch()
     watch.online = tuple((k, NEVER if k == "min_gain" else v) for k, v in watch.online)
-    student = nnx.merge(session.graphdef, session.params)
-    result = sampling.sample(
-        student, *session.rollout_batches.to_device((tokens, mask)), key=key,
-        max_new_tokens=session.max_new_tokens,
-        method=sampling.method_from(c.sampling.temperature, c.sampling.top_k, c.sampling.top_p),
-        eos_ids=session.eos, pad_id=pad_id(session.tokenizer), n=c.sampling.n,
-        compact_every=c.sampling.compact_every, watcher=watch,
-    )  # fmt: skip
+    rollout = session.rollout(tokens, mask, key, watch=watch)
     p = session.prompt_len
-    rollout = tuple(
-        np.asarray(x) for x in (result.tokens, result.response_mask, result.prompt_mask)
-    )
     seg = session.segments(rollout)[0]["seg"]
     response = rollout[1][:, p:]
     _, changepoint = sampling.split_release_options(c.rule.options)

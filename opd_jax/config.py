@@ -164,8 +164,11 @@ class MeshConfig:
     data: MeshSize = 1
     fsdp: MeshSize = -1  # -1: all remaining devices
     tensor: MeshSize = 1
-    # devices set apart for train.async_rollouts' sampling (the last ones; rows over all of
-    # them, the student's weights copied there each step); 0: rollouts on the training mesh
+    # devices set apart for sampling (the last ones; rows over all of them, the student's
+    # weights copied there each step): with train.async_rollouts the next step samples there
+    # during the update, with sampling.stop_at_release the teacher's looks run on the training
+    # devices beside the decoding (2 CPU cores: JAX_NUM_CPU_DEVICES=2, mesh.rollout=1);
+    # 0: rollouts on the training mesh
     rollout: Annotated[NonNegative, note("0: rollouts on the training devices")] = 0
 
 
@@ -294,7 +297,7 @@ def validate(config: Config) -> Config:
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{key}={flat[key]!r} is not one of {list(choices)}.{hint}")
     check_sampling(config.sampling)
-    check_stopping(config.sampling, config.rule.kind, config.mesh.rollout)
+    check_stopping(config.sampling, config.rule.kind)
     check_mesh(config.mesh)
     for logger in config.run.loggers:
         if logger not in LOGGERS:
@@ -311,11 +314,6 @@ def validate(config: Config) -> Config:
         re.compile(pattern)
     except re.error as error:
         raise ConfigError(f"segments.oracle_pattern={pattern!r} is no regex: {error}.") from None
-    if config.mesh.rollout and not config.train.async_rollouts:
-        raise ConfigError(
-            f"mesh.rollout={config.mesh.rollout} sets devices apart for asynchronous "
-            "rollouts: set train.async_rollouts=true, or mesh.rollout=0."
-        )
     options = _checked_rule_options(config.rule.kind, config.rule.options, config.score.k)
     loss = _checked_options(
         "loss", config.loss.kind, loss_options(config.loss.kind), config.loss.options

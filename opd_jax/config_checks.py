@@ -8,9 +8,9 @@ from typing import Any
 from opd_jax.typed_yaml import ConfigError
 
 
-def check_stopping(sampling: Any, rule_kind: str, rollout_devices: int) -> None:
-    """``sampling.stop_at_release`` needs the release rule, looks at rows every
-    ``compact_every`` tokens (fewer than ``max_new_tokens``) and runs on the training mesh."""
+def check_stopping(sampling: Any, rule_kind: str) -> None:
+    """``sampling.stop_at_release`` needs the release rule and looks at rows every
+    ``compact_every`` tokens (fewer than ``max_new_tokens``)."""
     if not sampling.stop_at_release:
         return
     if rule_kind != "release":
@@ -23,9 +23,4 @@ def check_stopping(sampling: Any, rule_kind: str, rollout_devices: int) -> None:
         raise ConfigError(
             f"sampling.stop_at_release decides every sampling.compact_every tokens, "
             f"{every} here: set it between 1 and sampling.max_new_tokens - 1 = {budget - 1}."
-        )
-    if rollout_devices:
-        raise ConfigError(
-            "sampling.stop_at_release scores rollouts with the teacher on the training mesh: "
-            "set mesh.rollout=0."
         )

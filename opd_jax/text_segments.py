@@ -14,6 +14,7 @@ this module returns.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import string
 import warnings
@@ -87,25 +88,27 @@ def token_sentences(text: str, offsets: Offsets) -> np.ndarray:
     return _sentences_of_tokens(text, offsets)[0]
 
 
-def _sentences_of_tokens(text: str, offsets: Offsets) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`token_sentences`, and the sentences' first characters ``[S]``."""
-    n = len(offsets)
-    if n == 0:
-        return np.zeros(0, np.int32), np.zeros(1, np.int64)
-    starts = np.array([s for s, _ in sentence_spans(text)] or [0])
-    first_char = np.full(n, -1)
-    for i, (start, end) in enumerate(offsets):
+def _sentences_of_tokens(text: str, offsets: Offsets) -> tuple[np.ndarray, list[int]]:
+    """:func:`token_sentences`, and the sentences' first characters ``[S]`` (Python lists and
+    ``bisect``: a look splits a few dozen tokens of a row, where NumPy's per-call cost would
+    dominate)."""
+    if not offsets:
+        return np.zeros(0, np.int32), [0]
+    starts = [start for start, _ in sentence_spans(text)] or [0]
+    sentence = []
+    for start, end in offsets:
         piece = text[start:end]
         stripped = len(piece) - len(piece.lstrip())
-        if stripped < len(piece):
-            first_char[i] = start + stripped
-    sentence = np.searchsorted(starts, first_char, side="right") - 1
-    sentence = np.where(first_char >= 0, np.maximum(sentence, 0), len(starts))
-    # Whitespace-only tokens take the sentence of the next real token (a suffix minimum),
-    # and those at the end the last sentence.
-    sentence = np.minimum.accumulate(sentence[::-1])[::-1]
-    last = sentence[first_char >= 0].max() if (first_char >= 0).any() else 0
-    return np.minimum(sentence, last).astype(np.int32), starts
+        # a whitespace-only token: the sentence of the next real token (below)
+        real = stripped < len(piece)
+        sentence.append(max(bisect.bisect_right(starts, start + stripped) - 1, 0) if real else -1)
+    last = max(sentence)  # whitespace-only tokens at the end take the last sentence (0: none)
+    following = max(last, 0)
+    for i in range(len(sentence) - 1, -1, -1):
+        if sentence[i] < 0:
+            sentence[i] = following
+        following = sentence[i]
+    return np.asarray(sentence, np.int32), starts
 
 
 class GrowingSentences:
@@ -143,11 +146,11 @@ class GrowingSentences:
         inner = max(map(tail.rstrip().rfind, string.whitespace))
         last = -1
         if inner >= 0 and len(ids):
-            last = min(int(np.searchsorted(starts, inner, "right")) - 1, int(ids.max()))
+            last = min(bisect.bisect_right(starts, inner) - 1, int(ids[-1]))
         for k in range(last, 0, -1):
             if tail[starts[k] - 1] in string.whitespace:
-                self.token += int(np.searchsorted(ids, k))
-                self.char += int(starts[k])
+                self.token += bisect.bisect_left(ids.tolist(), k)
+                self.char += starts[k]
                 self.sentence += k
                 break
         return self.ids

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_train import overrides as train_overrides
 
-from opd_jax.config import ConfigError, load_config
+from opd_jax.config import load_config
 from opd_jax.train import loop
 from opd_jax.train.loop import train
 from opd_jax.train.metrics import read_metrics
@@ -86,14 +86,10 @@ def test_an_async_run_resumes_with_the_prompts_it_had_not_trained_on(pair, tmp_p
     assert [line["rollout_staleness"] for line in b] == [0, 1, 0, 1]
 
 
-def test_devices_set_apart_for_rollouts_need_async_rollouts(pair, tmp_path):
-    with pytest.raises(ConfigError, match="set train.async_rollouts=true"):
-        load_config(None, overrides(pair, tmp_path, "mesh.rollout=2"))
-
-
 def test_rollouts_on_devices_set_apart_train_like_synchronous_ones(pair, tmp_path):
-    """8 CPU devices: training on 4 (fsdp), rollouts on the other 4 (rows over them); at
-    learning rate 0 the metrics equal a synchronous run on all 8 (fsdp 4 x tensor 2)."""
+    """8 CPU devices: training on 4 (fsdp), rollouts on the other 4 (rows over them), with
+    and without async rollouts; at learning rate 0 the metrics equal a synchronous run on all
+    8 (fsdp 4 x tensor 2)."""
     args = overrides(pair, tmp_path / "apart", "optim.learning_rate=0", "data.batch_size=4")
     script = textwrap.dedent(
         f"""
@@ -112,7 +108,10 @@ def test_rollouts_on_devices_set_apart_train_like_synchronous_ones(pair, tmp_pat
         apart = read_metrics(config.run.dir)
         sync = load_config(None, [a.replace("apart", "sync") for a in args] + ["mesh.tensor=2"])
         train(sync)
-        print(json.dumps([apart, read_metrics(sync.run.dir)]))
+        set_apart = [a.replace("apart", "set_apart") for a in args]
+        set_apart = load_config(None, set_apart + ["mesh.rollout=4"])
+        train(set_apart)
+        print(json.dumps([apart, read_metrics(sync.run.dir), read_metrics(set_apart.run.dir)]))
         """
     )
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -120,9 +119,10 @@ def test_rollouts_on_devices_set_apart_train_like_synchronous_ones(pair, tmp_pat
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    apart, sync = json.loads(out.stdout.strip().splitlines()[-1])
+    apart, sync, set_apart = json.loads(out.stdout.strip().splitlines()[-1])
     assert [line["rollout_staleness"] for line in apart] == [0, 1, 1, 1]
-    for a, s in zip(apart, sync, strict=True):
+    assert [line["rollout_staleness"] for line in set_apart] == [0, 0, 0, 0]
+    for a, s in [*zip(apart, sync, strict=True), *zip(set_apart, sync, strict=True)]:
         # the same samples; the loss summed over 4 devices instead of 8 (float32 order)
         assert a["response_tokens"] == s["response_tokens"]
         np.testing.assert_allclose(a["loss"], s["loss"], rtol=1e-5, atol=1e-6)

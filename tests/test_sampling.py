@@ -174,9 +174,10 @@ def test_new_temperature_or_mass_does_not_recompile(model):
     tokens, mask = _prompts()
     kwargs = dict(key=jax.random.key(0), max_new_tokens=N)
     sampling.sample(model, tokens, mask, method=sampling.TopP(0.9, 1.0), **kwargs)
-    compiled = sampling.generate._decode._cache_size()
+    loop = sampling.generate.decode_loop(nnx.split(model)[0])
+    compiled = loop._cache_size()
     sampling.sample(model, tokens, mask, method=sampling.TopP(0.5, 0.7), **kwargs)
-    assert sampling.generate._decode._cache_size() == compiled
+    assert loop._cache_size() == compiled
 
 
 def test_n_samples_share_a_prefill_and_equal_the_repeated_prompts(model):
@@ -275,8 +276,8 @@ def test_the_decode_loop_writes_its_cache_in_place():
         ),
         state,
     )  # fmt: skip
-    lowered = sampling.generate._decode.lower(
-        graphdef, state, s, method, eos, pad, jnp.int32(N), max_new_tokens=N
+    lowered = sampling.generate.decode_loop(graphdef).lower(
+        state, s, method, eos, pad, jnp.int32(N), max_new_tokens=N
     )
     text = lowered.compile().as_text()
     assert "while" in text

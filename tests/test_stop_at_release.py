@@ -2,6 +2,11 @@
 decoding, rows that stop there, the update on what is kept, the token counts, the refusals."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +50,18 @@ def _sample(student, tokens, mask, n_new, watcher=None, n=1, compact_every=4):
 
 def _count_teacher_looks(monkeypatch) -> list[int]:
     """Records the width of every teacher forward the watcher runs."""
-    widths, look = [], sampling.release_watch._teacher_look
+    widths, looker = [], sampling.release_watch._teacher_looker
 
-    def counted(*args, width, **kwargs):
-        widths.append(width)
-        return look(*args, width=width, **kwargs)
+    def counting(graphdef):
+        look = looker(graphdef)
 
-    monkeypatch.setattr(sampling.release_watch, "_teacher_look", counted)
+        def counted(*args, width, **kwargs):
+            widths.append(width)
+            return look(*args, width=width, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(sampling.release_watch, "_teacher_looker", counting)
     return widths
 
 
@@ -449,3 +459,41 @@ def _assert_live_is_replay(watch, result, P, N, min_gain, options):
     np.testing.assert_array_equal(watch.stopped, replay.stopped)
     np.testing.assert_array_equal(watch.seen[watch.stopped], replay.seen[watch.stopped])
     np.testing.assert_array_equal(watch.tau[watch.stopped], replay.tau[watch.stopped])
+
+
+def test_the_teacher_looks_beside_decoding_on_devices_of_its_own(tiny_pair, tmp_path):
+    """2 CPU devices: with the rollouts on one set apart (``mesh.rollout=1``) the teacher
+    scores at every look on the other, the training device, while the student decodes; the
+    rows, their cuts and the update are those of stopping on both devices at once (learning
+    rate 0: the same parameters every step)."""
+    args = overrides(tiny_pair, tmp_path / "apart", *STOPPING, "optim.learning_rate=0")
+    script = textwrap.dedent(
+        f"""
+        import json
+        from opd_jax import sampling
+        from opd_jax.config import load_config
+        from opd_jax.train.loop import train
+        from opd_jax.train.metrics import read_metrics
+        apart, start = [], sampling.ReleaseWatch.start
+        def recording(self, *args):
+            start(self, *args)
+            apart.append(self.apart)
+        sampling.ReleaseWatch.start = recording
+        args = {args!r}
+        train(load_config(None, args + ["mesh.rollout=1"]))
+        train(load_config(None, [a.replace("apart", "shared") for a in args]))
+        runs = [read_metrics(d) for d in ({str(tmp_path / "apart")!r}, {str(tmp_path / "shared")!r})]
+        print(json.dumps([apart, *runs]))
+        """
+    )
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    apart, set_apart, shared = json.loads(out.stdout.strip().splitlines()[-1])
+    assert apart == [True] * 3 + [False] * 3
+    for a, s in zip(set_apart, shared, strict=True):
+        for name in ("sampled_tokens", "scored_tokens", "kept_tokens", "stopped_fraction"):
+            assert a[name] == s[name], name
+        np.testing.assert_allclose(a["loss"], s["loss"], rtol=1e-5, atol=1e-6)

@@ -21,14 +21,16 @@ scored here (the update then needs no rule of its own: it trains on what is kept
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax import core
 from opd_jax.core.stats import TokenStats, margin_from_stats
@@ -50,6 +52,12 @@ def split_release_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], d
 
 
 LOOK_LOGITS = 2**24  # teacher logits alive at once in a look (64 MiB of float32), at least a column
+
+
+def teacher_mesh(params: Any) -> jax.sharding.Mesh | None:
+    """The mesh the teacher's parameters are placed on (None where they are not on one)."""
+    sharding = jax.tree.leaves(params)[0].sharding
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 
 def fires_from(changepoint: Mapping[str, Any], confirm: int) -> int:
@@ -90,13 +98,6 @@ def _teacher_prefill(graphdef, params, tokens_BxP, mask_BxP, *, size: int, n: in
     return _constrain(cache, jnp.repeat(h_BxWxD[:, -1], n, axis=0), teacher.rules)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef", "width", "kind", "k", "renormalize", "scores", "hidden", "columns"
-    ),
-    donate_argnums=(2,),
-)  # fmt: skip
 def _teacher_look(
     graphdef, params, cache, last_RxD, s: Rows, start, *, width, kind, k, renormalize, scores,
     hidden, columns,
@@ -142,6 +143,16 @@ def _teacher_look(
     kept = None if kept is None else jax.tree.map(rows_first, kept)
     cache, last_RxD = _constrain(cache, h_RxCxD[:, -1], teacher.rules)
     return margin_RxC, cache, last_RxD, kept, before_RxCxD if hidden else None
+
+
+@functools.cache
+def _teacher_looker(graphdef: nnx.GraphDef) -> Callable[..., tuple]:
+    """:func:`_teacher_look` of one teacher, jitted with its graph definition closed over (a
+    look hashes no graph) and the cache donated."""
+    statics = ("width", "kind", "k", "renormalize", "scores", "hidden", "columns")
+    return jax.jit(
+        functools.partial(_teacher_look, graphdef), static_argnames=statics, donate_argnums=(1,)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("window", "options"))
@@ -215,6 +226,8 @@ class ReleaseWatch:
         max_deferred: int = 64,
     ) -> None:
         self.graphdef, self.params = nnx.split(teacher)
+        self.teacher_look = _teacher_looker(self.graphdef)
+        self.mesh = teacher_mesh(self.params)
         self.max_deferred = max_deferred
         self.rules = teacher.rules
         self.vocab = teacher.config.token_vocab or teacher.config.vocab_size
@@ -229,10 +242,16 @@ class ReleaseWatch:
 
     def start(self, tokens_BxP: jax.Array, mask_BxP: jax.Array, n: int) -> None:
         B, P = tokens_BxP.shape
-        self.cache, self.last = _teacher_prefill(
-            self.graphdef, self.params, tokens_BxP, mask_BxP, size=P + self.N, n=n,
-            window=prompt_window(np.asarray(mask_BxP)),
-        )  # fmt: skip
+        window = prompt_window(np.asarray(mask_BxP))
+        # the sampler's rows on other devices than the teacher's (mesh.rollout): the teacher
+        # scores at every look, beside the decoding
+        self.apart = self.mesh is not None and not self._on_teacher(tokens_BxP)
+        tokens_BxP, mask_BxP = self._here((tokens_BxP, mask_BxP))
+        with self._mesh():
+            self.cache, self.last = _teacher_prefill(
+                self.graphdef, self.params, tokens_BxP, mask_BxP, size=P + self.N, n=n,
+                window=window,
+            )  # fmt: skip
         R0 = B * n
         self.rows = np.arange(R0)
         self.prompt_len = P
@@ -250,6 +269,7 @@ class ReleaseWatch:
         self.sentences: dict[int, GrowingSentences] = {}
         self.seg = np.full((R0, self.N), -1, np.int32)
         self.scores: dict[str, np.ndarray] = {}
+        self.pending: list = []
 
     def look(self, s: Rows, prompt_len: int, made: int) -> np.ndarray:
         new = slice(self.read - prompt_len, made)  # the response columns sampled since
@@ -266,9 +286,11 @@ class ReleaseWatch:
         done = np.asarray(s.done_R) | (made >= self.N)
         active = self.response[rows, new].any(-1)
         stop = np.zeros_like(active)
-        if done.all() or self.read - self.column >= self.max_deferred:
-            self._score(s)  # the loop ends here (every column scored for the final cuts), or
-            # the teacher owes its widest pass
+        if self.apart or done.all() or self.read - self.column >= self.max_deferred:
+            self._score(s)  # the teacher has devices of its own, the loop ends here (every
+            # column scored for the final cuts), or it owes its widest pass
+        if done.all():
+            self._collect()
         if not active.any():
             return stop
         # rows finished before are neither split nor checked: every row of the loop enters the
@@ -284,12 +306,15 @@ class ReleaseWatch:
             self.checked[rows] = complete  # no count completed now can release: nothing to score
             return stop
         self._score(s)
+        self._collect()
         # the complete sentences' means, in a power-of-two width (each compiles once)
         width = min(self.N, max(8, 1 << (int(complete.max()) - 1).bit_length()))
         means, _ = segment_means_host(self.margin[rows, :made], seg, width)
-        cut = jax.device_get(
-            _first_certain(means, self.checked[rows], complete, window=window, options=self.online)
-        )
+        with self._mesh():
+            cut = _first_certain(
+                means, self.checked[rows], complete, window=window, options=self.online
+            )
+        cut = jax.device_get(cut)
         stop = cut.stopped & active
         self.checked[rows] = complete
         decided = rows[stop]
@@ -300,9 +325,10 @@ class ReleaseWatch:
     def take(self, index_R: np.ndarray, s: Rows) -> None:
         self._score(s)  # rows about to leave the loop keep the teacher's scores of every column
         self.rows = self.rows[index_R]
-        self.cache, self.last = _take(
-            self.cache, self.last, jnp.asarray(index_R, jnp.int32), rules=self.rules
-        )
+        with self._mesh():
+            self.cache, self.last = _take(
+                self.cache, self.last, jnp.asarray(index_R, jnp.int32), rules=self.rules
+            )
 
     def texts(self) -> list[str] | None:
         """Each result row's decoded response, where segments are sentences (the text its
@@ -320,22 +346,50 @@ class ReleaseWatch:
             return
         new = slice(self.column - self.prompt_len, self.read - self.prompt_len)
         o = self.margin_options
-        margin, self.cache, self.last, scores, hidden = _teacher_look(
-            self.graphdef, self.params, self.cache, self.last, s, np.int32(self.column),
-            width=width, kind=o["margin_kind"], k=o["margin_k"], renormalize=o["renormalize"],
-            scores=self.keep_scores, hidden=self.keep_hidden,
-            columns=look_columns(len(self.rows), self.vocab, width),
-        )  # fmt: skip
-        self.column, rows = self.read, self.rows
-        self.margin[rows, new] = np.asarray(margin)
-        self.scored_tokens += int(self.response[rows, new].sum())
-        kept = {} if scores is None else scores._asdict()
-        kept |= {} if hidden is None else {core.TEACHER_HIDDEN: hidden}
-        for name, value in kept.items():
-            if name not in self.scores:
-                shape = (len(self.margin), self.N) + value.shape[2:]
-                self.scores[name] = np.zeros(shape, value.dtype)
-            self.scores[name][rows, new] = np.asarray(value)
+        s = self._here(s)
+        with self._mesh():
+            margin, self.cache, self.last, scores, hidden = self.teacher_look(
+                self.params, self.cache, self.last, s, np.int32(self.column),
+                width=width, kind=o["margin_kind"], k=o["margin_k"], renormalize=o["renormalize"],
+                scores=self.keep_scores, hidden=self.keep_hidden,
+                columns=look_columns(len(self.rows), self.vocab, width),
+            )  # fmt: skip
+        self.pending.append((self.rows, new, margin, scores, hidden))
+        self.column = self.read
+        self.scored_tokens += int(self.response[self.rows, new].sum())
+
+    def _collect(self) -> None:
+        """The passes dispatched by :meth:`_score`, read to the host."""
+        for rows, new, margin, scores, hidden in self.pending:
+            self.margin[rows, new] = np.asarray(margin)
+            kept = {} if scores is None else scores._asdict()
+            kept |= {} if hidden is None else {core.TEACHER_HIDDEN: hidden}
+            for name, value in kept.items():
+                if name not in self.scores:
+                    shape = (len(self.margin), self.N) + value.shape[2:]
+                    self.scores[name] = np.zeros(shape, value.dtype)
+                self.scores[name][rows, new] = np.asarray(value)
+        self.pending = []
+
+    def _mesh(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _on_teacher(self, x: jax.Array) -> bool:
+        return x.sharding.device_set == set(self.mesh.devices.flat)
+
+    def _here(self, tree):
+        """``tree``'s arrays on the teacher's devices (rows over its batch axes), where they
+        are elsewhere (the sampler's rows on devices set apart: ``mesh.rollout``), in one
+        transfer."""
+        if self.mesh is None or all(map(self._on_teacher, jax.tree.leaves(tree))):
+            return tree
+        shards = int(np.prod([self.mesh.shape[a] for a in jax.tree.leaves(self.rules.batch)]))
+
+        def sharding(x):
+            spec = self.rules.spec(("batch",) + (None,) * (x.ndim - 1))
+            return NamedSharding(self.mesh, PartitionSpec() if x.shape[0] % shards else spec)
+
+        return jax.device_put(tree, jax.tree.map(sharding, tree))
 
     def _seg(self, rows: np.ndarray, made: int) -> np.ndarray:
         """The segment ids of result rows ``rows`` so far, ``[len(rows), made]``, as

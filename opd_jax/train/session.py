@@ -285,6 +285,7 @@ class Session:
         mask: np.ndarray,
         key: jax.Array,
         params: nnx.State | None = None,
+        watch: sampling.ReleaseWatch | None = None,
     ) -> tuple[np.ndarray, ...]:
         """The student's samples, back on the host: ``tokens, response_mask, prompt_mask``
         ``[B n, S]`` (this process's rows; ``sampling.n`` consecutive rows per prompt), from
@@ -292,12 +293,14 @@ class Session:
         :meth:`rollout_params`). With ``sampling.stop_at_release`` a fourth element, the
         watcher's record: ``margin [B n, N]``, ``stopped``, ``tau [B n]``, ``scored_tokens``
         and ``scores`` (kept from sampling: the teacher's scores for a ``q[y]`` loss, else its
-        final hidden states, :data:`~opd_jax.core.TEACHER_HIDDEN`)."""
+        final hidden states, :data:`~opd_jax.core.TEACHER_HIDDEN`), from ``watch`` where given
+        (default: a new :meth:`release_watch`)."""
         c = self.config.sampling
         batches = self.rollout_batches
         if params is None:
             params = self.params if batches.mesh is self.mesh else self.rollout_params()
-        watch = self.release_watch() if c.stop_at_release else None
+        if watch is None and c.stop_at_release:
+            watch = self.release_watch()
         result = sampling.sample(
             nnx.merge(self.graphdef, params),
             *batches.to_device((tokens, mask)),
