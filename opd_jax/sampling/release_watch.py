@@ -14,6 +14,11 @@ its columns are scored at a later look, one larger forward, before rows leave th
 end (a rollout too short to release costs the teacher one pass over it, as offline), or once
 it owes ``max_deferred`` columns (a pass's width stays bounded).
 
+Where the sampler's rows are on other devices than the teacher (``mesh.rollout``) the rows
+move to the teacher's in one transfer at each look, and the teacher scores every look's new
+columns as soon as they are read, before the host splits them: its pass then runs on its own
+devices while the student decodes (``apart``; the decisions are the same).
+
 Once the rollouts are back, :func:`final_cuts` gives every row its kept response tokens: the
 online cut where a row stopped, else the offline rule on all its sentences, both on the margins
 scored here (the update then needs no rule of its own: it trains on what is kept).
