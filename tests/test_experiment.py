@@ -1,14 +1,17 @@
 """The offline experiment end to end at toy size: models, OPD per rule and seed, report."""
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from opd_jax import models
 from opd_jax.cli import main
 from opd_jax.config import ConfigError
-from opd_jax.experiment import load_experiment_config, report, run_experiment
+from opd_jax.experiment import evaluation, load_experiment_config, report, run_experiment
 
 TOY = [
     "data.arithmetic={train_size: 64, test_size: 4, test_long_size: 4, test_unseen_op_size: 4,"
@@ -73,7 +76,8 @@ def test_writes_models_runs_tables_diagnostics_and_plots(finished):
 def test_every_model_is_evaluated_per_problem_and_sample(finished):
     _, _, run = finished
     student = json.loads((run / "models" / "student" / "eval.json").read_text())
-    assert set(student) == {"test", "test_long", "test_unseen_op"}
+    assert set(student) == {"settings", "test", "test_long", "test_unseen_op"}
+    assert student["settings"]["problems"] == 3 and student["settings"]["kl"]
     for measure in ("correct", "steps", "kl", "kl_solution", "kl_recap"):
         assert np.shape(student["test"][measure]) == (3, 2), measure  # 3 problems, k = 2
     assert np.all(np.asarray(student["test"]["kl"]) >= 0)
@@ -146,6 +150,36 @@ def test_running_again_skips_every_finished_stage(finished, capsys):
     assert again["table"]["rows"] == report["table"]["rows"]
     assert {p: p.stat().st_mtime for p in run.rglob("eval.json")} == mtimes
     assert "sft step" not in capsys.readouterr().out
+
+
+def test_an_evaluation_made_with_other_settings_is_made_again(finished, tmp_path, capsys):
+    """An eval.json records its settings. Evaluating again with another setting (3 -> 2
+    problems a split) makes it again rather than returning [3, k] arrays the report would pair
+    with [2, k] ones; a file from before settings were recorded counts where its shapes fit."""
+    config, _, run = finished
+    path = tmp_path / "eval.json"
+    shutil.copy(run / "models" / "student" / "eval.json", path)
+    student, tokenizer = models.load(run / "models" / "student")
+    teacher, _ = models.load(run / "models" / "teacher")
+    assert evaluation.stored_evaluation(path, config, with_teacher=True) is not None
+    assert evaluation.stored_evaluation(path, config, with_teacher=False) is None  # KL in it
+    assert "was made with other evaluation settings" in capsys.readouterr().out
+    legacy = json.loads(path.read_text())
+    assert legacy.pop("settings")["problems"] == 3
+    path.write_text(json.dumps(legacy))
+    assert json.dumps(evaluation.stored_evaluation(path, config, with_teacher=True)) == (
+        json.dumps(legacy)
+    )
+    assert "evaluating again" not in capsys.readouterr().out
+
+    fewer = load_experiment_config(None, [*TOY, "experiment.eval_problems=2"])
+    fewer = dataclasses.replace(fewer, data=config.data)
+    made = evaluation.evaluate_model(student, teacher, tokenizer, fewer, path)
+    assert f"{path} was made with other evaluation settings" in capsys.readouterr().out
+    assert json.dumps(made) == path.read_text().strip()  # NaN KLs: compared as text
+    assert made["settings"]["problems"] == 2 and np.shape(made["test"]["correct"]) == (2, 2)
+    again = evaluation.evaluate_model(student, teacher, tokenizer, fewer, path)
+    assert json.dumps(again) == json.dumps(made)
 
 
 def test_full_applies_the_configs_full_overrides_before_set(tmp_path):

@@ -16,7 +16,9 @@ scored three ways:
   one).
 
 ``eval.json`` keeps every ``[P, k]`` array, so the report can pair any two models problem by
-problem.
+problem, and under ``settings`` what else it depends on (:func:`eval_settings`): an
+``eval.json`` made with other settings (an earlier config, a cut-short trial run) is made again
+rather than mixed into the report.
 """
 
 from __future__ import annotations
@@ -135,6 +137,45 @@ def evaluate_problems(
     return result
 
 
+def eval_settings(config: Config, with_teacher: bool) -> dict[str, Any]:
+    """What an evaluation depends on besides the model, as ``eval.json`` records it."""
+    e, d = config.experiment, config.data
+    return {
+        "splits": list(e.eval_splits),
+        "problems": e.eval_problems,
+        "k": e.eval_k,
+        "temperature": e.eval_temperature,
+        "max_new_tokens": e.eval_max_new_tokens,
+        "max_prompt_tokens": d.max_prompt_tokens,
+        "chat_template": d.chat_template,
+        "system_prompt": d.system_prompt,
+        "seed": config.seed,
+        "kl": with_teacher,
+    }
+
+
+def stored_evaluation(path: Path, config: Config, with_teacher: bool) -> dict[str, Any] | None:
+    """The evaluation in ``path`` when it was made with this config's settings, else None
+    (absent, or made otherwise: said on stdout). A file from before ``settings`` were recorded
+    counts when every split has this config's ``[P, k]`` shape."""
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    wanted = eval_settings(config, with_teacher)
+    if "settings" in stored:
+        current = stored["settings"] == wanted
+    else:
+        e = config.experiment
+        shapes = {
+            s: (len(task_problems(config, s, e.eval_problems)), e.eval_k) for s in e.eval_splits
+        }
+        current = all(np.shape(stored.get(s, {}).get("correct")) == shapes[s] for s in shapes)
+    if not current:
+        print(f"{path} was made with other evaluation settings: evaluating again", flush=True)
+        return None
+    return stored
+
+
 def evaluate_model(
     model: models.Decoder,
     teacher: models.Decoder | None,
@@ -143,9 +184,11 @@ def evaluate_model(
     out: Path,
 ) -> dict[str, Any]:
     """Every eval split (the KL on the first, in-domain one, when a teacher is given); writes
-    ``out`` (``eval.json``) and returns its content. Skipped when ``out`` exists."""
-    if out.is_file():
-        return json.loads(out.read_text())
+    ``out`` (``eval.json``, with its ``settings``) and returns its content. Skipped when
+    ``out`` holds an evaluation made with the same settings (:func:`stored_evaluation`)."""
+    stored = stored_evaluation(out, config, teacher is not None)
+    if stored is not None:
+        return stored
     e = config.experiment
     result = {}
     for index, split in enumerate(e.eval_splits):
@@ -158,5 +201,6 @@ def evaluate_model(
             k=e.eval_k,
             temperature=e.eval_temperature,
         )
+    result["settings"] = eval_settings(config, teacher is not None)
     atomic_write_text(out, json.dumps(result) + "\n")
     return result

@@ -21,7 +21,12 @@ from flax import nnx
 from opd_jax import models
 from opd_jax.config import Config, RuleConfig
 from opd_jax.errors import InputError
-from opd_jax.experiment.evaluation import evaluate_model, evaluate_problems, task_problems
+from opd_jax.experiment.evaluation import (
+    evaluate_model,
+    evaluate_problems,
+    stored_evaluation,
+    task_problems,
+)
 from opd_jax.experiment.layout import (
     CURVE_FILE,
     EVAL_FILE,
@@ -147,8 +152,8 @@ def run_opd(config: Config, rule: str, seed: int) -> bool:
     if result.status is Status.STOPPED:
         print(f"stopped in {run_dir}: run the same command again to resume", flush=True)
         return False
-    if not (run_dir / EVAL_FILE).is_file():  # finished earlier, evaluation cut short
-        student, _ = restore_student(run_dir)
+    if stored_evaluation(run_dir / EVAL_FILE, run_config, True) is None:
+        student, _ = restore_student(run_dir)  # finished earlier, evaluation cut short or stale
         evaluate_model(student, teacher, tokenizer, run_config, run_dir / EVAL_FILE)
     return True
 
