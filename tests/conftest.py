@@ -4,14 +4,19 @@ float32 matmuls at full precision: accelerators otherwise use TF32 (or bf16 pass
 float32 dots, and the tests compare kernels against references to 1e-5. malloc as the system
 has it: the command line sets it up for its process (`opd_jax.heap`), and tests call the command
 line inside the test workers (tests/test_heap.py checks the setting in processes of its own).
+XLA:CPU compiles with LLVM's optimisations off (`tests/xla_flags.py`), in the test workers and
+the processes they start: most of the suite's time is compilation.
 """
 
 import os
 
-import jax
-import pytest
+from tests.xla_flags import FAST_COMPILE
 
+os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
 os.environ.setdefault("OPD_JAX_HEAP", "system")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -16,6 +16,7 @@ from opd_jax.config import load_config
 from opd_jax.train import loop
 from opd_jax.train.loop import train
 from opd_jax.train.metrics import read_metrics
+from tests.xla_flags import with_devices
 
 ASYNC = "train.async_rollouts=true"
 
@@ -114,7 +115,7 @@ def test_rollouts_on_devices_set_apart_train_like_synchronous_ones(pair, tmp_pat
         print(json.dumps([apart, read_metrics(sync.run.dir), read_metrics(set_apart.run.dir)]))
         """
     )
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = os.environ | {"XLA_FLAGS": with_devices(8)}
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
     )

@@ -19,6 +19,7 @@ from opd_jax.sharding import make_mesh
 from opd_jax.train.checkpoint import Checkpointer, restore_student
 from opd_jax.train.metrics import read_metrics
 from opd_jax.train.session import Batches
+from tests.xla_flags import FAST_COMPILE
 
 EXPLICIT = {
     "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
@@ -167,8 +168,6 @@ def test_a_single_process_feeds_the_whole_batch_without_collectives():
 
 STEPS = 3
 TIMEOUT_S = 300
-# Both runs compile with LLVM's optimisations off: a third of the compile time on 2 cores.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 CONFIG = """
 run: {{progress: false, tensorboard: false}}
 student: {{path: {pair}/student}}

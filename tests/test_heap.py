@@ -10,7 +10,7 @@ import pytest
 
 from opd_jax import heap
 
-# A jitted sort of 16 Mi floats: a 64 MiB temporary buffer per run. Runs are spaced, as a
+# A jitted product through a 4096 x 4096 float matrix: a 64 MiB temporary buffer per run. Runs are spaced, as a
 # training step's host work spaces them; back to back, a run may allocate before XLA has freed
 # the last one's buffer, and the heap grows (faults) until it holds both.
 PROBE = textwrap.dedent(
@@ -19,7 +19,7 @@ PROBE = textwrap.dedent(
     from opd_jax.heap import keep_freed_memory
     kept = keep_freed_memory() if sys.argv[1] == "keep" else False
     import jax, jax.numpy as jnp
-    run = jax.jit(lambda x: jnp.sort(jnp.outer(x, x).ravel())[::4096].sum())
+    run = jax.jit(lambda x: (jnp.sin(jnp.outer(x, x)) @ x).sum())  # the matrix: a dot operand
     x = jnp.arange(4096, dtype=jnp.float32)
     faults = []
     for _ in range(10):

@@ -24,6 +24,7 @@ from opd_jax.models.lora import apply_lora, has_lora
 from opd_jax.train.checkpoint import restore_student
 from opd_jax.train.loop import Status, train
 from opd_jax.train.metrics import read_metrics
+from tests.xla_flags import with_devices
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj).*"
@@ -202,7 +203,7 @@ def test_adapters_are_sharded_like_their_weights_on_a_mesh(tiny_pair):
         print(json.dumps({{"specs": specs, "same": same}}))
         """
     )
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = os.environ | {"XLA_FLAGS": with_devices(8)}
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     )

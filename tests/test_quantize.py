@@ -138,9 +138,11 @@ def test_a_one_device_mesh_keeps_the_placement():
 def test_sharded_on_4_devices_equals_one_device():
     root = str(Path(__file__).resolve().parents[1])  # importable however opd_jax is installed
     path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    from tests.xla_flags import with_devices
+
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=with_devices(4),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=path,
     )

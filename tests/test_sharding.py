@@ -53,9 +53,9 @@ def test_every_parameter_names_its_axes(model_type):
 
 
 def test_sharded_runs_on_8_devices_equal_single_device():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
+    from tests.xla_flags import with_devices
+
+    env = dict(os.environ, XLA_FLAGS=with_devices(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
     )

@@ -20,6 +20,7 @@ from opd_jax.train.loop import train
 from opd_jax.train.metrics import read_metrics
 from opd_jax.train.session import Session, cut_rows, kept_width, step_settings
 from tests.test_train import overrides
+from tests.xla_flags import with_devices
 
 NEVER = 1e30  # a BIC gain no series reaches: the watcher scores every row and stops none
 
@@ -488,7 +489,7 @@ def test_the_teacher_looks_beside_decoding_on_devices_of_its_own(tiny_pair, tmp_
         print(json.dumps([apart, *runs]))
         """
     )
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = os.environ | {"XLA_FLAGS": with_devices(2)}
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
     )

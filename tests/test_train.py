@@ -17,6 +17,7 @@ from opd_jax.models.scratch import init_checkpoint
 from opd_jax.models.testing import tiny_hf_config, train_tiny_tokenizer
 from opd_jax.train.loop import Status, train
 from opd_jax.train.metrics import read_metrics
+from tests.xla_flags import with_devices
 
 SMALL = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=48)
 
@@ -93,7 +94,7 @@ def test_eight_device_mesh_gives_the_single_device_loss(pair, tmp_path):
         print(json.dumps(train(load_config(None, args)).metrics))
         """
     )
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = os.environ | {"XLA_FLAGS": with_devices(8)}
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     )
