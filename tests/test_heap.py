@@ -10,9 +10,9 @@ import pytest
 
 from opd_jax import heap
 
-# A jitted product through a 4096 x 4096 float matrix: a 64 MiB temporary buffer per run. Runs are spaced, as a
-# training step's host work spaces them; back to back, a run may allocate before XLA has freed
-# the last one's buffer, and the heap grows (faults) until it holds both.
+# A jitted product through a 4096 x 4096 float matrix: a 64 MiB temporary buffer per run. Runs
+# are spaced, as a training step's host work spaces them; back to back, a run may allocate
+# before XLA has freed the last one's buffer, and the heap grows (faults) until it holds both.
 PROBE = textwrap.dedent(
     """
     import json, resource, sys, time
