@@ -86,6 +86,8 @@ def keep_freed_memory() -> bool:
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     global _kept
     _kept = all(mallopt(param, value) == 1 for param, value in settings)
+    if _kept:
+        _listen()
     return _kept
 
 
@@ -158,15 +160,43 @@ def memory_room(limit: int | None = None) -> int:
 
 
 _LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # a new executable (cached too)
+_COMPILED = "/jax/core/compile/backend_compile_duration"  # compiled (or read from the cache)
 _new_program = True  # since the last release_unused; True until it first runs
 _SETTLE_S, _SETTLE_POLLS = 0.01, 50  # after a new program: wait until the free heap is still
 _listening = False
 
 
 def _note_program(event: str, duration: float, **kwargs: object) -> None:
+    """JAX's compilation events: a new program is noted for :func:`release_unused`; once it is
+    compiled, and before it first runs, every free page goes back (:func:`_trim`). The
+    compiler frees what it used in small pieces between the live ones, where the program's
+    buffers do not fit: kept, they added to the first run's peak (the SmolLM2 update at B=1,
+    N=256: 0.38 GiB given back, peak RSS 4.37 -> 4.14-4.24 GiB)."""
     global _new_program
     if event == _LOWERED:
         _new_program = True
+    elif event == _COMPILED and _kept:
+        _trim(0)
+
+
+def _listen() -> None:
+    """Listens to JAX's compilation events (once), from before its first program."""
+    global _listening
+    if not _listening:
+        from jax import monitoring  # malloc is set up: JAX's own threads use the one heap
+
+        monitoring.register_event_duration_secs_listener(_note_program)
+        _listening = True
+
+
+def _trim(keep: int) -> int:
+    """``malloc_trim(keep)``: every free page of the heap back, but the top ``keep`` bytes;
+    returns the bytes of resident memory that released."""
+    before = resident_bytes()
+    trim = _libc().malloc_trim
+    trim.argtypes = (ctypes.c_size_t,)
+    trim(keep)
+    return max(before - resident_bytes(), 0)
 
 
 def release_unused(limit: int | None = None) -> int:
@@ -187,14 +217,9 @@ def release_unused(limit: int | None = None) -> int:
     XLA frees a run's buffers just after its results are ready: after a new program, or where
     the room left is less than twice the resident memory, this first waits (at most 0.5 s)
     until the heap's free bytes hold still."""
-    global _new_program, _listening
+    global _new_program
     if not _kept:
         return 0
-    if not _listening:
-        from jax import monitoring  # JAX runs by now; the listener sees the programs to come
-
-        monitoring.register_event_duration_secs_listener(_note_program)
-        _listening = True
     info, room = _mallinfo(), memory_room(limit)
     if info is None:  # glibc < 2.33: nothing tells what the heap holds free
         return 0
@@ -213,8 +238,4 @@ def release_unused(limit: int | None = None) -> int:
     else:
         return 0
     _new_program = False
-    before = resident_bytes()
-    trim = _libc().malloc_trim
-    trim.argtypes = (ctypes.c_size_t,)
-    trim(keep)
-    return max(before - resident_bytes(), 0)
+    return _trim(keep)
