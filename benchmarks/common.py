@@ -76,23 +76,36 @@ def machine() -> dict[str, Any]:
         "devices": [d.device_kind for d in devices],
         "versions": versions,
         "cpu_vector_isa": cpu_vector_isa(),
+        "cpu_model": cpu_model(),
         "malloc": MALLOC,
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
-def cpu_vector_isa() -> str | None:
-    """The widest x86 vector instructions the CPU offers (``avx512``, ``avx2``), from
-    ``/proc/cpuinfo``; None where that cannot be read. Both frameworks' GEMMs depend on it."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` of ``/proc/cpuinfo``; None where that cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next(
-                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field),
+                None,
             )
     except OSError:
         return None
+
+
+def cpu_vector_isa() -> str | None:
+    """The widest x86 vector instructions the CPU offers (``avx512``, ``avx2``), from
+    ``/proc/cpuinfo``; None where that cannot be read. Both frameworks' GEMMs depend on it."""
+    flags = (_cpuinfo("flags") or "").split()
     return next((isa for isa in ("avx512f", "avx2", "avx") if isa in flags), None)
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``): PyTorch's MKL GEMMs run slower on AMD's
+    cores than on Intel's of the same vector width, where XLA's do not (README, the ladder)."""
+    return _cpuinfo("model name")
 
 
 def commit() -> str | None:
