@@ -87,10 +87,8 @@ def _cpuinfo(field: str) -> str | None:
     """The first ``field`` of ``/proc/cpuinfo``; None where that cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next(
-                (line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field),
-                None,
-            )
+            fields = (line.split(":", 1) for line in f if ":" in line)
+            return next((value.strip() for name, value in fields if name.strip() == field), None)
     except OSError:
         return None
 
@@ -103,8 +101,9 @@ def cpu_vector_isa() -> str | None:
 
 
 def cpu_model() -> str | None:
-    """The CPU's model name (``/proc/cpuinfo``): PyTorch's MKL GEMMs run slower on AMD's
-    cores than on Intel's of the same vector width, where XLA's do not (README, the ladder)."""
+    """The CPU's model name (``/proc/cpuinfo``): ratios against PyTorch differ between CPUs of
+    one vector width (XLA's GEMMs 0.60-0.85x PyTorch's on an Intel AVX-512 machine, 0.84-1.37x
+    on an AMD EPYC one: ``benchmarks.kernels``)."""
     return _cpuinfo("model name")
 
 

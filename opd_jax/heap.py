@@ -19,7 +19,9 @@ machine's ``MemAvailable``, the cgroup's limit, or a given limit) is less than t
 heap holds free, it gives back every free page: the next program may then allocate anew as much
 as was freed and still fit; the process pays the page faults the system's malloc pays, and is
 not killed for memory the system's malloc would have returned. Otherwise it does nothing and no
-page is faulted in again.
+page is faulted in again. Once a program is compiled, before its first run, every free page
+goes back as well: the compiler's freed working memory lies in small pieces between live
+allocations, where the program's buffers do not fit.
 
 The command line calls :func:`keep_freed_memory` before JAX starts (threads pick their heap at
 their first allocation); a script that imports opd_jax calls it the same way, before any array
@@ -72,9 +74,10 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def keep_freed_memory() -> bool:
-    """Sets glibc's malloc to one heap, no ``mmap`` and no trimming (see the module); returns
-    whether it did. Does nothing (False) off Linux/glibc, where an accelerator may run, or
-    with ``OPD_JAX_HEAP=system``. Call it before JAX starts its CPU backend."""
+    """Sets glibc's malloc to one heap, no ``mmap`` and no trimming, and listens to JAX's
+    compilation events (see the module); returns whether it did. Does nothing (False) off
+    Linux/glibc, where an accelerator may run, or with ``OPD_JAX_HEAP=system``. Call it before
+    JAX starts its CPU backend."""
     if os.environ.get(OPT_OUT, "").strip().lower() == "system":
         return False
     libc = _libc()

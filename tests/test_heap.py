@@ -73,7 +73,7 @@ TWO_PROGRAMS = textwrap.dedent(
     from opd_jax import heap
     mode = sys.argv[1]
     kept = heap.keep_freed_memory() if mode != "system" else False
-    import jax.monitoring  # as where JAX runs (release_unused listens to it)
+    import jax.monitoring  # as where JAX runs
     X = 256 * 2**20
     start = heap.resident_bytes()
     limit = start + 9 * X // 4
@@ -123,7 +123,7 @@ FIRST_RUN_HOLE = textwrap.dedent(
     import numpy as np
     from opd_jax import heap
     assert heap.keep_freed_memory()
-    import jax.monitoring  # as where JAX runs (release_unused listens to it)
+    import jax.monitoring  # as where JAX runs
     X = 256 * 2**20
 
     def peak():
