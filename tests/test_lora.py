@@ -56,6 +56,8 @@ def test_adapters_at_init_leave_the_logits_unchanged(tiny_pair):
     for path, value in numpy(nnx.state(adapted, nnx.LoRAParam)).items():
         assert (value == 0).all() == path[-1].endswith("_lora_b")  # B zero, A random
     assert not has_lora(model) and apply_lora(model, 0, 8.0, TARGETS) is model
+    # decoding multiplies an adapted projection as stored, never side by side with others
+    assert adapted.fused_projections() is None and model.fused_projections() is not None
 
 
 def test_targets_choose_the_projections(tiny_pair):

@@ -122,11 +122,13 @@ def test_left_padded_batch_matches_transformers(checkpoints):
     np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=1e-4)
 
 
-@pytest.mark.parametrize("in_loop", [False, True])
-def test_kv_cache_prefill_then_steps_match_full_forward(checkpoints, in_loop):
+@pytest.mark.parametrize("in_loop, fused", [(False, False), (True, False), (True, True)])
+def test_kv_cache_prefill_then_steps_match_full_forward(checkpoints, in_loop, fused):
     """Cached chunks and steps give the full forward's logits, whether attention reads the
-    updated cache or the cache as it was beside the call's own keys (`in_loop`)."""
+    updated cache or the cache as it was beside the call's own keys (`in_loop`), and with the
+    projections side by side (`fused`: q/k/v with biases and one kv head, gate/up)."""
     model, _ = models.load(checkpoints["llama_llama3_rope_bias"])
+    fused = model.fused_projections() if fused else None
     tokens = jnp.asarray(_tokens(batch=2, length=12))
     mask = jnp.ones((2, 12), jnp.int32).at[0, :3].set(0)
     full = model(tokens, attention_mask=mask)
@@ -134,11 +136,11 @@ def test_kv_cache_prefill_then_steps_match_full_forward(checkpoints, in_loop):
     h, cache = model.hidden_cached(tokens[:, :6], cache, attention_mask=mask[:, :6])
     steps = [model.logits(h)]
     h, cache = model.hidden_cached(  # a chunk of two after the first
-        tokens[:, 6:8], cache, attention_mask=mask[:, 6:8], in_loop=in_loop
+        tokens[:, 6:8], cache, attention_mask=mask[:, 6:8], in_loop=in_loop, fused=fused
     )
     steps.append(model.logits(h))
     for t in range(8, 12):
-        h, cache = model.hidden_cached(tokens[:, t : t + 1], cache, in_loop=in_loop)
+        h, cache = model.hidden_cached(tokens[:, t : t + 1], cache, in_loop=in_loop, fused=fused)
         steps.append(model.logits(h))
     np.testing.assert_allclose(jnp.concatenate(steps, 1)[mask == 1], full[mask == 1], atol=1e-5)
     assert int(cache.index) == 12

@@ -207,6 +207,14 @@ def _prefill(
     return _constrain(_put_topk(s, logits_BxV, P), rules)
 
 
+def fuses_projections() -> bool:
+    """Whether the decode loop multiplies by each block's projections side by side
+    (:meth:`Decoder.fused_projections`): on CPU, where a decode step's small products are
+    bound by their count. Elsewhere the copy of the weights it makes costs accelerator memory,
+    and the projections, sharded over heads, would be gathered."""
+    return jax.default_backend() == "cpu"
+
+
 def _decode(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -222,6 +230,7 @@ def _decode(
     are made."""
     model: Decoder = nnx.merge(graphdef, state)
     P = s.tokens_RxS.shape[1] - max_new_tokens
+    fused = model.fused_projections() if fuses_projections() else None
 
     def cond(s: _State) -> jax.Array:
         return (s.step < until) & ~jnp.all(s.done_R)
@@ -231,7 +240,7 @@ def _decode(
         last_Rx1 = jax.lax.dynamic_slice_in_dim(s.tokens_RxS, column - 1, 1, axis=1)
         positions_Rx1 = (s.lengths_R + s.step - 1)[:, None]
         h_Rx1xD, cache = model.hidden_cached(
-            last_Rx1, s.cache, positions=positions_Rx1, in_loop=True
+            last_Rx1, s.cache, positions=positions_Rx1, in_loop=True, fused=fused
         )
         logits_Rx1xV = model.logits(h_Rx1xD)
         keys_R = _row_keys(s.key, s.step, s.rows_R)
