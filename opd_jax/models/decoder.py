@@ -21,7 +21,7 @@ from flax import nnx
 
 from opd_jax.models import attention as kernels
 from opd_jax.models.architecture import ModelConfig
-from opd_jax.models.projections import dense, in_dtype, under_qwix
+from opd_jax.models.projections import dense, in_dtype, swiglu_down, under_qwix
 from opd_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 
 # A layer's view of the cache: its keys and values `[B, K, S, H]` and the slot at which this
@@ -280,7 +280,9 @@ class MLP(nnx.Module):
         else:
             gate_BxTxF, up_BxTxF = jnp.split(dense(x_BxTxD, gate_up_Dx2F), 2, axis=-1)
         down_FxD = in_dtype(self.down_proj[...], self.dtype)
-        return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, down_FxD, as_stored=stored)
+        if stored:  # qwix intercepts the product: JAX's own differentiation
+            return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, down_FxD, as_stored=True)
+        return swiglu_down(gate_BxTxF, up_BxTxF, down_FxD)
 
 
 class Block(nnx.Module):
