@@ -40,10 +40,9 @@ def test_swiglu_down_and_its_gradients_equal_jax_differentiation(dtype, tol):
 
 def test_after_keeps_the_value_and_waits_for_its_dependence():
     x, y = jnp.arange(6.0).reshape(2, 3), jnp.ones((4, 5))
-    np.testing.assert_array_equal(after(x, y), x)
-    assert jnp.isnan(after(x, y.at[0, 0].set(jnp.nan))).all()  # a true data dependence
-    text = jax.jit(after).lower(x, y).compile().as_text()
-    assert "parameter(1)" in text and "multiply" in text  # not simplified away
+    np.testing.assert_array_equal(jax.jit(after)(x, y), x)
+    # compiled, the result still depends on y: XLA did not simplify the product away
+    assert jnp.isnan(jax.jit(after)(x, y.at[0, 0].set(jnp.nan))).all()
 
 
 def _mlp_stack_temp_bytes(layer) -> tuple[int, int]:
