@@ -22,12 +22,13 @@ def test_clipping_equals_optax_clip_by_global_norm(scale):
     ours, _ = clip_by_global_norm(2.0).update(grads, optax.EmptyState())
     theirs, _ = optax.clip_by_global_norm(2.0).update(grads, optax.EmptyState())
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)  # (g / n) * m against g * (m / n)
 
 
 def test_clipped_gradient_has_the_limit_as_its_norm():
     clipped, _ = clip_by_global_norm(2.0).update(_grads(10.0), optax.EmptyState())
-    assert float(optax.tree.norm(clipped)) == pytest.approx(2.0, rel=1e-6)
+    # float32 sums of 1,568 squares, scaled: a few units of sqrt(n) * eps
+    assert float(optax.tree.norm(clipped)) == pytest.approx(2.0, rel=2e-5)
 
 
 def test_clipping_state_is_optax_s_so_checkpoints_load_either_way():
