@@ -20,6 +20,7 @@ def _inputs(dtype, B=2, T=5, F=8, D=4):
     return *(x.astype(dtype) for x in (gate, up, down)), probe
 
 
+# a few roundings apart in a different order: ~80 float32 ulps, ~8 bfloat16 ulps (eps 2**-8)
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_swiglu_down_and_its_gradients_equal_jax_differentiation(dtype, tol):
     gate, up, down, probe = _inputs(dtype)
@@ -61,8 +62,7 @@ def _mlp_stack_temp_bytes(layer) -> tuple[int, int]:
 
     compiled = jax.jit(jax.grad(loss)).lower(ws, x).compile()
     memory = compiled.memory_analysis()
-    if memory is None:
-        pytest.skip("this backend reports no memory analysis")
+    assert memory is not None, "XLA gave no memory analysis for the compiled program"
     return memory.temp_size_in_bytes, layers * rows * F * 4
 
 
